@@ -1,1 +1,31 @@
-//! (being written)
+//! The Trellis certificate authority.
+//!
+//! A proxy makes its own key pair, sends a CSR together with a caller token, and gets
+//! back a leaf for the SPIFFE identity the TOKEN proves (whatever the CSR asked for), plus
+//! the trust bundle.
+//!
+//! Owns: the local profile's self-signed root ([`CertificateAuthority`]), leaf signing
+//! rules, caller-token verification behind [`TokenVerifier`] (with the local profile's
+//! [`LocalIssuer`] / [`JwksVerifier`] pair), and the `trellis.identity.v1.Identity` gRPC
+//! service ([`IdentityService`]).
+//!
+//! Must not depend on: kube or azure crates. Kubernetes TokenReview and Key Vault signing
+//! plug in from other crates: the former as another [`TokenVerifier`], the latter by
+//! replacing the one signing function in `authority.rs`.
+
+mod authority;
+mod csr;
+mod fs;
+mod service;
+mod token;
+
+pub use authority::{
+    CaConfig, CertificateAuthority, DEFAULT_MAX_TTL, DEFAULT_TTL, Error, Issued, ROOT_CERT_FILE,
+    ROOT_KEY_FILE,
+};
+pub use csr::MAX_CSR_LEN;
+pub use service::{IdentityService, MAX_MESSAGE_LEN, Metrics};
+pub use token::{
+    Caller, DEFAULT_AUDIENCE, ISSUER_KEY_FILE, JWKS_FILE, JwksVerifier, LOCAL_ISSUER, LocalIssuer,
+    MAX_TOKEN_LEN, TokenError, TokenVerifier, VerifyFuture,
+};

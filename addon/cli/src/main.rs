@@ -1,2 +1,86 @@
-//! (being written)
-fn main() {}
+//! `trellis`: the Trellis command-line tool.
+//!
+//! Owns the user-facing commands. Today: `trellis demo` (the local profile: the whole
+//! mesh as processes on this machine) and the small demo app it runs. `check`, `inject`,
+//! `stat`/`top`/`tap`, `ca` and `dashboard` come with later issues. Talks to the other
+//! binaries only through their command lines and HTTP endpoints, so it depends on no
+//! other Trellis crate.
+
+mod demo;
+mod demo_app;
+mod http;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Trellis: a service mesh for AKS, with a local profile for this machine.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Runs the local mesh: control plane, three workloads with their proxies, and a
+    /// little traffic over mTLS, explained as it happens. Stops on Ctrl-C or --duration.
+    Demo(demo::Args),
+    /// The demo's application: an HTTP server that answers with who it is and who called.
+    #[command(hide = true)]
+    DemoApp {
+        /// Workload name to report.
+        #[arg(long)]
+        name: String,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::DemoApp { name, listen } => demo_app::run(name, listen).await,
+        }
+    });
+    // Child processes are killed on drop; give the runtime a moment to reap them.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

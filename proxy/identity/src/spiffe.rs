@@ -139,17 +139,24 @@ impl FromStr for SpiffeId {
 pub(crate) fn validate_trust_domain(td: &str) -> Result<(), Error> {
     let ok = !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
         && !td.split('.').any(str::is_empty);
-    if ok { Ok(()) } else { Err(Error::TrustDomain(td.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::TrustDomain(td.to_owned()))
+    }
 }
 
 /// A namespace or service account: a lowercase RFC 1123 subdomain, which is what
 /// Kubernetes allows for both. Excludes `.` and `..` as whole segments.
 fn validate_segment(kind: &'static str, v: &str) -> Result<(), Error> {
-    let bad = || Error::Segment { kind, value: v.to_owned() };
+    let bad = || Error::Segment {
+        kind,
+        value: v.to_owned(),
+    };
     if v.is_empty() || v.len() > MAX_SEGMENT || v.split('.').any(str::is_empty) {
         return Err(bad());
     }
@@ -178,7 +185,10 @@ mod tests {
         ] {
             let id = SpiffeId::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(id.as_str(), s);
-            assert_eq!(SpiffeId::new(id.trust_domain(), id.namespace(), id.service_account()), Ok(id));
+            assert_eq!(
+                SpiffeId::new(id.trust_domain(), id.namespace(), id.service_account()),
+                Ok(id)
+            );
         }
     }
 

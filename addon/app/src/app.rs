@@ -1,0 +1,252 @@
+//! Wiring only: config -> load sources (exit 64 when bad) -> CA and issuer -> bind
+//! (naming a busy port) -> serve discovery + identity on one TLS gRPC port, admin on
+//! loopback -> stop on a signal.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use trellis_ca::{
+    CaConfig, CertificateAuthority, DEFAULT_AUDIENCE, IdentityService, JwksVerifier, LocalIssuer,
+};
+use trellis_controller::{FileSource, SourceStatus};
+use trellis_discovery::DiscoveryService;
+use trellis_identity::{ClientAuth, SpiffeId, Svid, TrustBundle};
+
+use crate::admin::Admin;
+use crate::cli::{EXIT_CONFIG, RunArgs};
+
+/// Namespace and service account of the control plane's own identity.
+pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
+/// Service account of the control plane.
+pub(crate) const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "trellis-control-plane";
+
+/// Validates the config, then runs until SIGTERM/Ctrl-C.
+pub(crate) fn main(args: RunArgs) -> ExitCode {
+    if !args.admin_addr.ip().is_loopback() {
+        eprintln!(
+            "trellis-addon: --admin-addr must be a loopback address, got {}",
+            args.admin_addr
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Err(e) = SpiffeId::new(
+        &args.trust_domain,
+        CONTROL_PLANE_NAMESPACE,
+        CONTROL_PLANE_SERVICE_ACCOUNT,
+    ) {
+        eprintln!("trellis-addon: invalid --trust-domain: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let mut registry = Registry::default();
+    let source = FileSource::new(&args.config_dir, &args.trust_domain, args.poll_interval)
+        .with_metrics(trellis_controller::Metrics::new(&mut registry));
+    let initial = match source.load_initial() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "trellis-addon: invalid configuration in {}:\n{e}",
+                args.config_dir.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-addon: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            signal.cancel();
+        });
+        #[cfg(unix)]
+        {
+            let signal = shutdown.clone();
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::spawn(async move {
+                    term.recv().await;
+                    signal.cancel();
+                });
+            }
+        }
+        match run(args, source, initial, registry, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trellis-addon: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn run(
+    args: RunArgs,
+    source: FileSource,
+    initial: trellis_api::MeshSnapshot,
+    mut registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    create_private_dir(&args.state_dir)?;
+    let ca_dir = args.state_dir.join("ca");
+    let ca = CertificateAuthority::load_or_generate(&ca_dir, &args.trust_domain)
+        .with_context(|| format!("loading the CA from {}", ca_dir.display()))?;
+    let ca_config = CaConfig::default()
+        .with_max_ttl(args.cert_max_ttl)
+        .with_default_ttl(args.cert_max_ttl);
+    let ca = Arc::new(ca.with_config(ca_config).context("configuring the CA")?);
+    let issuer = LocalIssuer::load_or_generate(&args.state_dir.join("issuer"))
+        .context("loading the local token issuer")?;
+    let verifier = Arc::new(
+        JwksVerifier::new(&issuer.jwks_json(), issuer.issuer(), DEFAULT_AUDIENCE)
+            .context("loading the issuer JWKS")?,
+    );
+
+    let grpc = bind(args.grpc_addr, "--grpc-addr").await?;
+    let admin_l = bind(args.admin_addr, "--admin-addr").await?;
+
+    // The control plane's own serving certificate comes from its own CA, renewed at 70%.
+    let me = SpiffeId::new(
+        &args.trust_domain,
+        CONTROL_PLANE_NAMESPACE,
+        CONTROL_PLANE_SERVICE_ACCOUNT,
+    )?;
+    let (own, not_before, not_after) = own_server_config(&ca, &me)?;
+    let (tls_tx, tls_rx) = watch::channel(own);
+    tokio::spawn(rotate_own(
+        ca.clone(),
+        me.clone(),
+        tls_tx,
+        not_before,
+        not_after,
+    ));
+
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(initial));
+    let (status_tx, status_rx) = watch::channel(SourceStatus::default());
+    let stop = shutdown.clone();
+    tokio::spawn(source.run(snap_tx, status_tx, async move { stop.cancelled().await }));
+
+    let discovery = DiscoveryService::new(
+        snap_rx.clone(),
+        trellis_discovery::Metrics::new(&mut registry),
+    );
+    let identity = IdentityService::new(
+        ca.clone(),
+        verifier,
+        trellis_ca::Metrics::new(&mut registry),
+    );
+    let admin = Arc::new(Admin {
+        snapshots: snap_rx,
+        source: status_rx,
+        discovery: discovery.clone(),
+        registry,
+    });
+
+    info!(
+        grpc = %grpc.local_addr()?,
+        admin = %admin_l.local_addr()?,
+        identity = %me,
+        ca_root = %ca_dir.join(trellis_ca::ROOT_CERT_FILE).display(),
+        config_dir = %args.config_dir.display(),
+        "trellis-addon serving"
+    );
+    tokio::spawn(admin.serve(admin_l, shutdown.clone()));
+    let stop = shutdown.clone();
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(identity.into_server())
+        .add_service(discovery.into_server())
+        .serve_with_incoming_shutdown(crate::tls::incoming(grpc, tls_rx), async move {
+            stop.cancelled().await
+        })
+        .await
+        .context("serving gRPC")?;
+    info!("trellis-addon stopped");
+    Ok(())
+}
+
+/// Issues the control plane's serving certificate and builds its TLS config: client
+/// certificates optional (a proxy's first CSR comes without one), HTTP/2.
+fn own_server_config(
+    ca: &CertificateAuthority,
+    me: &SpiffeId,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, SystemTime, SystemTime)> {
+    let csr = trellis_identity::generate_csr(me)?;
+    let issued = ca.sign(&csr.csr_der, me, None)?;
+    let chain = issued
+        .chain_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    let svid = Svid::new(chain, csr.key)?;
+    let bundle = TrustBundle::from_der(ca.trust_bundle_der())?;
+    let cfg = trellis_identity::server_config(&svid, &bundle, ClientAuth::Optional, &[b"h2"])?;
+    Ok((cfg, svid.not_before(), svid.not_after()))
+}
+
+async fn rotate_own(
+    ca: Arc<CertificateAuthority>,
+    me: SpiffeId,
+    tx: watch::Sender<Arc<rustls::ServerConfig>>,
+    mut not_before: SystemTime,
+    mut not_after: SystemTime,
+) {
+    loop {
+        let life = not_after.duration_since(not_before).unwrap_or_default();
+        let at = not_before + life.mul_f64(0.7);
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+        match own_server_config(&ca, &me) {
+            Ok((cfg, nb, na)) => {
+                (not_before, not_after) = (nb, na);
+                info!(identity = %me, "control-plane certificate renewed");
+                if tx.send(cfg).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "renewing the control-plane certificate failed; retrying in 10s");
+                (not_before, not_after) = (
+                    SystemTime::now(),
+                    SystemTime::now() + Duration::from_secs(14),
+                );
+            }
+        }
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} ({flag}): port {} is in use — is another control plane or demo running?", addr.port())
+    })
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating --state-dir {}", dir.display()))?;
+    } else if !dir.is_dir() {
+        anyhow::bail!("--state-dir {} is not a directory", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Subcommands and flags of `trellis-addon`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use trellis_ca::{DEFAULT_AUDIENCE, LocalIssuer};
+
+/// EX_CONFIG from sysexits.h.
+pub(crate) const EXIT_CONFIG: u8 = 64;
+
+/// The Trellis control plane (local profile: config from a directory of YAML, a
+/// self-signed CA persisted in the state directory).
+#[derive(Debug, clap::Parser)]
+#[command(name = "trellis-addon", version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Runs the control plane: file source, discovery and CA on one gRPC port, admin.
+    Run(RunArgs),
+    /// Validates a config directory and exits (64 with every problem listed if bad).
+    CheckConfig {
+        /// Directory of Service / Workload YAML.
+        #[arg(long, env = "TRELLIS_CONFIG_DIR")]
+        config_dir: PathBuf,
+    },
+    /// Mints a workload token from the local issuer (the local stand-in for a projected
+    /// ServiceAccount token) and prints it.
+    IssueToken {
+        /// State directory of the control plane (holds the issuer key).
+        #[arg(long, env = "TRELLIS_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Namespace of the workload.
+        #[arg(long)]
+        namespace: String,
+        /// Service account of the workload.
+        #[arg(long)]
+        service_account: String,
+        /// Token lifetime.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// Flags of `trellis-addon run`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Directory of Service / Workload YAML, watched for changes.
+    #[arg(long, env = "TRELLIS_CONFIG_DIR")]
+    pub(crate) config_dir: PathBuf,
+    /// Where the CA root, issuer key and JWKS live (created 0700 if missing).
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    pub(crate) state_dir: PathBuf,
+    /// gRPC listener for discovery and identity (TLS).
+    #[arg(long, env = "TRELLIS_GRPC_ADDR", default_value = "127.0.0.1:15010")]
+    pub(crate) grpc_addr: SocketAddr,
+    /// Admin listener (/live /ready /metrics /debug/*); must be loopback.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub(crate) admin_addr: SocketAddr,
+    /// Trust domain of the mesh.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
+    pub(crate) trust_domain: String,
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "TRELLIS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) poll_interval: Duration,
+    /// Longest certificate lifetime the CA issues.
+    #[arg(long, env = "TRELLIS_CERT_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) cert_max_ttl: Duration,
+}
+
+// === impl Cli ===
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub(crate) fn run(self) -> ExitCode {
+        match self.command {
+            Command::Run(args) => crate::app::main(args),
+            Command::CheckConfig { config_dir } => {
+                match trellis_controller::load_dir(&config_dir) {
+                    Ok(objects) => {
+                        println!(
+                            "{}: ok ({} services, {} workloads)",
+                            config_dir.display(),
+                            objects.services.len(),
+                            objects.workloads.len()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
+            }
+            Command::IssueToken {
+                state_dir,
+                namespace,
+                service_account,
+                ttl,
+            } => {
+                let issued = LocalIssuer::load_or_generate(&state_dir.join("issuer"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|i| {
+                        i.mint(&namespace, &service_account, DEFAULT_AUDIENCE, ttl)
+                            .map_err(|e| e.to_string())
+                    });
+                match issued {
+                    Ok(token) => {
+                        println!("{token}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("trellis-addon issue-token: {e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! `trellis demo`: the local profile end to end, explained as it happens.
+//!
+//! Starts `trellis-addon` (control plane: file source, CA, discovery), then for each
+//! workload a demo app and a `trellis-proxy` with a token from the local issuer, waits
+//! until every proxy is ready, and sends requests from `client-1` to the `web` service
+//! through the proxies. Every process writes its log under the state directory.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+use crate::http::HttpClient;
+
+const MESH_YAML: &str = include_str!("demo/mesh.yaml");
+
+/// Flags of `trellis demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Stop after this long (e.g. `30s`); default: run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Time between demo requests.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// First of the workload ports: each workload uses base+10*i+1..=+4.
+    #[arg(long, default_value_t = 16000)]
+    port_base: u16,
+    /// Control-plane gRPC port (identity + discovery).
+    #[arg(long, default_value_t = 15010)]
+    grpc_port: u16,
+    /// Control-plane admin port (/metrics, /debug/proxies).
+    #[arg(long, default_value_t = 9090)]
+    admin_port: u16,
+    /// Where to keep config, CA material, tokens and logs (default: a new temp dir,
+    /// removed at exit).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Directory holding `trellis-addon` and `trellis-proxy` (default: next to `trellis`).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// One demo workload and its ports.
+struct Workload {
+    name: &'static str,
+    service_account: &'static str,
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    app: SocketAddr,
+}
+
+/// Children are killed when this is dropped, whatever way the demo ends.
+struct Processes {
+    children: Vec<(String, Child)>,
+}
+
+/// Runs the demo.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .context("no parent dir of trellis")?,
+    };
+    let addon = find_bin(&bin_dir, "trellis-addon")?;
+    let proxy = find_bin(&bin_dir, "trellis-proxy")?;
+    let me = std::env::current_exe()?;
+
+    let workloads = plan(args.port_base)?;
+    let grpc = SocketAddr::from(([127, 0, 0, 1], args.grpc_port));
+    let cp_admin = SocketAddr::from(([127, 0, 0, 1], args.admin_port));
+    preflight(grpc, cp_admin, &workloads)?;
+
+    let (state, temp) = match &args.state_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    let result = run_in(
+        &args, &state, &addon, &proxy, &me, grpc, cp_admin, &workloads,
+    )
+    .await;
+    if temp {
+        let _ = std::fs::remove_dir_all(&state);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_in(
+    args: &Args,
+    state: &Path,
+    addon: &Path,
+    proxy: &Path,
+    me: &Path,
+    grpc: SocketAddr,
+    cp_admin: SocketAddr,
+    workloads: &[Workload],
+) -> anyhow::Result<()> {
+    let config = state.join("config");
+    let logs = state.join("logs");
+    let tokens = state.join("tokens");
+    for d in [&config, &logs, &tokens] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::fs::write(config.join("mesh.yaml"), render_mesh(args.port_base))?;
+    let http = HttpClient::new();
+    let mut procs = Processes {
+        children: Vec::new(),
+    };
+
+    say("Trellis demo: a service mesh on this machine, no Kubernetes needed.");
+    say(&format!(
+        "state directory: {} (config, CA, tokens, logs)",
+        state.display()
+    ));
+
+    // 1. Control plane.
+    let mut cmd = Command::new(addon);
+    cmd.args(["run", "--config-dir"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(state);
+    cmd.args([
+        "--grpc-addr",
+        &grpc.to_string(),
+        "--admin-addr",
+        &cp_admin.to_string(),
+    ]);
+    procs.spawn("control-plane", cmd, &logs)?;
+    procs
+        .wait_ready("control-plane", &http, cp_admin, &logs)
+        .await?;
+    say(&format!(
+        "control plane up: CA root {} (self-signed, local profile), discovery + CA on {grpc} (TLS), admin http://{cp_admin}/metrics",
+        state.join("ca/root-cert.pem").display()
+    ));
+
+    // 2. Workloads: app + proxy each, with a token from the local issuer.
+    for w in workloads {
+        let token = issue_token(addon, state, w).await?;
+        let token_file = tokens.join(format!("{}.jwt", w.name));
+        write_private(&token_file, &token)?;
+        let mut app = Command::new(me);
+        app.args(["demo-app", "--name", w.name, "--listen", &w.app.to_string()]);
+        procs.spawn(&format!("{}-app", w.name), app, &logs)?;
+        let mut p = Command::new(proxy);
+        p.arg("--control-plane").arg(grpc.to_string());
+        p.arg("--ca-roots").arg(state.join("ca/root-cert.pem"));
+        p.arg("--token-file").arg(&token_file);
+        p.args([
+            "--namespace",
+            "demo",
+            "--service-account",
+            w.service_account,
+            "--workload",
+            w.name,
+        ]);
+        p.args([
+            "--outbound",
+            &w.outbound.to_string(),
+            "--inbound",
+            &w.inbound.to_string(),
+        ]);
+        p.args(["--admin", &w.admin.to_string(), "--app", &w.app.to_string()]);
+        procs.spawn(&format!("{}-proxy", w.name), p, &logs)?;
+    }
+    for w in workloads {
+        procs
+            .wait_ready(&format!("{}-proxy", w.name), &http, w.admin, &logs)
+            .await?;
+        let cfg = http.get(w.admin, "localhost", "/config").await?;
+        let doc: serde_json::Value = serde_json::from_str(&cfg.body).unwrap_or_default();
+        let id = doc["certificate"]["identity"].as_str().unwrap_or("?");
+        let exp = doc["certificate"]["not_after_unix"].as_u64().unwrap_or(0);
+        let ttl = exp.saturating_sub(unix_now());
+        let services = doc["discovery"]["services"].as_array().map_or(0, Vec::len);
+        say(&format!(
+            "{:<8} proxy ready: identity {id} (certificate valid {}h{:02}m), view v{} with {services} service(s); admin http://{}/config",
+            w.name,
+            ttl / 3600,
+            (ttl % 3600) / 60,
+            doc["discovery"]["version"],
+            w.admin
+        ));
+    }
+
+    // 3. Traffic: client-1 -> web.demo through both proxies.
+    let client = &workloads[0];
+    say(&format!(
+        "sending requests from client-1 to http://web.demo/ through its proxy ({}); each hop is mTLS with SPIFFE identities checked on both sides",
+        client.outbound
+    ));
+    let started = Instant::now();
+    let mut served: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut ticker = tokio::time::interval(args.interval);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    for n in 1u64.. {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut ctrl_c => break,
+        }
+        if args.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        procs.check_alive(&logs)?;
+        match http
+            .get(client.outbound, "web.demo", &format!("/hello?n={n}"))
+            .await
+        {
+            Ok(r) if r.status.is_success() => {
+                ok += 1;
+                let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+                let by = doc["workload"].as_str().unwrap_or("?").to_owned();
+                say(&format!(
+                    "#{n:<3} client-1 -> web.demo -> {by}: {} | {by} saw caller {}",
+                    r.status,
+                    doc["caller"].as_str().unwrap_or("?")
+                ));
+                *served.entry(by).or_default() += 1;
+            }
+            Ok(r) => {
+                failed += 1;
+                let side = r
+                    .headers
+                    .get("x-trellis-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("app");
+                say(&format!(
+                    "#{n:<3} client-1 -> web.demo: {} ({side}) {}",
+                    r.status,
+                    r.body.trim()
+                ));
+            }
+            Err(e) => {
+                failed += 1;
+                say(&format!("#{n:<3} client-1 -> web.demo: failed: {e:#}"));
+            }
+        }
+    }
+
+    // 4. Summary.
+    let spread: Vec<String> = served.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    say(&format!(
+        "done: {ok} ok, {failed} failed; served by {}",
+        spread.join(", ")
+    ));
+    if let Ok(m) = http.get(client.admin, "localhost", "/metrics").await {
+        for line in m
+            .body
+            .lines()
+            .filter(|l| l.starts_with("trellis_proxy_requests_total"))
+        {
+            say(&format!("client-1 metrics: {line}"));
+        }
+    }
+    if let Ok(p) = http.get(cp_admin, "localhost", "/debug/proxies").await {
+        let doc: serde_json::Value = serde_json::from_str(&p.body).unwrap_or_default();
+        for px in doc.as_array().into_iter().flatten() {
+            say(&format!(
+                "control plane: {} ({}) acked v{}",
+                px["workload"].as_str().unwrap_or("?"),
+                px["identity"].as_str().unwrap_or("?"),
+                px["acked_version"]
+            ));
+        }
+    }
+    say(&format!("logs: {}", logs.display()));
+    if failed > 0 && ok == 0 {
+        bail!("no request succeeded; see the logs above");
+    }
+    Ok(())
+}
+
+// === impl Processes ===
+
+impl Processes {
+    fn spawn(&mut self, name: &str, mut cmd: Command, logs: &Path) -> anyhow::Result<()> {
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        cmd.stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .stdin(Stdio::null());
+        cmd.kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Fails, with the end of its log, if a child has exited.
+    fn check_alive(&mut self, logs: &Path) -> anyhow::Result<()> {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} exited ({status}); last log lines:\n{}",
+                    tail(&logs.join(format!("{name}.log")), 15)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(
+        &mut self,
+        name: &str,
+        http: &HttpClient,
+        admin: SocketAddr,
+        logs: &Path,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.check_alive(logs)?;
+            if let Ok(r) = http.get(admin, "localhost", "/ready").await {
+                if r.status.is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} not ready after 30s; last log lines:\n{}",
+                    tail(&logs.join(format!("{name}.log")), 15)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn plan(base: u16) -> anyhow::Result<Vec<Workload>> {
+    let at = |off: u16| -> anyhow::Result<SocketAddr> {
+        let port = base.checked_add(off).context("--port-base too high")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    [
+        ("client-1", "client", 0),
+        ("web-1", "web", 10),
+        ("web-2", "web", 20),
+    ]
+    .into_iter()
+    .map(|(name, sa, off)| {
+        Ok(Workload {
+            name,
+            service_account: sa,
+            outbound: at(off + 1)?,
+            inbound: at(off + 2)?,
+            admin: at(off + 3)?,
+            app: at(off + 4)?,
+        })
+    })
+    .collect()
+}
+
+fn render_mesh(base: u16) -> String {
+    let mut s = MESH_YAML.to_owned();
+    for off in [2u16, 12, 22] {
+        s = s.replace(
+            &format!("${{BASE+{off}}}"),
+            &(u32::from(base) + u32::from(off)).to_string(),
+        );
+    }
+    s
+}
+
+/// Every port free, or a message naming the busy one.
+fn preflight(grpc: SocketAddr, admin: SocketAddr, workloads: &[Workload]) -> anyhow::Result<()> {
+    let mut ports = vec![
+        ("control plane gRPC (--grpc-port)", grpc),
+        ("control plane admin (--admin-port)", admin),
+    ];
+    for w in workloads {
+        ports.push(("workload port (--port-base)", w.outbound));
+        ports.push(("workload port (--port-base)", w.inbound));
+        ports.push(("workload port (--port-base)", w.admin));
+        ports.push(("workload port (--port-base)", w.app));
+    }
+    for (what, addr) in ports {
+        if let Err(e) = TcpListener::bind(addr) {
+            bail!(
+                "port {} ({what}) is not available: {e}. Is another `trellis demo` running? Stop it, or move this one with --port-base/--grpc-port/--admin-port.",
+                addr.port()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn issue_token(addon: &Path, state: &Path, w: &Workload) -> anyhow::Result<String> {
+    let out = Command::new(addon)
+        .args(["issue-token", "--state-dir"])
+        .arg(state)
+        .args([
+            "--namespace",
+            "demo",
+            "--service-account",
+            w.service_account,
+        ])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "issuing a token for {}: {}",
+            w.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn find_bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    bail!(
+        "{name} not found in {}: build all binaries first (cargo build --release --locked) or pass --bin-dir",
+        dir.display()
+    )
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn say(line: &str) {
+    println!("[trellis demo] {line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_yaml_gets_the_port_base() {
+        let y = render_mesh(20000);
+        assert!(y.contains("meshAddress: 127.0.0.1:20012"), "{y}");
+        assert!(!y.contains("${"), "{y}");
+    }
+
+    #[test]
+    fn busy_port_is_named() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = busy.local_addr().unwrap();
+        let w = plan(30000).unwrap();
+        let e = preflight(addr, SocketAddr::from(([127, 0, 0, 1], 0)), &w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&addr.port().to_string()) && e.contains("--grpc-port"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,342 @@
+//! Objects to snapshot: a pure function, shared by every source.
+//!
+//! The file source feeds it a directory's [`Objects`]; the Kubernetes watchers will feed
+//! it the same type. Nothing here reads files, clocks or globals, so the same objects
+//! always give the same snapshot.
+//!
+//! Rules:
+//! - A Service's endpoints are the Workloads in its namespace whose labels contain its
+//!   (non-empty) selector; a Service without a selector has none. Every port gets one
+//!   endpoint per selected Workload, at the Workload's `meshAddress`, with identity
+//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`. Endpoints are sorted by
+//!   workload name, then address.
+//! - A port's protocol comes from `appProtocol` when set, else from the port name's prefix
+//!   (the part before the first `-`). `http`, `http2`, `h2c`, `grpc`, `grpc-web` and `ws`
+//!   (optionally `kubernetes.io/`-prefixed) are HTTP; `tcp`, `tls`, `https` and `wss` are
+//!   TCP. Other values differ by source: an unrecognised `appProtocol` is an explicit
+//!   claim that the port is not HTTP we understand, so it is carried as opaque TCP; a port
+//!   name without a known prefix says nothing, so it gets the HTTP default.
+//! - Extra host names come from the `trellis.dev/hostnames` annotation, in written order,
+//!   without duplicates.
+
+use trellis_api::{Endpoint, MeshSnapshot, Protocol, ServiceKey};
+use trellis_identity::SpiffeId;
+
+use crate::objects::{HOSTNAMES_ANNOTATION, Objects, Service, ServicePort, Workload};
+use crate::validate::split_hostnames;
+
+/// Builds the snapshot for `objects` at `version`.
+///
+/// Objects are expected to be validated (as [`crate::load_dir`] does); anything that still
+/// cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
+/// under an invalid trust domain) is left out with a warning rather than failing.
+pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSnapshot {
+    let services = objects
+        .services
+        .values()
+        .map(|svc| {
+            let service = service(svc, objects, trust_domain);
+            (service.key.clone(), service)
+        })
+        .collect();
+    MeshSnapshot {
+        version,
+        trust_domain: trust_domain.to_owned(),
+        services,
+    }
+}
+
+fn service(svc: &Service, objects: &Objects, trust_domain: &str) -> trellis_api::Service {
+    let key = ServiceKey::new(&svc.metadata.namespace, &svc.metadata.name);
+    let mut endpoints: Vec<Endpoint> = objects
+        .workloads
+        .values()
+        .filter(|w| selects(svc, w))
+        .filter_map(|w| endpoint(w, trust_domain))
+        .collect();
+    endpoints.sort_by(|a, b| (&a.workload, a.address).cmp(&(&b.workload, b.address)));
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let Some(number) = u16::try_from(port.port).ok().filter(|n| *n != 0) else {
+                tracing::warn!(service = %key, port = port.port, "skipping out-of-range port");
+                return None;
+            };
+            Some(trellis_api::ServicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol: port_protocol(port),
+                endpoints: endpoints.clone(),
+            })
+        })
+        .collect();
+    let mut hostnames: Vec<String> = Vec::new();
+    if let Some(list) = svc.metadata.annotations.get(HOSTNAMES_ANNOTATION) {
+        for host in split_hostnames(list) {
+            if !hostnames.iter().any(|h| h == host) {
+                hostnames.push(host.to_owned());
+            }
+        }
+    }
+    trellis_api::Service {
+        key,
+        hostnames,
+        ports,
+    }
+}
+
+/// Whether `svc` selects `w`: same namespace, non-empty selector contained in its labels.
+fn selects(svc: &Service, w: &Workload) -> bool {
+    let selector = &svc.spec.selector;
+    w.metadata.namespace == svc.metadata.namespace
+        && !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
+}
+
+fn endpoint(w: &Workload, trust_domain: &str) -> Option<Endpoint> {
+    let identity = match SpiffeId::new(trust_domain, &w.metadata.namespace, &w.spec.service_account)
+    {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::warn!(workload = %w.metadata.key(), %error, "skipping endpoint");
+            return None;
+        }
+    };
+    Some(Endpoint {
+        address: w.spec.mesh_address,
+        identity: identity.to_string(),
+        workload: w.metadata.name.clone(),
+        labels: w.metadata.labels.clone(),
+    })
+}
+
+/// The protocol of a Service port (see the module docs for the table).
+pub(crate) fn port_protocol(port: &ServicePort) -> Protocol {
+    if let Some(app) = &port.app_protocol {
+        let app = app.to_ascii_lowercase();
+        return match known_protocol(app.strip_prefix("kubernetes.io/").unwrap_or(&app)) {
+            Some(p) => p,
+            None => Protocol::Tcp,
+        };
+    }
+    let name = port.name.as_deref().unwrap_or_default();
+    let prefix = name.split('-').next().unwrap_or_default();
+    known_protocol(prefix).unwrap_or(Protocol::Http)
+}
+
+fn known_protocol(name: &str) -> Option<Protocol> {
+    match name {
+        "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "ws" => Some(Protocol::Http),
+        "tcp" | "tls" | "https" | "wss" => Some(Protocol::Tcp),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::objects::{ObjectMeta, ServiceSpec, WorkloadSpec};
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn meta(ns: &str, name: &str, l: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            namespace: ns.into(),
+            labels: labels(l),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    fn port(name: Option<&str>, app_protocol: Option<&str>) -> ServicePort {
+        ServicePort {
+            name: name.map(Into::into),
+            port: 80,
+            target_port: None,
+            protocol: None,
+            app_protocol: app_protocol.map(Into::into),
+        }
+    }
+
+    fn svc(ns: &str, name: &str, selector: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: meta(ns, name, &[]),
+            spec: ServiceSpec {
+                selector: labels(selector),
+                ports: vec![port(Some("http"), None)],
+                ..ServiceSpec::default()
+            },
+        }
+    }
+
+    fn workload(ns: &str, name: &str, sa: &str, addr: &str, l: &[(&str, &str)]) -> Workload {
+        Workload {
+            metadata: meta(ns, name, l),
+            spec: WorkloadSpec {
+                service_account: sa.into(),
+                mesh_address: addr.parse().unwrap(),
+            },
+        }
+    }
+
+    fn objects(services: Vec<Service>, workloads: Vec<Workload>) -> Objects {
+        Objects {
+            services: services
+                .into_iter()
+                .map(|s| (s.metadata.key(), s))
+                .collect(),
+            workloads: workloads
+                .into_iter()
+                .map(|w| (w.metadata.key(), w))
+                .collect(),
+        }
+    }
+
+    /// The workload names serving the first port of `ns/name`.
+    fn backends(snapshot: &MeshSnapshot, ns: &str, name: &str) -> Vec<String> {
+        snapshot.services[&ServiceKey::new(ns, name)].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.workload.clone())
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_are_workloads_matching_the_selector_in_the_same_namespace() {
+        let objs = objects(
+            vec![
+                svc("demo", "web", &[("app", "web")]),
+                svc("demo", "v2", &[("app", "web"), ("version", "v2")]),
+                svc("demo", "headless", &[]),
+                svc("demo", "nobody", &[("app", "nobody")]),
+            ],
+            vec![
+                workload("demo", "web-2", "web", "127.0.0.1:16012", &[("app", "web")]),
+                workload(
+                    "demo",
+                    "web-1",
+                    "web",
+                    "127.0.0.1:16011",
+                    &[("app", "web"), ("version", "v2")],
+                ),
+                workload(
+                    "other",
+                    "web-3",
+                    "web",
+                    "127.0.0.1:16013",
+                    &[("app", "web")],
+                ),
+            ],
+        );
+        let snap = translate(&objs, "cluster.local", 7);
+        assert_eq!(snap.version, 7);
+        let cases: &[(&str, &[&str])] = &[
+            ("web", &["web-1", "web-2"]),
+            ("v2", &["web-1"]),
+            ("headless", &[]),
+            ("nobody", &[]),
+        ];
+        for (name, want) in cases {
+            assert_eq!(backends(&snap, "demo", name), *want, "service {name}");
+        }
+    }
+
+    #[test]
+    fn endpoints_carry_address_identity_and_labels() {
+        let objs = objects(
+            vec![svc("demo", "api", &[("app", "api")])],
+            vec![workload(
+                "demo",
+                "api-1",
+                "api",
+                "127.0.0.1:16021",
+                &[("app", "api")],
+            )],
+        );
+        let snap = translate(&objs, "mesh.example", 1);
+        assert_eq!(snap.trust_domain, "mesh.example");
+        let ep = &snap.services[&ServiceKey::new("demo", "api")].ports[0].endpoints[0];
+        assert_eq!(ep.address, "127.0.0.1:16021".parse().unwrap());
+        assert_eq!(ep.identity, "spiffe://mesh.example/ns/demo/sa/api");
+        assert_eq!(ep.labels, labels(&[("app", "api")]));
+    }
+
+    #[test]
+    fn endpoints_with_invalid_identity_are_left_out() {
+        let objs = objects(
+            vec![svc("demo", "api", &[("app", "api")])],
+            vec![workload(
+                "demo",
+                "api-1",
+                "api",
+                "127.0.0.1:16021",
+                &[("app", "api")],
+            )],
+        );
+        let snap = translate(&objs, "Not A Domain", 1);
+        assert_eq!(backends(&snap, "demo", "api"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn port_protocol_comes_from_app_protocol_then_name_prefix() {
+        let cases = [
+            (None, None, Protocol::Http),
+            (Some("http"), None, Protocol::Http),
+            (Some("http-web"), None, Protocol::Http),
+            (Some("http2"), None, Protocol::Http),
+            (Some("grpc-api"), None, Protocol::Http),
+            (Some("h2c"), None, Protocol::Http),
+            (Some("tcp"), None, Protocol::Tcp),
+            (Some("tcp-db"), None, Protocol::Tcp),
+            (Some("tls-db"), None, Protocol::Tcp),
+            (Some("tcpish"), None, Protocol::Http),
+            (Some("metrics"), None, Protocol::Http),
+            (Some("tcp-db"), Some("http"), Protocol::Http),
+            (Some("web"), Some("tcp"), Protocol::Tcp),
+            (None, Some("kubernetes.io/h2c"), Protocol::Http),
+            (None, Some("GRPC"), Protocol::Http),
+            (None, Some("mysql"), Protocol::Tcp),
+        ];
+        for (name, app, want) in cases {
+            assert_eq!(
+                port_protocol(&port(name, app)),
+                want,
+                "name {name:?} appProtocol {app:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostnames_annotation_adds_trimmed_unique_names() {
+        let mut s = svc("demo", "web", &[]);
+        s.metadata.annotations.insert(
+            HOSTNAMES_ANNOTATION.into(),
+            " web.example ,www,,web.example".into(),
+        );
+        let snap = translate(
+            &objects(vec![s, svc("demo", "plain", &[])], vec![]),
+            "td",
+            1,
+        );
+        assert_eq!(
+            snap.services[&ServiceKey::new("demo", "web")].hostnames,
+            ["web.example", "www"]
+        );
+        assert!(
+            snap.services[&ServiceKey::new("demo", "plain")]
+                .hostnames
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The file source through its public API: validation messages as an operator sees them,
+//! the demo directory, and the polling watcher against real temporary directories.
+
+// `allow-unwrap-in-tests` covers `#[test]` functions only; the helpers here are test code
+// too, and a failed setup should panic with its error.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use trellis_api::{MeshSnapshot, Protocol, ServiceKey};
+use trellis_controller::{FileSource, Metrics, SourceStatus, load_dir};
+
+const POLL: Duration = Duration::from_millis(20);
+const WAIT: Duration = Duration::from_secs(1);
+
+const WEB_SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+";
+
+fn workload(name: &str, sa: &str, addr: &str) -> String {
+    format!(
+        "apiVersion: local.trellis.dev/v1alpha1\nkind: Workload\n\
+         metadata: {{name: {name}, namespace: demo, labels: {{app: web}}}}\n\
+         spec: {{serviceAccount: {sa}, meshAddress: {addr:?}}}\n"
+    )
+}
+
+/// Writes atomically (temp file, then rename), so a poll never sees a half-written file.
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// Loads `files` from a fresh directory and returns its problems, one line each, with
+/// the directory prefix removed.
+fn problems(files: &[(&str, &str)]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        write(dir.path(), name, text);
+    }
+    let err = load_dir(dir.path()).unwrap_err();
+    assert_eq!(err.exit_code(), 64);
+    let prefix = format!("{}/", dir.path().display());
+    err.to_string()
+        .lines()
+        .map(|l| l.replace(&prefix, ""))
+        .collect()
+}
+
+#[test]
+fn validation_errors_name_file_document_object_and_field() {
+    let svc = |spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec: {spec}\n"
+        )
+    };
+    let web1 = workload("web-1", "web", "127.0.0.1:16011");
+    type Files = Vec<(&'static str, String)>;
+    let cases: Vec<(&str, Files, &str)> = vec![
+        (
+            "unknown field",
+            vec![("web.yaml", svc("{portz: [{port: 80}]}"))],
+            "web.yaml (document 1): Service demo/web: spec.portz: unknown field `portz`, \
+             expected one of `type`, `clusterIP`, `selector`, `ports`",
+        ),
+        (
+            "port out of range",
+            vec![(
+                "web.yaml",
+                svc("{ports: [{name: http, port: 80}, {name: admin, port: 70000}]}"),
+            )],
+            "web.yaml (document 1): Service demo/web: spec.ports[1].port: \
+             must be between 1 and 65535, got 70000",
+        ),
+        (
+            "port of the wrong type",
+            vec![("web.yaml", svc("{ports: [{port: eighty}]}"))],
+            "web.yaml (document 1): Service demo/web: spec.ports[0].port: \
+             invalid type: string \"eighty\", expected i32",
+        ),
+        (
+            "udp",
+            vec![("web.yaml", svc("{ports: [{port: 53, protocol: UDP}]}"))],
+            "web.yaml (document 1): Service demo/web: spec.ports[0].protocol: \
+             protocol UDP is not supported: the mesh carries TCP only",
+        ),
+        (
+            "duplicate workload across files",
+            vec![("a.yaml", web1.clone()), ("b.yaml", format!("---\n{web1}"))],
+            "b.yaml (document 1): Workload demo/web-1: \
+             defined twice: in a.yaml (document 1) and in b.yaml (document 1)",
+        ),
+        (
+            "shared mesh address",
+            vec![
+                ("a.yaml", web1.clone()),
+                ("b.yaml", workload("web-2", "web", "127.0.0.1:16011")),
+            ],
+            "b.yaml (document 1): Workload demo/web-2: spec.meshAddress: 127.0.0.1:16011 is \
+             also the meshAddress of Workload demo/web-1 in a.yaml (document 1); each workload \
+             needs its own",
+        ),
+        (
+            "bad mesh address",
+            vec![("w.yaml", workload("web-1", "web", "localhost:16011"))],
+            "w.yaml (document 1): Workload demo/web-1: spec.meshAddress: invalid meshAddress \
+             \"localhost:16011\": expected ip:port, e.g. 127.0.0.1:16011",
+        ),
+        (
+            "bad service account",
+            vec![("w.yaml", workload("web-1", "Web_1", "127.0.0.1:16011"))],
+            "w.yaml (document 1): Workload demo/web-1: spec.serviceAccount: does not make a \
+             valid identity: invalid service account \"Web_1\": use lowercase letters, \
+             digits, '-' and '.'",
+        ),
+        (
+            "unsupported kind",
+            vec![(
+                "x.yaml",
+                format!(
+                    "{web1}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n"
+                ),
+            )],
+            "x.yaml (document 2): unsupported kind \"Deployment\" (apiVersion \"apps/v1\"): \
+             supported kinds are Service (v1) and Workload (local.trellis.dev/v1alpha1)",
+        ),
+        (
+            "yaml syntax",
+            vec![(
+                "web.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n".to_owned(),
+            )],
+            "web.yaml:5:1 (document 1): invalid YAML: did not find expected ',' or ']' at \
+             line 5 column 1, while parsing a flow sequence at line 4 column 9",
+        ),
+    ];
+    for (case, files, want) in cases {
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        assert_eq!(problems(&files), [want], "case: {case}");
+    }
+}
+
+#[test]
+fn demo_directory_loads_into_the_demo_mesh() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/demo");
+    let snapshot = FileSource::new(&dir, "cluster.local", POLL)
+        .load_initial()
+        .unwrap();
+    assert_eq!(snapshot.version, 1);
+    let keys: Vec<String> = snapshot.services.keys().map(ToString::to_string).collect();
+    assert_eq!(keys, ["demo/api", "demo/web"]);
+    let endpoints = |name: &str| -> Vec<(String, String, String)> {
+        let svc = &snapshot.services[&ServiceKey::new("demo", name)];
+        assert_eq!(svc.ports.len(), 1);
+        assert_eq!(
+            (svc.ports[0].port, svc.ports[0].protocol),
+            (80, Protocol::Http)
+        );
+        svc.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.workload.clone(),
+                    e.address.to_string(),
+                    e.identity.clone(),
+                )
+            })
+            .collect()
+    };
+    let ep = |w: &str, addr: &str, sa: &str| {
+        (
+            w.to_owned(),
+            addr.to_owned(),
+            format!("spiffe://cluster.local/ns/demo/sa/{sa}"),
+        )
+    };
+    assert_eq!(
+        endpoints("web"),
+        [
+            ep("web-1", "127.0.0.1:16011", "web"),
+            ep("web-2", "127.0.0.1:16012", "web")
+        ]
+    );
+    assert_eq!(endpoints("api"), [ep("api-1", "127.0.0.1:16021", "api")]);
+    // client-1 loads (so its identity is valid) but serves nothing.
+    let objects = load_dir(&dir).unwrap();
+    assert_eq!(objects.workloads.len(), 4);
+}
+
+/// A running watcher over a temporary directory.
+struct Watcher {
+    dir: tempfile::TempDir,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    status: watch::Receiver<SourceStatus>,
+    registry: Registry,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            write(dir.path(), name, text);
+        }
+        let mut registry = Registry::default();
+        let source = FileSource::new(dir.path(), "cluster.local", POLL)
+            .with_metrics(Metrics::new(&mut registry));
+        let (tx, snapshots) = watch::channel(Arc::new(source.load_initial().unwrap()));
+        let (status_tx, status) = watch::channel(SourceStatus::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(source.run(tx, status_tx, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            dir,
+            snapshots,
+            status,
+            registry,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        write(self.dir.path(), name, text);
+    }
+
+    async fn next_snapshot(&mut self) -> Arc<MeshSnapshot> {
+        tokio::time::timeout(WAIT, self.snapshots.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        Arc::clone(&self.snapshots.borrow_and_update())
+    }
+
+    async fn status_when(&mut self, f: impl FnMut(&SourceStatus) -> bool) -> SourceStatus {
+        let status = tokio::time::timeout(WAIT, self.status.wait_for(f))
+            .await
+            .unwrap()
+            .unwrap();
+        status.clone()
+    }
+
+    fn metrics(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).unwrap();
+        text
+    }
+}
+
+fn web_endpoints(snapshot: &MeshSnapshot) -> Vec<String> {
+    snapshot.services[&ServiceKey::new("demo", "web")].ports[0]
+        .endpoints
+        .iter()
+        .map(|e| e.workload.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn watcher_publishes_good_changes_and_keeps_the_last_good_snapshot_on_errors() {
+    let mut w = Watcher::start(&[
+        ("svc.yaml", WEB_SERVICE),
+        ("web-1.yaml", &workload("web-1", "web", "127.0.0.1:16011")),
+    ]);
+    assert_eq!(web_endpoints(&w.snapshots.borrow()), ["web-1"]);
+
+    // A good change: version 2.
+    w.write("web-2.yaml", &workload("web-2", "web", "127.0.0.1:16012"));
+    let v2 = w.next_snapshot().await;
+    assert_eq!(v2.version, 2);
+    assert_eq!(web_endpoints(&v2), ["web-1", "web-2"]);
+
+    // A broken change: version 2 stays, the error names the file and field.
+    let broken = WEB_SERVICE
+        .replace("name: web,", "name: api,")
+        .replace("ports:", "portz:");
+    w.write("api.yaml", &broken);
+    let status = w.status_when(|s| s.reloads_failed == 1).await;
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("api.yaml (document 1): Service demo/api: spec.portz"),
+        "{error}"
+    );
+    assert_eq!(status.last_good_version, 2);
+    assert!(!w.snapshots.has_changed().unwrap());
+    assert_eq!(w.snapshots.borrow().version, 2);
+
+    // Fixed: version 3 with the new service, error cleared.
+    w.write("api.yaml", &broken.replace("portz:", "ports:"));
+    let v3 = w.next_snapshot().await;
+    assert_eq!(v3.version, 3);
+    assert!(v3.services.contains_key(&ServiceKey::new("demo", "api")));
+    let status = w.status_when(|s| s.reloads_ok == 2).await;
+    assert_eq!(
+        (
+            status.last_error,
+            status.last_good_version,
+            status.reloads_failed
+        ),
+        (None, 3, 1)
+    );
+    let metrics = w.metrics();
+    for line in [
+        "trellis_controller_reloads_total{result=\"ok\"} 2",
+        "trellis_controller_reloads_total{result=\"error\"} 1",
+        "trellis_controller_snapshot_version 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn watcher_does_not_publish_a_change_that_leaves_the_snapshot_equal() {
+    let mut w = Watcher::start(&[("svc.yaml", WEB_SERVICE)]);
+    w.write(
+        "svc.yaml",
+        &format!("# only a comment changed\n{WEB_SERVICE}"),
+    );
+    let status = w.status_when(|s| s.reloads_ok == 1).await;
+    assert_eq!(status.last_good_version, 1);
+    assert!(!w.snapshots.has_changed().unwrap());
+}
+
+#[tokio::test]
+async fn watcher_stops_on_shutdown() {
+    let mut w = Watcher::start(&[("svc.yaml", WEB_SERVICE)]);
+    if let Some(stop) = w.stop.take() {
+        stop.send(()).unwrap();
+    }
+    tokio::time::timeout(WAIT, &mut w.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn watcher_stops_when_no_one_receives_snapshots() {
+    let w = Watcher::start(&[("svc.yaml", WEB_SERVICE)]);
+    let Watcher {
+        snapshots,
+        task,
+        stop: _stop,
+        ..
+    } = w;
+    drop(snapshots);
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}

@@ -1,0 +1,121 @@
+//! Snapshots on the wire: full views, incremental diffs, and applying either.
+//!
+//! The control plane sends [`full`] first on every stream and [`diff`] afterwards; the proxy
+//! calls [`apply`] on each response it receives. Both sides share this module so that
+//! `apply(old, diff(old, new)) == new` holds by construction and is tested in one place.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::convert::ConvertError;
+use crate::discovery::v1 as pb;
+use crate::snapshot::{MeshSnapshot, Service, ServiceKey};
+
+/// Applies a discovery response to the snapshot the proxy holds and returns the new one.
+///
+/// - `full = true`: the upserts are the whole mesh and replace `current`.
+/// - `full = false`: upserts are applied to `current` first, then removals (so a key in
+///   both ends up removed). Removing a key `current` does not hold is not an error.
+///
+/// The trust domain is always the response's. The response's version must be greater
+/// than `current.version`, else the response is [`ConvertError::Stale`]: versions only
+/// move forward, so the control plane must keep them monotonic across its own restarts.
+///
+/// Atomic: `current` is never modified; on error the caller keeps using it (and nacks).
+pub fn apply(
+    current: &MeshSnapshot,
+    resp: &pb::DiscoveryResponse,
+) -> Result<MeshSnapshot, ConvertError> {
+    if resp.version <= current.version {
+        return Err(ConvertError::Stale {
+            version: resp.version,
+            current: current.version,
+        });
+    }
+    let upserts = upserts_from_proto(&resp.upserts)?;
+    let removed = resp
+        .removed
+        .iter()
+        .enumerate()
+        .map(|(index, key)| {
+            ServiceKey::parse(key).ok_or_else(|| ConvertError::BadRemovedKey {
+                index,
+                value: key.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut services = if resp.full {
+        BTreeMap::new()
+    } else {
+        current.services.clone()
+    };
+    services.extend(upserts);
+    for key in &removed {
+        services.remove(key);
+    }
+    Ok(MeshSnapshot {
+        version: resp.version,
+        trust_domain: resp.trust_domain.clone(),
+        services,
+    })
+}
+
+/// The incremental response that takes a proxy holding `old` to `new` (`full = false`).
+///
+/// Upserts carry every service that is new or changed in any way, whole; `removed` lists
+/// the keys only `old` has. The response has `new`'s version even when nothing changed;
+/// callers that want to skip such pushes check [`same_view`] first.
+pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
+    let upserts = new
+        .services
+        .iter()
+        .filter(|(key, svc)| old.services.get(key) != Some(svc))
+        .map(|(_, svc)| pb::Service::from(svc))
+        .collect();
+    let removed = old
+        .services
+        .keys()
+        .filter(|key| !new.services.contains_key(key))
+        .map(ToString::to_string)
+        .collect();
+    pb::DiscoveryResponse {
+        version: new.version,
+        full: false,
+        upserts,
+        removed,
+        trust_domain: new.trust_domain.clone(),
+    }
+}
+
+/// The full response for `snapshot` (`full = true`): every service, replacing all state.
+pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
+    pb::DiscoveryResponse {
+        version: snapshot.version,
+        full: true,
+        upserts: snapshot.services.values().map(pb::Service::from).collect(),
+        removed: Vec::new(),
+        trust_domain: snapshot.trust_domain.clone(),
+    }
+}
+
+/// True when `old` and `new` hold the same view (services and trust domain), whatever
+/// their versions: pushing [`diff`] of them would change nothing for the proxy.
+pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
+    old.trust_domain == new.trust_domain && old.services == new.services
+}
+
+/// Converts upserts, refusing a service that appears twice: which copy should win is not
+/// defined by the contract, so the response is malformed.
+fn upserts_from_proto(upserts: &[pb::Service]) -> Result<Vec<(ServiceKey, Service)>, ConvertError> {
+    let mut seen = BTreeSet::new();
+    upserts
+        .iter()
+        .map(|proto| {
+            let svc = Service::try_from(proto)?;
+            if !seen.insert(svc.key.clone()) {
+                return Err(ConvertError::DuplicateService { service: svc.key });
+            }
+            Ok((svc.key.clone(), svc))
+        })
+        .collect()
+}

@@ -1,0 +1,115 @@
+//! Wiring only: config -> bind listeners (fail fast, naming the port) -> spawn identity,
+//! discovery, outbound, inbound, admin -> wait for a signal -> drain.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+use trellis_identity::TrustBundle;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, route::View};
+
+/// Runs the proxy until `shutdown` fires, then drains for up to `drain_timeout`.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let roots = std::fs::read_to_string(&cfg.ca_roots)
+        .with_context(|| format!("reading --ca-roots {}", cfg.ca_roots.display()))?;
+    let bootstrap = TrustBundle::from_pem(&roots)
+        .with_context(|| format!("parsing --ca-roots {}", cfg.ca_roots.display()))?;
+
+    // Bind everything before starting work, so a busy port fails at once with its name.
+    let outbound_l = bind(cfg.outbound, "--outbound").await?;
+    let inbound_l = bind(cfg.inbound, "--inbound").await?;
+    let admin_l = bind(cfg.admin, "--admin").await?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (certs_tx, certs_rx) = watch::channel(None);
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
+
+    info!(
+        identity = %cfg.identity,
+        workload = %cfg.workload,
+        outbound = %outbound_l.local_addr()?,
+        inbound = %inbound_l.local_addr()?,
+        admin = %admin_l.local_addr()?,
+        app = %cfg.app,
+        control_plane = %cfg.control_plane,
+        "trellis-proxy starting"
+    );
+
+    let tasks = TaskTracker::new();
+    tokio::spawn(crate::identity::run(
+        cfg.clone(),
+        bootstrap,
+        certs_tx,
+        metrics.clone(),
+    ));
+    tokio::spawn(crate::discovery::run(
+        cfg.clone(),
+        certs_rx.clone(),
+        view_tx,
+        metrics.clone(),
+    ));
+
+    let outbound = Arc::new(Outbound::new(
+        cfg.identity.clone(),
+        certs_rx.clone(),
+        view_rx.clone(),
+        metrics.clone(),
+        cfg.request_timeout,
+    ));
+    let inbound = Arc::new(Inbound::new(
+        cfg.identity.clone(),
+        cfg.app,
+        certs_rx.clone(),
+        metrics.clone(),
+        cfg.request_timeout,
+    ));
+    let admin = Arc::new(Admin {
+        workload: cfg.workload.clone(),
+        certs: certs_rx,
+        view: view_rx,
+        registry,
+    });
+
+    let accept = TaskTracker::new();
+    accept.spawn(outbound.serve(outbound_l, shutdown.clone(), tasks.clone()));
+    accept.spawn(inbound.serve(inbound_l, shutdown.clone(), tasks.clone()));
+    accept.spawn(admin.serve(admin_l, shutdown.clone()));
+    accept.close();
+
+    shutdown.cancelled().await;
+    info!(
+        timeout_ms = cfg.drain_timeout.as_millis() as u64,
+        "draining"
+    );
+    accept.wait().await;
+    tasks.close();
+    if tokio::time::timeout(cfg.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        info!("drain timeout reached; closing remaining connections");
+    }
+    info!("trellis-proxy stopped");
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} ({flag}): is another proxy or demo already using port {}?",
+            addr.port()
+        )
+    })
+}

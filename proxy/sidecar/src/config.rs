@@ -1,0 +1,224 @@
+//! The proxy's configuration: command-line flags, each with a `TRELLIS_PROXY_*`
+//! environment variable (what the injector sets on Kubernetes) and a default.
+//!
+//! Parsed once into [`Config`]; invalid values are reported naming the flag, the
+//! variable and the value, and the binary exits with 64 (EX_CONFIG).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use trellis_identity::SpiffeId;
+
+/// Default control-plane gRPC address (DESIGN.md: 15010).
+pub const DEFAULT_CONTROL_PLANE: &str = "127.0.0.1:15010";
+/// Identity the control plane must present.
+pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str =
+    "spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane";
+/// Default outbound listener (the app sends its requests here).
+pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001";
+/// Default inbound (mTLS) listener.
+pub const DEFAULT_INBOUND: &str = "0.0.0.0:15006";
+/// Default admin listener; always loopback.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
+/// Default address of the local application.
+pub const DEFAULT_APP: &str = "127.0.0.1:8080";
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The admin listener would be reachable from other hosts.
+    #[error("--admin (TRELLIS_PROXY_ADMIN) must be a loopback address, got {0}")]
+    AdminNotLoopback(SocketAddr),
+    /// Namespace / service account do not form a valid identity.
+    #[error("--namespace/--service-account do not form a valid identity: {0}")]
+    Identity(#[from] trellis_identity::SpiffeError),
+    /// Two listeners share an address.
+    #[error("{0} and {1} listen on the same address {2}")]
+    SameAddress(&'static str, &'static str, SocketAddr),
+}
+
+/// Flags of `trellis-proxy run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Control-plane gRPC address (identity + discovery).
+    #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE", default_value = DEFAULT_CONTROL_PLANE)]
+    pub control_plane: SocketAddr,
+    /// SPIFFE ID the control plane must present.
+    #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE_IDENTITY", default_value = DEFAULT_CONTROL_PLANE_IDENTITY)]
+    pub control_plane_identity: SpiffeId,
+    /// PEM file with the root(s) that sign the control plane's certificate (bootstrap trust).
+    #[arg(long, env = "TRELLIS_PROXY_CA_ROOTS")]
+    pub ca_roots: PathBuf,
+    /// File holding this workload's token (ServiceAccount token, or the local issuer's).
+    #[arg(long, env = "TRELLIS_PROXY_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// This workload's namespace.
+    #[arg(long, env = "TRELLIS_PROXY_NAMESPACE")]
+    pub namespace: String,
+    /// This workload's service account.
+    #[arg(long, env = "TRELLIS_PROXY_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// This workload's name (pod name), for logs and discovery.
+    #[arg(long, env = "TRELLIS_PROXY_WORKLOAD")]
+    pub workload: String,
+    /// Trust domain of the mesh.
+    #[arg(long, env = "TRELLIS_PROXY_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Where the local app sends outbound requests (explicit mode: an HTTP proxy).
+    #[arg(long, env = "TRELLIS_PROXY_OUTBOUND", default_value = DEFAULT_OUTBOUND)]
+    pub outbound: SocketAddr,
+    /// Where peers connect with mTLS.
+    #[arg(long, env = "TRELLIS_PROXY_INBOUND", default_value = DEFAULT_INBOUND)]
+    pub inbound: SocketAddr,
+    /// Admin endpoints (/ready /live /metrics /config); must be loopback.
+    #[arg(long, env = "TRELLIS_PROXY_ADMIN", default_value = DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
+    /// The local application inbound requests are forwarded to.
+    #[arg(long, env = "TRELLIS_PROXY_APP", default_value = DEFAULT_APP)]
+    pub app: SocketAddr,
+    /// Requested certificate lifetime (the CA may shorten it), e.g. `24h`, `10m`, `90s`.
+    #[arg(long, env = "TRELLIS_PROXY_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// How long in-flight requests may finish after SIGTERM/Ctrl-C.
+    #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Per-request timeout towards the peer or the app.
+    #[arg(long, env = "TRELLIS_PROXY_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control-plane address.
+    pub control_plane: SocketAddr,
+    /// Identity the control plane must present.
+    pub control_plane_identity: SpiffeId,
+    /// Bootstrap trust roots file.
+    pub ca_roots: PathBuf,
+    /// Token file.
+    pub token_file: PathBuf,
+    /// The identity this proxy expects to be issued.
+    pub identity: SpiffeId,
+    /// Workload name.
+    pub workload: String,
+    /// Listeners.
+    pub outbound: SocketAddr,
+    /// Inbound mTLS listener.
+    pub inbound: SocketAddr,
+    /// Admin listener (loopback).
+    pub admin: SocketAddr,
+    /// Local application.
+    pub app: SocketAddr,
+    /// Requested certificate lifetime.
+    pub cert_ttl: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+}
+
+// === impl Config ===
+
+impl TryFrom<Args> for Config {
+    type Error = Error;
+
+    fn try_from(a: Args) -> Result<Self, Error> {
+        if !a.admin.ip().is_loopback() {
+            return Err(Error::AdminNotLoopback(a.admin));
+        }
+        let identity = SpiffeId::new(&a.trust_domain, &a.namespace, &a.service_account)?;
+        let listeners = [
+            ("--outbound", a.outbound),
+            ("--inbound", a.inbound),
+            ("--admin", a.admin),
+        ];
+        for (i, (na, aa)) in listeners.iter().enumerate() {
+            for (nb, ab) in &listeners[i + 1..] {
+                if aa == ab && aa.port() != 0 {
+                    return Err(Error::SameAddress(na, nb, *aa));
+                }
+            }
+        }
+        Ok(Self {
+            control_plane: a.control_plane,
+            control_plane_identity: a.control_plane_identity,
+            ca_roots: a.ca_roots,
+            token_file: a.token_file,
+            identity,
+            workload: a.workload,
+            outbound: a.outbound,
+            inbound: a.inbound,
+            admin: a.admin,
+            app: a.app,
+            cert_ttl: a.cert_ttl,
+            drain_timeout: a.drain_timeout,
+            request_timeout: a.request_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec![
+            "p",
+            "--ca-roots",
+            "/r.pem",
+            "--token-file",
+            "/t",
+            "--namespace",
+            "demo",
+            "--service-account",
+            "web",
+            "--workload",
+            "web-1",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::try_from(cli.args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_follow_the_design_ports() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.outbound.port(), 15001);
+        assert_eq!(c.inbound.port(), 15006);
+        assert_eq!(c.admin.port(), 15020);
+        assert_eq!(c.identity.as_str(), "spiffe://cluster.local/ns/demo/sa/web");
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        let e = parse(&["--admin", "0.0.0.0:15020"]).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--inbound", "nope"]).unwrap_err();
+        assert!(e.contains("--inbound"), "{e}");
+        let e = parse(&["--cert-ttl", "5parsecs"]).unwrap_err();
+        assert!(e.contains("--cert-ttl") && e.contains("unit"), "{e}");
+        let e = parse(&["--namespace", "Bad_NS"]).unwrap_err();
+        assert!(e.contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn listeners_must_differ() {
+        let e = parse(&["--outbound", "127.0.0.1:15020"]).unwrap_err();
+        assert!(e.contains("same address"), "{e}");
+    }
+}

@@ -1,0 +1,99 @@
+//! Data-plane errors that say which side failed, so the status code, the log field and
+//! the metric label all come from one `match` (pingora's `ErrorSource`).
+
+use http::StatusCode;
+
+/// Which side of the proxy a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client that sent us the request (bad request, unknown destination).
+    Downstream,
+    /// The peer proxy or the local app we forwarded to.
+    Upstream,
+    /// The proxy itself (not ready, no certificate yet).
+    Internal,
+}
+
+/// A failed request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request named no host (no absolute URI, no Host header).
+    #[error("request has no host: send an absolute URI or a Host header")]
+    NoHost,
+    /// The host is not a valid authority.
+    #[error("invalid host {0:?}")]
+    BadHost(String),
+    /// No mesh service answers to this host and port.
+    #[error("no mesh service for {0}")]
+    NoRoute(String),
+    /// The service exists but has no endpoints.
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+    /// The proxy has no certificate or no view yet.
+    #[error("proxy not ready: {0}")]
+    NotReady(&'static str),
+    /// The endpoint's identity in discovery is not a valid SPIFFE ID.
+    #[error("endpoint {addr} has an invalid identity {identity:?}")]
+    BadEndpointIdentity {
+        /// Endpoint address.
+        addr: std::net::SocketAddr,
+        /// What discovery said.
+        identity: String,
+    },
+    /// Could not connect or complete mTLS to the peer (includes identity mismatch).
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// Peer address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upstream HTTP exchange failed.
+    #[error("upstream request failed: {0}")]
+    Upstream(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The upstream did not answer in time.
+    #[error("upstream timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+// === impl Error ===
+
+impl Error {
+    /// Which side failed.
+    pub fn side(&self) -> Side {
+        match self {
+            Error::NoHost | Error::BadHost(_) | Error::NoRoute(_) => Side::Downstream,
+            Error::NotReady(_) => Side::Internal,
+            Error::NoEndpoints(_)
+            | Error::BadEndpointIdentity { .. }
+            | Error::Connect { .. }
+            | Error::Upstream(_)
+            | Error::Timeout(_) => Side::Upstream,
+        }
+    }
+
+    /// The status code returned to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoHost | Error::BadHost(_) => StatusCode::BAD_REQUEST,
+            Error::NoRoute(_) => StatusCode::NOT_FOUND,
+            Error::NoEndpoints(_) | Error::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::BadEndpointIdentity { .. } | Error::Connect { .. } | Error::Upstream(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl Side {
+    /// Label value for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Downstream => "downstream",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! HTTP helpers shared by both directions: body type, hop-by-hop header rules, the
+//! identity header, error responses and the access log.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use tracing::info;
+
+use crate::error::Error;
+use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
+
+/// The body type the proxy moves in both directions.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The header carrying the caller's verified identity to the app, Istio/Envoy style:
+/// `By=<this workload>;URI=<peer>`. Always overwritten: clients cannot forge it.
+pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1), plus the
+/// legacy `proxy-connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// A body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// The response the client gets for a proxy error: status from [`Error::status`], a
+/// one-line text body, and `x-trellis-error` naming the failing side.
+pub fn error_response(e: &Error) -> Response<Body> {
+    let mut resp = Response::new(full(format!("trellis: {e}\n")));
+    *resp.status_mut() = e.status();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        "x-trellis-error",
+        HeaderValue::from_static(e.side().as_str()),
+    );
+    resp
+}
+
+/// One finished request, logged as a single `access` event and counted.
+#[derive(Debug)]
+pub struct Access<'a> {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Source identity (the client workload).
+    pub src: &'a str,
+    /// Destination identity (the server workload), or `-` when unrouted.
+    pub dst: &'a str,
+    /// Destination service, or `-`.
+    pub service: String,
+    /// Endpoint or app address, or `-`.
+    pub endpoint: String,
+    /// Request method.
+    pub method: &'a http::Method,
+    /// Request authority.
+    pub authority: String,
+    /// Request path.
+    pub path: &'a str,
+    /// When the request arrived.
+    pub start: Instant,
+}
+
+// === impl Access ===
+
+impl Access<'_> {
+    /// Emits the access-log event (target `access`; fields are a stable interface that
+    /// tests and log pipelines rely on) and records metrics.
+    pub fn finish(self, status: StatusCode, error: Option<&Error>, metrics: &Metrics) {
+        let elapsed = self.start.elapsed();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction,
+                status_code: status.as_u16(),
+            })
+            .inc();
+        metrics
+            .request_duration
+            .get_or_create(&DirectionLabels {
+                direction: self.direction,
+            })
+            .observe(elapsed.as_secs_f64());
+        let error = error.map(ToString::to_string).unwrap_or_default();
+        info!(
+            target: "access",
+            direction = self.direction,
+            src = self.src,
+            dst = self.dst,
+            service = %self.service,
+            endpoint = %self.endpoint,
+            method = %self.method,
+            authority = %self.authority,
+            path = self.path,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            mtls = true,
+            error = %error,
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn error_response_names_the_side() {
+        let r = error_response(&Error::NoRoute("x.demo".into()));
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()["x-trellis-error"], "downstream");
+        let r = error_response(&Error::Timeout(std::time::Duration::from_secs(1)));
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.headers()["x-trellis-error"], "upstream");
+    }
+}

@@ -1,0 +1,96 @@
+//! The proxy's Prometheus metrics. Label sets are small and bounded: direction and
+//! status code, never paths or peer addresses.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// HTTP status code returned to the client.
+    pub status_code: u16,
+}
+
+/// Labels of a direction-only metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
+/// All proxy metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Requests by direction and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency by direction.
+    pub request_duration: Family<DirectionLabels, Histogram>,
+    /// Failed mTLS handshakes by direction.
+    pub tls_failures: Family<DirectionLabels, Counter>,
+    /// The discovery version this proxy applied.
+    pub discovery_version: Gauge,
+    /// 1 while the discovery stream is up.
+    pub discovery_connected: Gauge,
+    /// Discovery versions refused.
+    pub discovery_nacks: Counter,
+    /// Unix time the current certificate expires.
+    pub cert_expiry: Gauge,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the metrics and registers them under `trellis_proxy_`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            tls_failures: Family::default(),
+            discovery_version: Gauge::default(),
+            discovery_connected: Gauge::default(),
+            discovery_nacks: Counter::default(),
+            cert_expiry: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("trellis_proxy");
+        r.register("requests", "HTTP requests handled", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time from request received to response headers",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Failed mTLS handshakes",
+            m.tls_failures.clone(),
+        );
+        r.register(
+            "discovery_version",
+            "Applied discovery version",
+            m.discovery_version.clone(),
+        );
+        r.register(
+            "discovery_connected",
+            "1 while the discovery stream is connected",
+            m.discovery_connected.clone(),
+        );
+        r.register(
+            "discovery_nacks",
+            "Discovery versions refused",
+            m.discovery_nacks.clone(),
+        );
+        r.register(
+            "certificate_expiration_timestamp_seconds",
+            "Unix time the workload certificate expires",
+            m.cert_expiry.clone(),
+        );
+        m
+    }
+}
