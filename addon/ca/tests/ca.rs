@@ -1,6 +1,9 @@
 //! The CA through its public API: the CSR matrix, persistence, and the gRPC service
 //! called directly (no transport).
 
+// Helpers outside `#[test]` functions unwrap too; a failure there is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::Code;
 use trellis_api::identity::v1::CertifyRequest;
 use trellis_api::identity::v1::identity_server::Identity;
@@ -149,6 +153,32 @@ fn leaf_keeps_the_csr_public_key() {
         leaf.public_key().raw,
         rcgen::PublicKeyData::subject_public_key_info(&key)
     );
+}
+
+#[test]
+fn leaf_is_accepted_by_webpki_as_client_and_server() {
+    // The verifier rustls uses: catches encodings x509-parser tolerates but TLS stacks don't.
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let issued = ca.sign(&greedy_csr(), &id("demo", "web"), None).unwrap();
+    let root = CertificateDer::from(ca.root_der());
+    let anchors = [webpki::anchor_from_trusted_cert(&root).unwrap()];
+    let leaf = CertificateDer::from(issued.chain_der[0].as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    for usage in [
+        webpki::KeyUsage::server_auth(),
+        webpki::KeyUsage::client_auth(),
+    ] {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .unwrap();
+    }
 }
 
 #[test]

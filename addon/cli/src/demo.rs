@@ -320,10 +320,10 @@ impl Processes {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             self.check_alive(logs)?;
-            if let Ok(r) = http.get(admin, "localhost", "/ready").await {
-                if r.status.is_success() {
-                    return Ok(());
-                }
+            if let Ok(r) = http.get(admin, "localhost", "/ready").await
+                && r.status.is_success()
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(

@@ -192,7 +192,11 @@ impl FileSource {
                     next.services != current.services || next.trust_domain != current.trust_domain;
                 let version = if changed {
                     tx.send_replace(Arc::new(next));
-                    tracing::info!(dir = %self.dir.display(), version = next_version, "published mesh snapshot");
+                    tracing::info!(
+                        dir = %self.dir.display(),
+                        version = next_version,
+                        "published mesh snapshot"
+                    );
                     next_version
                 } else {
                     tracing::debug!(dir = %self.dir.display(), "directory changed, snapshot did not");

@@ -159,9 +159,12 @@ impl TestCa {
                     .map(|d| SanType::DnsName(d.as_str().try_into().expect("dns san is ascii"))),
             )
             .collect();
-        if opts.is_ca {
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        }
+        // Explicit CA:FALSE, as the real CA issues.
+        params.is_ca = if opts.is_ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if opts.key_cert_sign {
             params.key_usages.push(KeyUsagePurpose::KeyCertSign);

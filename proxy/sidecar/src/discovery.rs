@@ -39,7 +39,7 @@ pub async fn run(
         if view_tx.is_closed() {
             return;
         }
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 

@@ -171,7 +171,7 @@ pub async fn run(
                 tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
             }
             Err(error) => {
-                let wait = backoff.next();
+                let wait = backoff.next_wait();
                 warn!(%error, retry_in_ms = wait.as_millis() as u64, "certificate request failed");
                 tokio::time::sleep(wait).await;
             }
@@ -205,7 +205,7 @@ impl Backoff {
     }
 
     /// The next wait: the current step plus up to 50% jitter, then the step doubles.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         base + base.mul_f64(rand::random::<f64>() * 0.5)
@@ -234,12 +234,12 @@ mod tests {
     #[test]
     fn backoff_grows_to_a_cap_and_resets() {
         let mut b = Backoff::new();
-        let first = b.next();
+        let first = b.next_wait();
         assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(150));
         for _ in 0..20 {
-            assert!(b.next() <= Duration::from_secs(15));
+            assert!(b.next_wait() <= Duration::from_secs(15));
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(150));
+        assert!(b.next_wait() <= Duration::from_millis(150));
     }
 }

@@ -1,0 +1,98 @@
+//! A small HTTP/1.1 server standing in for an application: answers `200` with
+//! `hello from <name> <path>` and records each request's method, path, headers and
+//! body bytes for the test to assert on.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// One request as the app received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// The recording server; stops when dropped.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub name: String,
+    received: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (rec, n) = (received.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (rec, n) = (rec.clone(), n.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (rec, n) = (rec.clone(), n.clone());
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let pq = parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default();
+                                let reply = format!("hello from {n} {pq}");
+                                rec.lock().unwrap().push(Recorded {
+                                    method: parts.method,
+                                    path_and_query: pq,
+                                    headers: parts.headers,
+                                    body,
+                                });
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .header("x-served-by", n.as_str())
+                                        .body(Full::new(Bytes::from(reply)))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            name: name.to_owned(),
+            received,
+            task,
+        }
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Recorded> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

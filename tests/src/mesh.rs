@@ -1,0 +1,304 @@
+//! The control plane and proxies as real processes, each with its log in a temp dir.
+//! Processes are killed when their handle is dropped; a failing test prints the logs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+
+/// Trust domain of every test mesh.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Where `cargo build --bins` put the binaries: the test executable lives in
+/// `target/<profile>/deps/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries before the e2e tests (`cargo build --bins`, which the README's test command runs)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running `trellis-addon`.
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    /// Writes `mesh_yaml` as the config and starts the control plane; waits until ready.
+    pub async fn start(mesh_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        std::fs::write(dir.path().join("config/mesh.yaml"), mesh_yaml).unwrap();
+        let mut cp = Self {
+            dir,
+            grpc: loopback(free_port()),
+            admin: loopback(free_port()),
+            child: None,
+        };
+        cp.restart().await;
+        cp
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The PEM file proxies bootstrap their trust from.
+    pub fn root_pem(&self) -> PathBuf {
+        self.state_dir().join("ca/root-cert.pem")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/control-plane.log")).unwrap_or_default()
+    }
+
+    /// (Re)starts the process on the same ports and state.
+    pub async fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("logs/control-plane.log"))
+            .unwrap();
+        let child = Command::new(bin("trellis-addon"))
+            .arg("run")
+            .arg("--config-dir")
+            .arg(self.config_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args([
+                "--grpc-addr",
+                &self.grpc.to_string(),
+                "--admin-addr",
+                &self.admin.to_string(),
+            ])
+            .args(["--poll-interval", "200ms"])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until(Duration::from_secs(20), || async {
+            http_get(self.admin, "localhost", "/ready")
+                .await
+                .is_ok_and(|r| r.0 == 200)
+        })
+        .await
+        .unwrap_or_else(|()| panic!("control plane not ready; log:\n{}", self.log()));
+    }
+
+    /// SIGKILLs the process and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.unwrap();
+        }
+    }
+
+    /// Mints a token for a workload with the control plane's local issuer.
+    pub async fn token(&self, namespace: &str, service_account: &str) -> String {
+        let out = Command::new(bin("trellis-addon"))
+            .arg("issue-token")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args([
+                "--namespace",
+                namespace,
+                "--service-account",
+                service_account,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "issue-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+/// A running `trellis-proxy`.
+pub struct Proxy {
+    pub name: String,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    log: PathBuf,
+    _child: Child,
+}
+
+impl Proxy {
+    /// Starts a proxy for workload `name` (namespace `ns`, service account `sa`) whose
+    /// inbound listens on `inbound` and forwards to `app`; waits until ready.
+    pub async fn start(
+        cp: &ControlPlane,
+        name: &str,
+        ns: &str,
+        sa: &str,
+        inbound: SocketAddr,
+        app: SocketAddr,
+    ) -> Self {
+        let token_file = cp.dir.path().join(format!("{name}.jwt"));
+        std::fs::write(&token_file, cp.token(ns, sa).await).unwrap();
+        let log = cp.dir.path().join(format!("logs/{name}.log"));
+        let (outbound, admin) = (loopback(free_port()), loopback(free_port()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin("trellis-proxy"))
+            .args(["--control-plane", &cp.grpc.to_string()])
+            .arg("--ca-roots")
+            .arg(cp.root_pem())
+            .arg("--token-file")
+            .arg(&token_file)
+            .args([
+                "--namespace",
+                ns,
+                "--service-account",
+                sa,
+                "--workload",
+                name,
+            ])
+            .args([
+                "--outbound",
+                &outbound.to_string(),
+                "--inbound",
+                &inbound.to_string(),
+            ])
+            .args(["--admin", &admin.to_string(), "--app", &app.to_string()])
+            .env("TRELLIS_LOG", "info")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let p = Self {
+            name: name.to_owned(),
+            outbound,
+            inbound,
+            admin,
+            log,
+            _child: child,
+        };
+        wait_until(Duration::from_secs(20), || async {
+            http_get(p.admin, "localhost", "/ready")
+                .await
+                .is_ok_and(|r| r.0 == 200)
+        })
+        .await
+        .unwrap_or_else(|()| {
+            panic!(
+                "proxy {name} not ready; log:\n{}\ncontrol plane log:\n{}",
+                p.log(),
+                cp.log()
+            )
+        });
+        p
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The proxy's access-log lines.
+    pub fn access_log(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" access:"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// One metric sample value from /metrics, e.g.
+    /// `trellis_proxy_requests_total{direction="outbound",status_code="200"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (_, _, body) = http_get(self.admin, "localhost", "/metrics").await.ok()?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// GET /config as JSON.
+    pub async fn config(&self) -> serde_json::Value {
+        let (_, _, body) = http_get(self.admin, "localhost", "/config").await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns (status, headers, body).
+pub async fn http_get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(u16, http::HeaderMap, Bytes)> {
+    http_request(addr, http::Method::GET, host, path, Bytes::new()).await
+}
+
+/// A plain HTTP/1.1 request with a body; returns (status, headers, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: http::Method,
+    host: &str,
+    path: &str,
+    body: Bytes,
+) -> anyhow::Result<(u16, http::HeaderMap, Bytes)> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .set_host(false)
+        .build_http();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header(http::header::HOST, host)
+        .body(Full::new(body))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await??;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((parts.status.as_u16(), parts.headers, body))
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(())
+}

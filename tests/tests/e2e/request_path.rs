@@ -1,0 +1,192 @@
+//! App A -> proxy A (outbound) -> mTLS -> proxy B (inbound) -> app B.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use trellis_e2e::{ControlPlane, EchoServer, Proxy, free_port, http_get, http_request};
+
+/// The mesh of most scenarios: service `web` backed by workload `web-1` whose proxy
+/// listens on `web_inbound`; workload `client-1` with no service.
+pub(crate) fn two_workloads(client_inbound: SocketAddr, web_inbound: SocketAddr) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{ name: web, namespace: demo }}
+spec:
+  selector: {{ app: web }}
+  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
+---
+apiVersion: local.trellis.dev/v1alpha1
+kind: Workload
+metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
+spec: {{ serviceAccount: web, meshAddress: "{web_inbound}" }}
+---
+apiVersion: local.trellis.dev/v1alpha1
+kind: Workload
+metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
+spec: {{ serviceAccount: client, meshAddress: "{client_inbound}" }}
+"#
+    )
+}
+
+pub(crate) fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A control plane, a client proxy and a server proxy with its app.
+pub(crate) struct Mesh {
+    pub(crate) cp: ControlPlane,
+    pub(crate) client: Proxy,
+    pub(crate) web: Proxy,
+    pub(crate) web_app: EchoServer,
+    pub(crate) _client_app: EchoServer,
+}
+
+pub(crate) async fn start_mesh() -> Mesh {
+    let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
+    let cp = ControlPlane::start(&two_workloads(client_in, web_in)).await;
+    let web_app = EchoServer::start("web-1").await;
+    let client_app = EchoServer::start("client-1").await;
+    let web = Proxy::start(&cp, "web-1", "demo", "web", web_in, web_app.addr).await;
+    let client = Proxy::start(
+        &cp,
+        "client-1",
+        "demo",
+        "client",
+        client_in,
+        client_app.addr,
+    )
+    .await;
+    Mesh {
+        cp,
+        client,
+        web,
+        web_app,
+        _client_app: client_app,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_and_identities_cross_the_mesh() {
+    let m = start_mesh().await;
+    let body = Bytes::from_static(b"ping \x00\x01\x02 binary-safe payload");
+    let (status, headers, reply) = http_request(
+        m.client.outbound,
+        http::Method::POST,
+        "web.demo",
+        "/echo?x=1&y=%20z",
+        body.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&reply));
+    assert_eq!(reply, Bytes::from("hello from web-1 /echo?x=1&y=%20z"));
+    assert_eq!(headers["x-served-by"], "web-1");
+
+    let got = m.web_app.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(r.method, http::Method::POST);
+    assert_eq!(r.path_and_query, "/echo?x=1&y=%20z");
+    assert_eq!(r.body, body, "the app must receive exactly the bytes sent");
+    assert_eq!(r.headers["host"], "web.demo");
+    // The server-side proxy vouches for the client's identity, taken from its certificate.
+    assert_eq!(
+        r.headers["x-forwarded-client-cert"],
+        "By=spiffe://cluster.local/ns/demo/sa/web;URI=spiffe://cluster.local/ns/demo/sa/client"
+    );
+
+    // One access-log line per request on each side, with both identities.
+    let inbound: Vec<_> = m
+        .web
+        .access_log()
+        .into_iter()
+        .filter(|l| l.contains("direction=\"inbound\""))
+        .collect();
+    assert_eq!(inbound.len(), 1, "{inbound:?}");
+    let l = &inbound[0];
+    assert!(
+        l.contains("src=\"spiffe://cluster.local/ns/demo/sa/client\""),
+        "{l}"
+    );
+    assert!(
+        l.contains("dst=\"spiffe://cluster.local/ns/demo/sa/web\""),
+        "{l}"
+    );
+    assert!(l.contains("status=200"), "{l}");
+    let outbound: Vec<_> = m
+        .client
+        .access_log()
+        .into_iter()
+        .filter(|l| l.contains("direction=\"outbound\""))
+        .collect();
+    assert_eq!(outbound.len(), 1, "{outbound:?}");
+    assert!(
+        outbound[0].contains("service=demo/web")
+            && outbound[0].contains("dst=\"spiffe://cluster.local/ns/demo/sa/web\""),
+        "{}",
+        outbound[0]
+    );
+
+    let series = r#"trellis_proxy_requests_total{direction="inbound",status_code="200"}"#;
+    assert_eq!(m.web.metric(series).await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_identity_header_from_the_app_is_replaced() {
+    let m = start_mesh().await;
+    let forged = "By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::get(format!("http://{}/", m.client.outbound))
+        .header("host", "web.demo")
+        .header("x-forwarded-client-cert", forged)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 200);
+    let got = m.web_app.received();
+    let xfcc: Vec<_> = got[0]
+        .headers
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .collect();
+    assert_eq!(xfcc.len(), 1);
+    assert_eq!(
+        xfcc[0],
+        "By=spiffe://cluster.local/ns/demo/sa/web;URI=spiffe://cluster.local/ns/demo/sa/client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_is_404_from_the_proxy_and_admin_is_informative() {
+    let m = start_mesh().await;
+    let (status, headers, body) = http_get(m.client.outbound, "nope.demo", "/").await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(headers["x-trellis-error"], "downstream");
+    assert!(String::from_utf8_lossy(&body).contains("no mesh service for nope.demo"));
+    assert!(m.web_app.received().is_empty());
+
+    let (status, _, _) = http_get(m.client.outbound, "", "/").await.unwrap();
+    assert_eq!(status, 400, "an empty Host is a bad request");
+
+    let cfg = m.client.config().await;
+    assert_eq!(
+        cfg["certificate"]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+    assert_eq!(cfg["ready"], true);
+    assert!(cfg["discovery"]["version"].as_u64().unwrap() >= 1);
+    let services = cfg["discovery"]["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(
+        services[0]["ports"][0]["endpoints"][0]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/web"
+    );
+    let (live, _, _) = http_get(m.client.admin, "localhost", "/live")
+        .await
+        .unwrap();
+    assert_eq!(live, 200);
+    drop(m.cp);
+}
