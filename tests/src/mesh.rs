@@ -171,6 +171,19 @@ impl Proxy {
         inbound: SocketAddr,
         app: SocketAddr,
     ) -> Self {
+        Self::start_with(cp, name, ns, sa, inbound, app, &[]).await
+    }
+
+    /// [`Proxy::start`] with extra command-line flags.
+    pub async fn start_with(
+        cp: &ControlPlane,
+        name: &str,
+        ns: &str,
+        sa: &str,
+        inbound: SocketAddr,
+        app: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
         let token_file = cp.dir.path().join(format!("{name}.jwt"));
         std::fs::write(&token_file, cp.token(ns, sa).await).unwrap();
         let log = cp.dir.path().join(format!("logs/{name}.log"));
@@ -197,6 +210,7 @@ impl Proxy {
                 &inbound.to_string(),
             ])
             .args(["--admin", &admin.to_string(), "--app", &app.to_string()])
+            .args(extra)
             .env("TRELLIS_LOG", "info")
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))

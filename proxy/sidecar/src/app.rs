@@ -67,6 +67,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         view_rx.clone(),
         metrics.clone(),
         cfg.request_timeout,
+        cfg.header_read_timeout,
     ));
     let inbound = Arc::new(Inbound::new(
         cfg.identity.clone(),

@@ -83,6 +83,9 @@ pub struct Args {
     /// How long in-flight requests may finish after SIGTERM/Ctrl-C.
     #[arg(long, env = "TRELLIS_PROXY_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// How long an app may take to send a request's headers (slow-header defence).
+    #[arg(long, env = "TRELLIS_PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// Per-request timeout towards the peer or the app.
     #[arg(long, env = "TRELLIS_PROXY_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
@@ -117,6 +120,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Time allowed for a request head on the outbound listener.
+    pub header_read_timeout: Duration,
 }
 
 // === impl Config ===
@@ -155,6 +160,7 @@ impl TryFrom<Args> for Config {
             cert_ttl: a.cert_ttl,
             drain_timeout: a.drain_timeout,
             request_timeout: a.request_timeout,
+            header_read_timeout: a.header_read_timeout,
         })
     }
 }

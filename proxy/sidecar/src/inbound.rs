@@ -106,18 +106,11 @@ impl Inbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(error) => { warn!(%error, "inbound accept failed"); continue; }
-                },
-                () = shutdown.cancelled() => return,
-            };
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move { this.connection(tcp, remote, shutdown).await });
-        }
+        let stop = shutdown.clone();
+        crate::transport::accept_loop(listener, "inbound", stop, tasks, move |tcp, remote| {
+            self.clone().connection(tcp, remote, shutdown.clone())
+        })
+        .await;
     }
 
     async fn connection(
@@ -126,7 +119,6 @@ impl Inbound {
         remote: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let _ = tcp.set_nodelay(true);
         // Read the certificate per connection so a rotation applies to the next one.
         let Some(certified) = self.certs.borrow().clone() else {
             debug!(%remote, "refusing connection: no certificate yet");
@@ -184,14 +176,7 @@ impl Inbound {
             .max_header_list_size(64 * 1024)
             .keep_alive_interval(Duration::from_secs(30))
             .serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => if let Err(error) = r { debug!(%error, %remote, "inbound connection ended") },
-            () = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        crate::transport::serve_until(conn, &shutdown, remote, "inbound").await;
     }
 
     /// Forwards one request from `peer` to the app.

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod transport;
 
 pub use config::{Args, Config};
 pub use error::{Error, Side};

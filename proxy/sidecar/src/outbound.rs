@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 use trellis_identity::SpiffeId;
 
 use crate::error::Error;
@@ -49,6 +49,8 @@ pub struct Outbound {
     pub metrics: Metrics,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Time allowed for a request head.
+    pub header_read_timeout: Duration,
     pool: Pool,
 }
 
@@ -68,6 +70,7 @@ impl Outbound {
         view: watch::Receiver<Arc<View>>,
         metrics: Metrics,
         request_timeout: Duration,
+        header_read_timeout: Duration,
     ) -> Self {
         Self {
             me,
@@ -75,6 +78,7 @@ impl Outbound {
             view,
             metrics,
             request_timeout,
+            header_read_timeout,
             pool: Pool::default(),
         }
     }
@@ -86,38 +90,26 @@ impl Outbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(error) => { warn!(%error, "outbound accept failed"); continue; }
-                },
-                () = shutdown.cancelled() => return,
-            };
-            let _ = tcp.set_nodelay(true);
+        let stop = shutdown.clone();
+        crate::transport::accept_loop(listener, "outbound", stop, tasks, move |tcp, remote| {
             let this = self.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(async move {
+            let header_read_timeout = this.header_read_timeout;
+            async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    // Slow-header clients are cut after 10 s; header block capped at 64 KiB.
-                    .header_read_timeout(Duration::from_secs(10))
+                    // Slow-header clients are cut; the header block is capped at 64 KiB.
+                    .header_read_timeout(header_read_timeout)
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(tcp), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(error) = r { debug!(%error, %remote, "outbound connection ended") },
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-            });
-        }
+                crate::transport::serve_until(conn, &shutdown, remote, "outbound").await;
+            }
+        })
+        .await;
     }
 
     /// Handles one request from the app.

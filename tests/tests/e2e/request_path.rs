@@ -44,20 +44,18 @@ pub(crate) struct Mesh {
 }
 
 pub(crate) async fn start_mesh() -> Mesh {
+    start_mesh_with(&[]).await
+}
+
+/// [`start_mesh`] with extra flags for the client proxy.
+pub(crate) async fn start_mesh_with(client_flags: &[&str]) -> Mesh {
     let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
     let cp = ControlPlane::start(&two_workloads(client_in, web_in)).await;
     let web_app = EchoServer::start("web-1").await;
     let client_app = EchoServer::start("client-1").await;
     let web = Proxy::start(&cp, "web-1", "demo", "web", web_in, web_app.addr).await;
-    let client = Proxy::start(
-        &cp,
-        "client-1",
-        "demo",
-        "client",
-        client_in,
-        client_app.addr,
-    )
-    .await;
+    let (ca, ns, sa) = ("client-1", "demo", "client");
+    let client = Proxy::start_with(&cp, ca, ns, sa, client_in, client_app.addr, client_flags).await;
     Mesh {
         cp,
         client,
@@ -189,4 +187,116 @@ async fn unknown_host_is_404_from_the_proxy_and_admin_is_informative() {
         .unwrap();
     assert_eq!(live, 200);
     drop(m.cp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_is_refused_while_large_normal_traffic_passes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = start_mesh().await;
+
+    // Paired with the limit below: 48 KiB of headers and an 8 MiB body go through intact.
+    let big_header = "h".repeat(48 * 1024);
+    let body = Bytes::from(
+        (0..8 * 1024 * 1024)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(format!("http://{}/upload", m.client.outbound))
+        .header("host", "web.demo")
+        .header("x-big", &big_header)
+        .body(http_body_util::Full::new(body.clone()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = m.web_app.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].headers["x-big"], big_header.as_str());
+    assert!(
+        got[0].body == body,
+        "8 MiB body altered: {} bytes arrived",
+        got[0].body.len()
+    );
+
+    // The limit: a request head over 64 KiB is refused by the outbound proxy with 431
+    // and never reaches the app.
+    let mut tcp = tokio::net::TcpStream::connect(m.client.outbound)
+        .await
+        .unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nhost: web.demo\r\nx-huge: {}\r\n\r\n",
+        "h".repeat(80 * 1024)
+    );
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let mut reply = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
+    assert_eq!(
+        m.web_app.received().len(),
+        1,
+        "the oversized request reached the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_but_a_briefly_paused_client_is_served() {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = start_mesh_with(&["--header-read-timeout", "1s"]).await;
+
+    // Paired: headers arriving in pieces well within the limit are served.
+    let mut tcp = tokio::net::TcpStream::connect(m.client.outbound)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /paused HTTP/1.1\r\nhost: web.demo\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp.write_all(b"x-late: 1\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    // The limit: a head that never completes is cut after the timeout.
+    let mut tcp = tokio::net::TcpStream::connect(m.client.outbound)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nhost: web.demo\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the proxy kept a slow-header connection open for 5s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut too early: {:?}",
+        started.elapsed()
+    );
+    let paths: Vec<_> = m
+        .web_app
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(paths, ["/paused"]);
 }
