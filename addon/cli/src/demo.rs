@@ -200,6 +200,11 @@ async fn run_in(
         "sending requests from client-1 to http://web.demo/ through its proxy ({}); each hop is mTLS with SPIFFE identities checked on both sides",
         client.outbound
     ));
+    say(&format!(
+        "an app with no mesh certificate calls web-1's proxy directly ({}): {}",
+        workloads[1].inbound,
+        probe_without_certificate(&state.join("ca/root-cert.pem"), workloads[1].inbound).await
+    ));
     let started = Instant::now();
     let mut served: BTreeMap<String, u64> = BTreeMap::new();
     let (mut ok, mut failed) = (0u64, 0u64);
@@ -333,6 +338,34 @@ impl Processes {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Connects to a proxy's mTLS port with TLS but no client certificate and sends a
+/// request, to show the refusal. Returns what happened, in words.
+async fn probe_without_certificate(root_pem: &Path, addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let bundle = trellis_identity::TrustBundle::from_pem(&std::fs::read_to_string(root_pem)?)?;
+        let web = trellis_identity::SpiffeId::new("cluster.local", "demo", "web")?;
+        let tls = trellis_identity::client_config(None, &bundle, &web, &[b"h2"])?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("web-1")?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await?;
+        anyhow::Ok(n)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(0)) => "refused: the proxy closed the connection".to_owned(),
+        Ok(Ok(_)) => "UNEXPECTED: the proxy answered a client without a certificate".to_owned(),
+        Ok(Err(e)) => format!("refused by the proxy ({e})"),
+        Err(_) => "refused: no answer".to_owned(),
     }
 }
 
