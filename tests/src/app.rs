@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 server standing in for an application: answers `200` with
 //! `hello from <name> <path>` and records each request's method, path, headers and
-//! body bytes for the test to assert on.
+//! body bytes for the test to assert on. `?sleep_ms=N` in the query makes it wait N ms
+//! before answering (a slow request in flight, for drain and timeout tests).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,9 @@ impl EchoServer {
                                     .path_and_query()
                                     .map(|p| p.to_string())
                                     .unwrap_or_default();
+                                if let Some(ms) = sleep_ms(&pq) {
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                                }
                                 let reply = format!("hello from {n} {pq}");
                                 rec.lock().unwrap().push(Recorded {
                                     method: parts.method,
@@ -89,6 +93,14 @@ impl EchoServer {
     pub fn received(&self) -> Vec<Recorded> {
         self.received.lock().unwrap().clone()
     }
+}
+
+/// The `sleep_ms` query parameter of a path-and-query, if any.
+fn sleep_ms(path_and_query: &str) -> Option<u64> {
+    let (_, query) = path_and_query.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse().ok())
 }
 
 impl Drop for EchoServer {

@@ -17,7 +17,10 @@
 )]
 
 pub mod app;
+pub mod apps;
+pub mod captured;
 pub mod mesh;
+pub mod netns;
 
 pub use app::{EchoServer, Recorded};
 pub use mesh::{ControlPlane, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until};

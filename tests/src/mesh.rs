@@ -157,7 +157,7 @@ pub struct Proxy {
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
     log: PathBuf,
-    _child: Child,
+    child: Child,
 }
 
 impl Proxy {
@@ -223,7 +223,7 @@ impl Proxy {
             inbound,
             admin,
             log,
-            _child: child,
+            child,
         };
         wait_until(Duration::from_secs(20), || async {
             http_get(p.admin, "localhost", "/ready")
@@ -243,6 +243,28 @@ impl Proxy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id (0 once it has been reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends SIGTERM, as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .map(|r| r.unwrap())
     }
 
     /// The proxy's access-log lines.

@@ -67,7 +67,8 @@ impl ConfigError {
         }
     }
 
-    /// Every problem found, in file order.
+    /// Every problem found, in file order, then those of checks that need every object
+    /// (e.g. a Service's targetPort against the Workloads it selects).
     pub fn problems(&self) -> &[Problem] {
         &self.problems
     }

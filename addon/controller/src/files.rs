@@ -14,7 +14,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -22,9 +22,10 @@ use serde_yaml::Value;
 
 use crate::error::{ConfigError, Position, Problem};
 use crate::objects::{
-    ObjectKey, Objects, SERVICE_API_VERSION, Service, ServiceDocument, WORKLOAD_API_VERSION,
-    Workload, WorkloadDocument,
+    IntOrString, ObjectKey, Objects, SERVICE_API_VERSION, Service, ServiceDocument,
+    WORKLOAD_API_VERSION, Workload, WorkloadDocument,
 };
+use crate::translate::selects;
 use crate::validate::{self, FieldError};
 
 /// Largest file read; bigger files are refused rather than parsed.
@@ -67,7 +68,11 @@ struct Loader {
     objects: Objects,
     problems: Vec<Problem>,
     origins: HashMap<(&'static str, ObjectKey), Origin>,
-    addresses: HashMap<SocketAddr, (ObjectKey, Origin)>,
+    /// Who holds each address, to name both sides of a shared one. IPs are canonical, so
+    /// `::ffff:10.0.0.1` and `10.0.0.1` collide as the proxy's lookup would make them.
+    mesh_addresses: HashMap<SocketAddr, (ObjectKey, Origin)>,
+    pod_addresses: HashMap<IpAddr, (ObjectKey, Origin)>,
+    service_addresses: HashMap<IpAddr, (ObjectKey, Origin)>,
 }
 
 /// One document being loaded: its location and, once known, its `kind ns/name`.
@@ -173,6 +178,8 @@ impl DirContents {
         for file in &self.files {
             loader.file(&file.path, &file.text);
         }
+        // Needs every object: a Service and the Workloads it selects may be in any file.
+        loader.named_target_ports();
         match ConfigError::from_problems(loader.problems) {
             Some(error) => Err(error),
             None => Ok(loader.objects),
@@ -257,6 +264,7 @@ impl Loader {
                 if let Some(svc) = self.typed::<ServiceDocument>(doc, value) {
                     let svc = Service::from(svc);
                     self.field_errors(doc, validate::service(&svc));
+                    self.unique_service_addresses(&svc, doc);
                     if self.first_definition("Service", svc.metadata.key(), doc) {
                         self.objects.services.insert(svc.metadata.key(), svc);
                     }
@@ -326,23 +334,97 @@ impl Loader {
         }
     }
 
-    /// Two proxies cannot listen on one address, so a shared meshAddress is a mistake.
+    /// Two proxies cannot listen on one address, and two pods cannot have one IP, so a
+    /// shared meshAddress or address is a mistake.
     fn unique_address(&mut self, w: &Workload, doc: &Doc<'_>) {
-        let addr = w.spec.mesh_address;
         let key = w.metadata.key();
-        match self.addresses.get(&addr) {
-            Some((other, origin)) if *other != key => {
+        if let Some(addr) = w.spec.mesh_address
+            && let Some((other, origin)) = claim(&mut self.mesh_addresses, addr, &key, doc)
+        {
+            let message = format!(
+                "{addr} is also the meshAddress of Workload {other} in {origin}; \
+                 each workload needs its own"
+            );
+            self.problems
+                .push(doc.problem(Some("spec.meshAddress".to_owned()), message));
+        }
+        if let Some(ip) = w.spec.address
+            && let Some((other, origin)) =
+                claim(&mut self.pod_addresses, ip.to_canonical(), &key, doc)
+        {
+            let message = format!(
+                "{ip} is also the address of Workload {other} in {origin}; \
+                 each workload needs its own"
+            );
+            self.problems
+                .push(doc.problem(Some("spec.address".to_owned()), message));
+        }
+    }
+
+    /// A captured connection to a cluster IP must go to one service, so two Services
+    /// cannot share one.
+    fn unique_service_addresses(&mut self, svc: &Service, doc: &Doc<'_>) {
+        let key = svc.metadata.key();
+        for (field, ip) in svc.spec.addresses() {
+            if let Some((other, origin)) =
+                claim(&mut self.service_addresses, ip.to_canonical(), &key, doc)
+            {
                 let message = format!(
-                    "{addr} is also the meshAddress of Workload {other} in {origin}; \
-                     each workload needs its own"
+                    "{ip} is also a cluster IP of Service {other} in {origin}; \
+                     each service needs its own"
                 );
-                self.problems
-                    .push(doc.problem(Some("spec.meshAddress".to_owned()), message));
+                self.problems.push(doc.problem(Some(field), message));
             }
-            Some(_) => {}
-            None => {
-                self.addresses.insert(addr, (key, doc.origin()));
+        }
+    }
+
+    /// A named targetPort is resolved against Pod container ports, which a Workload with
+    /// `address` does not have: refused here rather than left for `translate` to drop the
+    /// endpoints with only a warning.
+    fn named_target_ports(&mut self) {
+        for (key, svc) in &self.objects.services {
+            let Some(pod) = self.objects.workloads.values().find(|w| {
+                w.spec.mesh_address.is_none() && w.spec.address.is_some() && selects(svc, w)
+            }) else {
+                continue;
+            };
+            let Some(origin) = self.origins.get(&("Service", key.clone())) else {
+                continue;
+            };
+            for (i, port) in svc.spec.ports.iter().enumerate() {
+                if let Some(IntOrString::String(name)) = &port.target_port {
+                    let message = format!(
+                        "named targetPort {name:?} needs Pod container ports; use a number \
+                         (selected Workload {} has spec.address)",
+                        pod.metadata.key()
+                    );
+                    self.problems.push(Problem {
+                        document: Some(origin.document),
+                        object: Some(format!("Service {key}")),
+                        field: Some(format!("spec.ports[{i}].targetPort")),
+                        ..Problem::new(&origin.file, message)
+                    });
+                }
             }
+        }
+    }
+}
+
+/// Records that `key` (defined at `doc`) holds `value`; if another object already holds
+/// it, returns that object and where it is defined. Objects defined twice are reported as
+/// such, not as sharing their own address.
+fn claim<V: Hash + Eq>(
+    holders: &mut HashMap<V, (ObjectKey, Origin)>,
+    value: V,
+    key: &ObjectKey,
+    doc: &Doc<'_>,
+) -> Option<(ObjectKey, Origin)> {
+    match holders.get(&value) {
+        Some((other, origin)) if other != key => Some((other.clone(), origin.clone())),
+        Some(_) => None,
+        None => {
+            holders.insert(value, (key.clone(), doc.origin()));
+            None
         }
     }
 }

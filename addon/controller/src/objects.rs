@@ -4,17 +4,30 @@
 //!
 //! - `v1` **Service**: the subset of the Kubernetes Service the mesh uses. `metadata` takes
 //!   `name`, `namespace` (default `default`), `labels` and `annotations`; `spec` takes
-//!   `type`, `clusterIP`, `selector` and `ports` (`name`, `port`, `targetPort`, `protocol`,
-//!   `appProtocol`). Any other field is an error, except a top-level `status`, which is
-//!   ignored so that `kubectl get -o yaml` output loads. The annotation
-//!   `trellis.dev/hostnames: "a.example,b"` adds host names the service answers to.
+//!   `type`, `clusterIP`, `clusterIPs`, `selector` and `ports` (`name`, `port`,
+//!   `targetPort`, `protocol`, `appProtocol`). Any other field is an error, except a
+//!   top-level `status`, which is ignored so that `kubectl get -o yaml` output loads. The
+//!   annotation `trellis.dev/hostnames: "a.example,b"` adds host names the service answers
+//!   to. `clusterIP` and `clusterIPs` (IPv4 or IPv6; `None` or empty: none) are the
+//!   service's virtual IPs, which only proxies resolve: a captured connection to
+//!   `<cluster IP>:<port>` goes to the service. As in Kubernetes, when both are set
+//!   `clusterIP` must be `clusterIPs[0]`; no address may repeat, within a Service or
+//!   across Services.
 //! - `local.trellis.dev/v1alpha1` **Workload**: stands in for a Pod in the local
 //!   (no-Kubernetes) profile, one per proxy process. Its labels are matched by Service
 //!   selectors as a Pod's would be; `spec.serviceAccount` (default `default`) names its
-//!   identity, and `spec.meshAddress` is the `ip:port` where its proxy accepts mTLS: the
-//!   endpoint address for every port of every Service selecting it.
+//!   identity. `spec` takes exactly one of two addresses, by how its proxy receives
+//!   traffic, and no two Workloads may share one:
+//!   - `meshAddress: <ip:port>` (explicit mode): where its proxy accepts mTLS; the
+//!     endpoint address for every port of every Service selecting it.
+//!   - `address: <pod IP>` (IPv4 or IPv6; transparent capture): its proxy captures the
+//!     traffic sent to the pod, so a selecting Service's port has the endpoint
+//!     `<address>:<targetPort>` (`port` when `targetPort` is absent). A named
+//!     `targetPort` is an error for such a Service: there are no Pod container ports to
+//!     resolve it against.
 //!
 //! ```yaml
+//! # Explicit mode: apps send to the proxy, which accepts mTLS on its own port.
 //! apiVersion: local.trellis.dev/v1alpha1
 //! kind: Workload
 //! metadata:
@@ -25,6 +38,19 @@
 //! spec:
 //!   serviceAccount: web           # identity spiffe://<trust-domain>/ns/demo/sa/web
 //!   meshAddress: 127.0.0.1:16011  # where web-1's proxy accepts mTLS
+//! ---
+//! # Transparent capture: endpoints are <pod IP>:<targetPort>, e.g. 10.244.0.12:8080 for
+//! # a Service port {port: 80, targetPort: 8080} selecting app=api.
+//! apiVersion: local.trellis.dev/v1alpha1
+//! kind: Workload
+//! metadata:
+//!   name: api-1
+//!   namespace: demo
+//!   labels:
+//!     app: api
+//! spec:
+//!   serviceAccount: api
+//!   address: 10.244.0.12          # the pod IP; IPv6 works too, e.g. fd00:10:244::12
 //! ```
 //!
 //! The types deserialize with `deny_unknown_fields`; checks that serde cannot express
@@ -32,7 +58,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
@@ -95,9 +121,13 @@ pub struct ServiceSpec {
     /// `ClusterIP` (default), `NodePort` or `LoadBalancer`.
     #[serde(default, rename = "type")]
     pub service_type: Option<String>,
-    /// An IP address, `None` (headless) or absent; not used by the local profile.
+    /// The first virtual IP: an IP address, `None` (headless), empty or absent.
     #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// Every virtual IP (dual stack: one per family), or `["None"]` (headless); when
+    /// `clusterIP` is set too, it is the first.
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
     /// Labels a Workload must carry to serve this service; empty selects nothing.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
@@ -145,15 +175,22 @@ pub struct Workload {
 }
 
 /// A Workload's `spec`.
+///
+/// Exactly one of `mesh_address` and `address` is set once validated; both are options
+/// here so that a document with neither or both parses and gets an error naming `spec`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     /// Service account the identity is issued for; `default` when absent.
     #[serde(default = "default_service_account")]
     pub service_account: String,
-    /// Where this workload's proxy accepts mTLS.
-    #[serde(deserialize_with = "mesh_address")]
-    pub mesh_address: SocketAddr,
+    /// Explicit mode: where this workload's proxy accepts mTLS, the endpoint address for
+    /// every service port.
+    #[serde(default, deserialize_with = "mesh_address")]
+    pub mesh_address: Option<SocketAddr>,
+    /// Transparent capture: the pod IP; endpoints are `<address>:<targetPort>`.
+    #[serde(default, deserialize_with = "pod_address")]
+    pub address: Option<IpAddr>,
 }
 
 /// A whole `v1` Service document as written; converted into [`Service`].
@@ -193,11 +230,25 @@ fn default_service_account() -> String {
 }
 
 /// Parses `meshAddress` with a message that says what shape is expected.
-fn mesh_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+fn mesh_address<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
     let text = String::deserialize(deserializer)?;
-    text.parse().map_err(|_| {
+    text.parse().map(Some).map_err(|_| {
         de::Error::custom(format!(
             "invalid meshAddress {text:?}: expected ip:port, e.g. 127.0.0.1:16011"
+        ))
+    })
+}
+
+/// Parses a Workload's `address`; a port here is a common slip from `meshAddress`, so the
+/// message shows the expected shape.
+fn pod_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<IpAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map(Some).map_err(|_| {
+        de::Error::custom(format!(
+            "invalid address {text:?}: expected the pod's IP address without a port, \
+             e.g. 10.244.0.12 or fd00:10:244::12"
         ))
     })
 }
@@ -226,6 +277,32 @@ impl ObjectMeta {
     /// The object's key.
     pub fn key(&self) -> ObjectKey {
         ObjectKey::new(&self.namespace, &self.name)
+    }
+}
+
+// === impl ServiceSpec ===
+
+impl ServiceSpec {
+    /// The virtual IPs, each with the path of the field it was written in: `clusterIPs`
+    /// when given (Kubernetes sets both, `clusterIP` being the first), else `clusterIP`.
+    ///
+    /// `None`, empty and unparsable values are skipped (validation reports the latter);
+    /// duplicates are kept, so that callers can report or drop them.
+    pub(crate) fn addresses(&self) -> Vec<(String, IpAddr)> {
+        if self.cluster_ips.is_empty() {
+            return self
+                .cluster_ip
+                .as_deref()
+                .and_then(|ip| ip.parse().ok())
+                .map(|ip| ("spec.clusterIP".to_owned(), ip))
+                .into_iter()
+                .collect();
+        }
+        self.cluster_ips
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ip)| Some((format!("spec.clusterIPs[{i}]"), ip.parse().ok()?)))
+            .collect()
     }
 }
 

@@ -7,9 +7,14 @@
 //! Rules:
 //! - A Service's endpoints are the Workloads in its namespace whose labels contain its
 //!   (non-empty) selector; a Service without a selector has none. Every port gets one
-//!   endpoint per selected Workload, at the Workload's `meshAddress`, with identity
-//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`. Endpoints are sorted by
-//!   workload name, then address.
+//!   endpoint per selected Workload, with identity
+//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`, at the Workload's
+//!   `meshAddress`, or for a Workload with `address` (transparent capture) at
+//!   `<address>:<targetPort>` (`port` when `targetPort` is absent; a named `targetPort`
+//!   cannot be resolved without Pod container ports, so that endpoint is left out).
+//!   Endpoints are sorted by workload name, then address.
+//! - A Service's addresses are its `clusterIPs`, or else its `clusterIP`, in written order
+//!   without duplicates; `None` (headless) gives none.
 //! - A port's protocol comes from `appProtocol` when set, else from the port name's prefix
 //!   (the part before the first `-`). `http`, `http2`, `h2c`, `grpc`, `grpc-web` and `ws`
 //!   (optionally `kubernetes.io/`-prefixed) are HTTP; `tcp`, `tls`, `https` and `wss` are
@@ -19,17 +24,20 @@
 //! - Extra host names come from the `trellis.dev/hostnames` annotation, in written order,
 //!   without duplicates.
 
+use std::net::{IpAddr, SocketAddr};
+
 use trellis_api::{Endpoint, MeshSnapshot, Protocol, ServiceKey};
 use trellis_identity::SpiffeId;
 
-use crate::objects::{HOSTNAMES_ANNOTATION, Objects, Service, ServicePort, Workload};
+use crate::objects::{HOSTNAMES_ANNOTATION, IntOrString, Objects, Service, ServicePort, Workload};
 use crate::validate::split_hostnames;
 
 /// Builds the snapshot for `objects` at `version`.
 ///
 /// Objects are expected to be validated (as [`crate::load_dir`] does); anything that still
 /// cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
-/// under an invalid trust domain) is left out with a warning rather than failing.
+/// under an invalid trust domain, a pod address with a named targetPort) is left out with a
+/// warning rather than failing.
 pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSnapshot {
     let services = objects
         .services
@@ -48,13 +56,14 @@ pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSna
 
 fn service(svc: &Service, objects: &Objects, trust_domain: &str) -> trellis_api::Service {
     let key = ServiceKey::new(&svc.metadata.namespace, &svc.metadata.name);
-    let mut endpoints: Vec<Endpoint> = objects
+    // Identities once per workload (and one warning for a bad one), addresses per port:
+    // a pod-address workload serves each port at its own target port.
+    let members: Vec<(&Workload, String)> = objects
         .workloads
         .values()
         .filter(|w| selects(svc, w))
-        .filter_map(|w| endpoint(w, trust_domain))
+        .filter_map(|w| Some((w, identity(w, trust_domain)?)))
         .collect();
-    endpoints.sort_by(|a, b| (&a.workload, a.address).cmp(&(&b.workload, b.address)));
     let ports = svc
         .spec
         .ports
@@ -64,14 +73,35 @@ fn service(svc: &Service, objects: &Objects, trust_domain: &str) -> trellis_api:
                 tracing::warn!(service = %key, port = port.port, "skipping out-of-range port");
                 return None;
             };
+            let mut endpoints: Vec<Endpoint> = members
+                .iter()
+                .filter_map(|(w, identity)| {
+                    Some(Endpoint {
+                        address: endpoint_address(&key, port, number, w)?,
+                        identity: identity.clone(),
+                        workload: w.metadata.name.clone(),
+                        labels: w.metadata.labels.clone(),
+                    })
+                })
+                .collect();
+            endpoints.sort_by(|a, b| (&a.workload, a.address).cmp(&(&b.workload, b.address)));
             Some(trellis_api::ServicePort {
                 name: port.name.clone().unwrap_or_default(),
                 port: number,
                 protocol: port_protocol(port),
-                endpoints: endpoints.clone(),
+                endpoints,
             })
         })
         .collect();
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for (_, ip) in svc.spec.addresses() {
+        if !addresses
+            .iter()
+            .any(|a| a.to_canonical() == ip.to_canonical())
+        {
+            addresses.push(ip);
+        }
+    }
     let mut hostnames: Vec<String> = Vec::new();
     if let Some(list) = svc.metadata.annotations.get(HOSTNAMES_ANNOTATION) {
         for host in split_hostnames(list) {
@@ -84,11 +114,12 @@ fn service(svc: &Service, objects: &Objects, trust_domain: &str) -> trellis_api:
         key,
         hostnames,
         ports,
+        addresses,
     }
 }
 
 /// Whether `svc` selects `w`: same namespace, non-empty selector contained in its labels.
-fn selects(svc: &Service, w: &Workload) -> bool {
+pub(crate) fn selects(svc: &Service, w: &Workload) -> bool {
     let selector = &svc.spec.selector;
     w.metadata.namespace == svc.metadata.namespace
         && !selector.is_empty()
@@ -97,21 +128,52 @@ fn selects(svc: &Service, w: &Workload) -> bool {
             .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
 }
 
-fn endpoint(w: &Workload, trust_domain: &str) -> Option<Endpoint> {
-    let identity = match SpiffeId::new(trust_domain, &w.metadata.namespace, &w.spec.service_account)
-    {
-        Ok(id) => id,
+/// The SPIFFE ID `w`'s endpoints must present; `None` (with a warning) if it does not parse.
+fn identity(w: &Workload, trust_domain: &str) -> Option<String> {
+    match SpiffeId::new(trust_domain, &w.metadata.namespace, &w.spec.service_account) {
+        Ok(id) => Some(id.to_string()),
         Err(error) => {
             tracing::warn!(workload = %w.metadata.key(), %error, "skipping endpoint");
+            None
+        }
+    }
+}
+
+/// Where `w` serves `port` (numbered `number`): its meshAddress, or its pod address at
+/// the target port. `None` (with a warning) when that cannot be worked out.
+fn endpoint_address(
+    key: &ServiceKey,
+    port: &ServicePort,
+    number: u16,
+    w: &Workload,
+) -> Option<SocketAddr> {
+    let workload = w.metadata.key();
+    let ip = match (w.spec.mesh_address, w.spec.address) {
+        (Some(mesh), None) => return Some(mesh),
+        (None, Some(ip)) => ip,
+        _ => {
+            tracing::warn!(
+                %workload,
+                "skipping endpoint: needs exactly one of meshAddress and address"
+            );
             return None;
         }
     };
-    Some(Endpoint {
-        address: w.spec.mesh_address,
-        identity: identity.to_string(),
-        workload: w.metadata.name.clone(),
-        labels: w.metadata.labels.clone(),
-    })
+    let target = match &port.target_port {
+        None => number,
+        Some(IntOrString::Int(n)) => {
+            let Some(target) = u16::try_from(*n).ok().filter(|t| *t != 0) else {
+                tracing::warn!(service = %key, %workload, target_port = n, "skipping endpoint: out-of-range targetPort");
+                return None;
+            };
+            target
+        }
+        Some(IntOrString::String(name)) => {
+            tracing::warn!(service = %key, %workload, target_port = %name, "skipping endpoint: a named targetPort needs Pod container ports");
+            return None;
+        }
+    };
+    Some(SocketAddr::new(ip, target))
 }
 
 /// The protocol of a Service port (see the module docs for the table).
@@ -185,7 +247,8 @@ mod tests {
             metadata: meta(ns, name, l),
             spec: WorkloadSpec {
                 service_account: sa.into(),
-                mesh_address: addr.parse().unwrap(),
+                mesh_address: Some(addr.parse().unwrap()),
+                address: None,
             },
         }
     }
@@ -270,6 +333,118 @@ mod tests {
         assert_eq!(ep.address, "127.0.0.1:16021".parse().unwrap());
         assert_eq!(ep.identity, "spiffe://mesh.example/ns/demo/sa/api");
         assert_eq!(ep.labels, labels(&[("app", "api")]));
+    }
+
+    #[test]
+    fn pod_address_endpoints_are_address_and_target_port_per_port() {
+        let mut s = svc("demo", "api", &[("app", "api")]);
+        s.spec.ports = vec![port(Some("http"), None), port(Some("admin"), None)];
+        s.spec.ports[0].target_port = Some(IntOrString::Int(8080));
+        s.spec.ports[1].port = 9000;
+        let mut named = port(Some("metrics"), None);
+        named.port = 9100;
+        named.target_port = Some(IntOrString::String("metrics".into()));
+        s.spec.ports.push(named);
+        let pod = |name: &str, ip: &str| {
+            let mut w = workload("demo", name, "api", "127.0.0.1:1", &[("app", "api")]);
+            w.spec.mesh_address = None;
+            w.spec.address = Some(ip.parse().unwrap());
+            w
+        };
+        let objs = objects(
+            vec![s],
+            vec![
+                pod("api-2", "fd00:10:244::12"),
+                pod("api-1", "10.244.0.12"),
+                workload("demo", "api-3", "api", "127.0.0.1:16023", &[("app", "api")]),
+            ],
+        );
+        let snap = translate(&objs, "cluster.local", 1);
+        let svc = &snap.services[&ServiceKey::new("demo", "api")];
+        let got: Vec<(u16, Vec<(String, String)>)> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let eps = p
+                    .endpoints
+                    .iter()
+                    .map(|e| (e.workload.clone(), e.address.to_string()))
+                    .collect();
+                (p.port, eps)
+            })
+            .collect();
+        let ep = |w: &str, a: &str| (w.to_owned(), a.to_owned());
+        assert_eq!(
+            got,
+            [
+                (
+                    80,
+                    vec![
+                        ep("api-1", "10.244.0.12:8080"),
+                        ep("api-2", "[fd00:10:244::12]:8080"),
+                        ep("api-3", "127.0.0.1:16023"),
+                    ]
+                ),
+                (
+                    9000,
+                    vec![
+                        ep("api-1", "10.244.0.12:9000"),
+                        ep("api-2", "[fd00:10:244::12]:9000"),
+                        ep("api-3", "127.0.0.1:16023"),
+                    ]
+                ),
+                // A named targetPort cannot be resolved for a pod address (validation
+                // refuses it; unvalidated objects lose just those endpoints).
+                (9100, vec![ep("api-3", "127.0.0.1:16023")]),
+            ]
+        );
+        // Identity and labels do not depend on the mode.
+        let pod_ep = &svc.ports[0].endpoints[0];
+        assert_eq!(pod_ep.identity, "spiffe://cluster.local/ns/demo/sa/api");
+        assert_eq!(pod_ep.labels, labels(&[("app", "api")]));
+    }
+
+    #[test]
+    fn service_addresses_come_from_cluster_ips_else_cluster_ip() {
+        let cases: &[(Option<&str>, &[&str], &[&str])] = &[
+            (None, &[], &[]),
+            (Some("None"), &[], &[]),
+            (Some(""), &[], &[]),
+            (Some("None"), &["None"], &[]),
+            (Some("10.96.0.10"), &[], &["10.96.0.10"]),
+            (Some("fd00::10"), &[], &["fd00::10"]),
+            (
+                Some("10.96.0.10"),
+                &["10.96.0.10", "fd00::10"],
+                &["10.96.0.10", "fd00::10"],
+            ),
+            (
+                None,
+                &["fd00::10", "10.96.0.10"],
+                &["fd00::10", "10.96.0.10"],
+            ),
+            // Unvalidated input: duplicates dropped, unparsable values skipped.
+            (
+                None,
+                &["10.96.0.10", "x", "::ffff:10.96.0.10"],
+                &["10.96.0.10"],
+            ),
+        ];
+        for (cluster_ip, cluster_ips, want) in cases {
+            let mut s = svc("demo", "web", &[]);
+            s.spec.cluster_ip = cluster_ip.map(Into::into);
+            s.spec.cluster_ips = cluster_ips.iter().map(|ip| (*ip).to_owned()).collect();
+            let snap = translate(&objects(vec![s], vec![]), "td", 1);
+            let got: Vec<String> = snap.services[&ServiceKey::new("demo", "web")]
+                .addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(
+                got, *want,
+                "clusterIP {cluster_ip:?} clusterIPs {cluster_ips:?}"
+            );
+        }
     }
 
     #[test]

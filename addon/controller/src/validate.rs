@@ -3,14 +3,17 @@
 //!
 //! Each check returns every [`FieldError`] it finds rather than the first, so one load
 //! reports everything wrong with an object. Checks across objects (duplicates, shared
-//! mesh addresses) need file locations and live in `files`.
+//! addresses, named target ports for pod-address workloads) need file locations and live
+//! in `files`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use trellis_identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
 
-use crate::objects::{HOSTNAMES_ANNOTATION, IntOrString, ObjectMeta, Service, Workload};
+use crate::objects::{
+    HOSTNAMES_ANNOTATION, IntOrString, ObjectMeta, Service, ServiceSpec, Workload,
+};
 
 /// A problem with one field of an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,7 @@ pub(crate) fn service(svc: &Service) -> Vec<FieldError> {
             format!("invalid clusterIP {ip:?}: expected an IP address or \"None\""),
         );
     }
+    cluster_ips(spec, &mut errors);
     // Where each port number and name was first seen, to name both sides of a duplicate.
     let mut numbers: BTreeMap<i32, usize> = BTreeMap::new();
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
@@ -144,15 +148,93 @@ pub(crate) fn workload(w: &Workload) -> Vec<FieldError> {
             format!("does not make a valid identity: {e}"),
         );
     }
-    let addr = w.spec.mesh_address;
-    if addr.ip().is_unspecified() || addr.port() == 0 {
-        push(
-            &mut errors,
-            "spec.meshAddress",
-            format!("{addr} cannot be dialled: give a concrete IP address and a non-zero port"),
-        );
+    match (w.spec.mesh_address, w.spec.address) {
+        (Some(addr), None) => {
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                push(
+                    &mut errors,
+                    "spec.meshAddress",
+                    format!(
+                        "{addr} cannot be dialled: give a concrete IP address and a non-zero port"
+                    ),
+                );
+            }
+        }
+        (None, Some(ip)) => {
+            if ip.is_unspecified() {
+                push(
+                    &mut errors,
+                    "spec.address",
+                    format!("{ip} cannot be dialled: give the pod's own IP address"),
+                );
+            }
+        }
+        (mesh, _) => {
+            let got = if mesh.is_some() { "both" } else { "neither" };
+            push(
+                &mut errors,
+                "spec",
+                format!(
+                    "needs exactly one of meshAddress (ip:port where its proxy accepts mTLS) \
+                     and address (the pod IP, for transparent capture); got {got}"
+                ),
+            );
+        }
     }
     errors
+}
+
+/// Checks `spec.clusterIPs` on its own and against `spec.clusterIP`.
+fn cluster_ips(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
+    let ips = &spec.cluster_ips;
+    // Kubernetes keeps `clusterIP` as a copy of `clusterIPs[0]`; objects exported from a
+    // cluster carry both, so equal values are the normal case, not a duplicate.
+    if let (Some(single), Some(first)) = (spec.cluster_ip.as_deref(), ips.first())
+        && !single.is_empty()
+        && !same_ip(single, first)
+    {
+        push(
+            errors,
+            "spec.clusterIPs[0]",
+            format!("{first:?} must equal spec.clusterIP {single:?} when both are set"),
+        );
+    }
+    // Where each address was first seen, to name both sides of a duplicate.
+    let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for (i, text) in ips.iter().enumerate() {
+        let field = format!("spec.clusterIPs[{i}]");
+        if text == "None" {
+            if ips.len() > 1 {
+                push(errors, field, "\"None\" (headless) must be the only entry");
+            }
+            continue;
+        }
+        let Ok(ip) = text.parse::<IpAddr>() else {
+            push(
+                errors,
+                field,
+                format!("invalid clusterIP {text:?}: expected an IP address or \"None\""),
+            );
+            continue;
+        };
+        if let Some(first) = seen.insert(ip.to_canonical(), i) {
+            seen.insert(ip.to_canonical(), first);
+            push(
+                errors,
+                field,
+                format!("duplicate address {ip} (also spec.clusterIPs[{first}])"),
+            );
+        }
+    }
+}
+
+/// Whether two written addresses are the same: equal IPs however written, else equal text
+/// (so `None` matches `None`).
+fn same_ip(a: &str, b: &str) -> bool {
+    match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+        (Ok(a), Ok(b)) => a.to_canonical() == b.to_canonical(),
+        _ => a == b,
+    }
 }
 
 /// Splits the hostnames annotation: comma-separated, blanks ignored.
@@ -215,7 +297,7 @@ fn push(errors: &mut Vec<FieldError>, field: impl Into<String>, message: impl In
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::{ServicePort, ServiceSpec, WorkloadSpec};
+    use crate::objects::{ServicePort, WorkloadSpec};
 
     fn meta(name: &str) -> ObjectMeta {
         ObjectMeta {
@@ -317,6 +399,148 @@ mod tests {
     }
 
     #[test]
+    fn cluster_ips_must_be_unique_ips_led_by_cluster_ip() {
+        let spec = |cluster_ip: Option<&str>, ips: &[&str]| Service {
+            metadata: meta("web"),
+            spec: ServiceSpec {
+                cluster_ip: cluster_ip.map(Into::into),
+                cluster_ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
+                ..ServiceSpec::default()
+            },
+        };
+        /// Case, `clusterIP`, `clusterIPs`, expected `(field, message)`s.
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a [&'a str],
+            &'a [(&'a str, &'a str)],
+        );
+        let cases: &[Case<'_>] = &[
+            ("single", None, &["10.96.0.10"], &[]),
+            (
+                "dual stack as exported",
+                Some("10.96.0.10"),
+                &["10.96.0.10", "fd00::10"],
+                &[],
+            ),
+            (
+                "ipv6 written differently",
+                Some("fd00::a"),
+                &["fd00:0::a"],
+                &[],
+            ),
+            ("headless", Some("None"), &["None"], &[]),
+            ("empty clusterIP", Some(""), &["10.96.0.10"], &[]),
+            (
+                "not an ip",
+                None,
+                &["10.96.0.10", "x"],
+                &[(
+                    "spec.clusterIPs[1]",
+                    "invalid clusterIP \"x\": expected an IP address or \"None\"",
+                )],
+            ),
+            (
+                "duplicate",
+                None,
+                &["10.96.0.10", "fd00::10", "10.96.0.10"],
+                &[(
+                    "spec.clusterIPs[2]",
+                    "duplicate address 10.96.0.10 (also spec.clusterIPs[0])",
+                )],
+            ),
+            (
+                "ipv4-mapped duplicate",
+                None,
+                &["10.96.0.10", "::ffff:10.96.0.10"],
+                &[(
+                    "spec.clusterIPs[1]",
+                    "duplicate address ::ffff:10.96.0.10 (also spec.clusterIPs[0])",
+                )],
+            ),
+            (
+                "none among addresses",
+                None,
+                &["None", "10.96.0.10"],
+                &[(
+                    "spec.clusterIPs[0]",
+                    "\"None\" (headless) must be the only entry",
+                )],
+            ),
+            (
+                "clusterIP is not the first",
+                Some("10.96.0.10"),
+                &["fd00::10", "10.96.0.10"],
+                &[(
+                    "spec.clusterIPs[0]",
+                    "\"fd00::10\" must equal spec.clusterIP \"10.96.0.10\" when both are set",
+                )],
+            ),
+        ];
+        for (case, cluster_ip, ips, want) in cases {
+            let got: Vec<(String, String)> = service(&spec(*cluster_ip, ips))
+                .into_iter()
+                .map(|e| (e.field, e.message))
+                .collect();
+            let want: Vec<(String, String)> = want
+                .iter()
+                .map(|(f, m)| ((*f).to_owned(), (*m).to_owned()))
+                .collect();
+            assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn workload_needs_exactly_one_dialable_address() {
+        let w = |mesh: Option<&str>, address: Option<&str>| Workload {
+            metadata: meta("web-1"),
+            spec: WorkloadSpec {
+                service_account: "web".into(),
+                mesh_address: mesh.map(|a| a.parse().unwrap()),
+                address: address.map(|a| a.parse().unwrap()),
+            },
+        };
+        let exactly_one = |got: &str| {
+            format!(
+                "needs exactly one of meshAddress (ip:port where its proxy accepts mTLS) and \
+                 address (the pod IP, for transparent capture); got {got}"
+            )
+        };
+        let cases = [
+            ("mesh address", w(Some("127.0.0.1:16011"), None), vec![]),
+            ("pod ipv4", w(None, Some("10.244.0.12")), vec![]),
+            ("pod ipv6", w(None, Some("fd00:10:244::12")), vec![]),
+            (
+                "neither",
+                w(None, None),
+                vec![("spec", exactly_one("neither"))],
+            ),
+            (
+                "both",
+                w(Some("127.0.0.1:16011"), Some("10.244.0.12")),
+                vec![("spec", exactly_one("both"))],
+            ),
+            (
+                "unspecified pod address",
+                w(None, Some("::")),
+                vec![(
+                    "spec.address",
+                    ":: cannot be dialled: give the pod's own IP address".to_owned(),
+                )],
+            ),
+        ];
+        for (case, w, want) in cases {
+            let got: Vec<(String, String)> = workload(&w)
+                .into_iter()
+                .map(|e| (e.field, e.message))
+                .collect();
+            let want: Vec<(String, String)> =
+                want.into_iter().map(|(f, m)| (f.to_owned(), m)).collect();
+            assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
     fn workload_needs_a_valid_identity_and_a_dialable_address() {
         let w = Workload {
             metadata: ObjectMeta {
@@ -325,7 +549,8 @@ mod tests {
             },
             spec: WorkloadSpec {
                 service_account: "Web".into(),
-                mesh_address: "0.0.0.0:16011".parse().unwrap(),
+                mesh_address: Some("0.0.0.0:16011".parse().unwrap()),
+                address: None,
             },
         };
         let errors = workload(&w);

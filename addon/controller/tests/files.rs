@@ -37,6 +37,15 @@ fn workload(name: &str, sa: &str, addr: &str) -> String {
 }
 
 /// Writes atomically (temp file, then rename), so a poll never sees a half-written file.
+/// A Workload with a pod `address` (transparent capture) instead of a meshAddress.
+fn pod_workload(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: local.trellis.dev/v1alpha1\nkind: Workload\n\
+         metadata: {{name: {name}, namespace: demo, labels: {{app: web}}}}\n\
+         spec: {{serviceAccount: web, address: {ip:?}}}\n"
+    )
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, text).unwrap();
@@ -73,7 +82,106 @@ fn validation_errors_name_file_document_object_and_field() {
             "unknown field",
             vec![("web.yaml", svc("{portz: [{port: 80}]}"))],
             "web.yaml (document 1): Service demo/web: spec.portz: unknown field `portz`, \
-             expected one of `type`, `clusterIP`, `selector`, `ports`",
+             expected one of `type`, `clusterIP`, `clusterIPs`, `selector`, `ports`",
+        ),
+        (
+            "cluster IP that is not an IP",
+            vec![(
+                "web.yaml",
+                svc("{clusterIPs: [10.96.0.10, x], ports: [{port: 80}]}"),
+            )],
+            "web.yaml (document 1): Service demo/web: spec.clusterIPs[1]: invalid clusterIP \
+             \"x\": expected an IP address or \"None\"",
+        ),
+        (
+            "duplicate cluster IP",
+            vec![(
+                "web.yaml",
+                svc("{clusterIPs: [fd00::10, 10.96.0.10, 'fd00:0::10'], ports: [{port: 80}]}"),
+            )],
+            "web.yaml (document 1): Service demo/web: spec.clusterIPs[2]: duplicate address \
+             fd00::10 (also spec.clusterIPs[0])",
+        ),
+        (
+            "clusterIP is not clusterIPs[0]",
+            vec![(
+                "web.yaml",
+                svc("{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.11], ports: [{port: 80}]}"),
+            )],
+            "web.yaml (document 1): Service demo/web: spec.clusterIPs[0]: \"10.96.0.11\" must \
+             equal spec.clusterIP \"10.96.0.10\" when both are set",
+        ),
+        (
+            "cluster IP shared by two services",
+            vec![
+                (
+                    "a.yaml",
+                    svc("{clusterIP: 10.96.0.10, ports: [{port: 80}]}"),
+                ),
+                (
+                    "b.yaml",
+                    svc("{clusterIPs: [fd00::11, 10.96.0.10], ports: [{port: 80}]}")
+                        .replace("name: web", "name: api"),
+                ),
+            ],
+            "b.yaml (document 1): Service demo/api: spec.clusterIPs[1]: 10.96.0.10 is also a \
+             cluster IP of Service demo/web in a.yaml (document 1); each service needs its own",
+        ),
+        (
+            "neither meshAddress nor address",
+            vec![(
+                "w.yaml",
+                web1.replace(", meshAddress: \"127.0.0.1:16011\"", ""),
+            )],
+            "w.yaml (document 1): Workload demo/web-1: spec: needs exactly one of meshAddress \
+             (ip:port where its proxy accepts mTLS) and address (the pod IP, for transparent \
+             capture); got neither",
+        ),
+        (
+            "both meshAddress and address",
+            vec![(
+                "w.yaml",
+                web1.replace(
+                    "serviceAccount: web,",
+                    "serviceAccount: web, address: 10.0.0.1,",
+                ),
+            )],
+            "w.yaml (document 1): Workload demo/web-1: spec: needs exactly one of meshAddress \
+             (ip:port where its proxy accepts mTLS) and address (the pod IP, for transparent \
+             capture); got both",
+        ),
+        (
+            "pod address with a port",
+            vec![("w.yaml", pod_workload("web-1", "10.244.0.12:8080"))],
+            "w.yaml (document 1): Workload demo/web-1: spec.address: invalid address \
+             \"10.244.0.12:8080\": expected the pod's IP address without a port, e.g. \
+             10.244.0.12 or fd00:10:244::12",
+        ),
+        (
+            "shared pod address",
+            vec![
+                ("a.yaml", pod_workload("web-1", "fd00:10:244::12")),
+                ("b.yaml", pod_workload("web-2", "fd00:10:244:0::12")),
+            ],
+            "b.yaml (document 1): Workload demo/web-2: spec.address: fd00:10:244::12 is also \
+             the address of Workload demo/web-1 in a.yaml (document 1); each workload needs \
+             its own",
+        ),
+        (
+            "named targetPort for a pod address",
+            vec![
+                ("a.yaml", pod_workload("web-1", "10.244.0.12")),
+                (
+                    "web.yaml",
+                    svc(
+                        "{selector: {app: web}, ports: [{port: 80, targetPort: 8080}, \
+                         {name: metrics, port: 9100, targetPort: metrics}]}",
+                    ),
+                ),
+            ],
+            "web.yaml (document 1): Service demo/web: spec.ports[1].targetPort: named \
+             targetPort \"metrics\" needs Pod container ports; use a number (selected Workload \
+             demo/web-1 has spec.address)",
         ),
         (
             "port out of range",
@@ -198,6 +306,89 @@ fn demo_directory_loads_into_the_demo_mesh() {
     // client-1 loads (so its identity is valid) but serves nothing.
     let objects = load_dir(&dir).unwrap();
     assert_eq!(objects.workloads.len(), 4);
+}
+
+#[test]
+fn transparent_capture_objects_load_into_addresses_and_pod_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `kubectl get -o yaml` exports a dual-stack Service: clusterIP repeats clusterIPs[0].
+    let web = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, 'fd00::10']
+  selector: {app: web}
+  ports:
+    - {name: http, port: 80, targetPort: 8080}
+    - {name: admin, port: 9000}
+";
+    write(dir.path(), "web.yaml", web);
+    write(
+        dir.path(),
+        "web-1.yaml",
+        &pod_workload("web-1", "10.244.0.12"),
+    );
+    write(
+        dir.path(),
+        "web-2.yaml",
+        &pod_workload("web-2", "fd00:10:244::13"),
+    );
+    // A named targetPort is fine for a Service that selects only meshAddress workloads.
+    let named = WEB_SERVICE
+        .replace("name: web,", "name: legacy,")
+        .replace("{app: web}", "{app: legacy}")
+        .replace("port: 80}", "port: 80, targetPort: http}");
+    write(dir.path(), "legacy.yaml", &named);
+    let legacy_1 =
+        workload("legacy-1", "legacy", "127.0.0.1:16041").replace("app: web", "app: legacy");
+    write(dir.path(), "legacy-1.yaml", &legacy_1);
+    let snapshot = FileSource::new(dir.path(), "cluster.local", POLL)
+        .load_initial()
+        .unwrap();
+    let svc = &snapshot.services[&ServiceKey::new("demo", "web")];
+    let addresses: Vec<String> = svc.addresses.iter().map(ToString::to_string).collect();
+    assert_eq!(addresses, ["10.96.0.10", "fd00::10"]);
+    let ports: Vec<(u16, Vec<String>)> = svc
+        .ports
+        .iter()
+        .map(|p| {
+            let eps = p.endpoints.iter().map(|e| e.address.to_string()).collect();
+            (p.port, eps)
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (
+                80,
+                vec![
+                    "10.244.0.12:8080".to_owned(),
+                    "[fd00:10:244::13]:8080".to_owned()
+                ]
+            ),
+            (
+                9000,
+                vec![
+                    "10.244.0.12:9000".to_owned(),
+                    "[fd00:10:244::13]:9000".to_owned()
+                ]
+            ),
+        ]
+    );
+    assert!(
+        svc.ports[0]
+            .endpoints
+            .iter()
+            .all(|e| e.identity == "spiffe://cluster.local/ns/demo/sa/web")
+    );
+    let legacy = &snapshot.services[&ServiceKey::new("demo", "legacy")];
+    assert!(legacy.addresses.is_empty());
+    assert_eq!(
+        legacy.ports[0].endpoints[0].address.to_string(),
+        "127.0.0.1:16041"
+    );
 }
 
 /// A running watcher over a temporary directory.

@@ -35,6 +35,7 @@ mod tests {
                 key: key.clone(),
                 hostnames: Vec::new(),
                 ports: Vec::new(),
+                addresses: Vec::new(),
             };
             snapshot.services.insert(key, svc);
         }

@@ -66,6 +66,7 @@ fn service(name: &str, endpoints: &[&str]) -> anyhow::Result<Service> {
             protocol: Protocol::Http,
             endpoints,
         }],
+        addresses: Vec::new(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! proxy must never install a service it could not route, so anything malformed is refused
 //! with a [`ConvertError`] that names the service and the field.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::discovery::v1 as pb;
 use crate::snapshot::{Endpoint, Protocol, Service, ServiceKey, ServicePort};
@@ -46,6 +46,16 @@ pub enum ConvertError {
         /// The offending service.
         service: ServiceKey,
         /// Path of the field, e.g. `ports[0].endpoints[2].address`.
+        field: String,
+        /// The value received.
+        value: String,
+    },
+    /// A service address that is not an IP address.
+    #[error("service {service}: {field} = {value:?} is not an IP address")]
+    BadIp {
+        /// The offending service.
+        service: ServiceKey,
+        /// Path of the field, e.g. `addresses[1]`.
         field: String,
         /// The value received.
         value: String,
@@ -141,6 +151,7 @@ impl From<&Service> for pb::Service {
             name: svc.key.name.clone(),
             hostnames: svc.hostnames.clone(),
             ports: svc.ports.iter().map(pb::ServicePort::from).collect(),
+            addresses: svc.addresses.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -166,10 +177,23 @@ impl TryFrom<&pb::Service> for Service {
             .enumerate()
             .map(|(i, port)| port_from_proto(&key, i, port))
             .collect::<Result<_, _>>()?;
+        let addresses = svc
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| {
+                address.parse::<IpAddr>().map_err(|_| ConvertError::BadIp {
+                    service: key.clone(),
+                    field: format!("addresses[{i}]"),
+                    value: address.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             key,
             hostnames: svc.hostnames.clone(),
             ports,
+            addresses,
         })
     }
 }
@@ -254,6 +278,7 @@ mod tests {
                     labels: BTreeMap::from([("app".into(), "web".into())]),
                 }],
             }],
+            addresses: vec!["10.96.0.10".into(), "fd00::a".into()],
         }
     }
 
@@ -297,6 +322,16 @@ mod tests {
                 "address without port",
                 |s| s.ports[0].endpoints[0].address = "10.0.0.1".into(),
                 "service demo/web: ports[0].endpoints[0].address = \"10.0.0.1\" is not ip:port",
+            ),
+            (
+                "service address not an IP",
+                |s| s.addresses[1] = "x".into(),
+                "service demo/web: addresses[1] = \"x\" is not an IP address",
+            ),
+            (
+                "service address with a port",
+                |s| s.addresses[0] = "10.96.0.10:80".into(),
+                "service demo/web: addresses[0] = \"10.96.0.10:80\" is not an IP address",
             ),
             (
                 "host name address",

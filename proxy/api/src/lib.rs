@@ -2,18 +2,21 @@
 //!
 //! Owns: the protobuf services (`proto/discovery.proto`, `proto/identity.proto`), their
 //! generated tonic/prost code (checked in under `src/gen/`, verified against the .proto
-//! files by a test), and the plain snapshot types ([`MeshSnapshot`]) that the control
-//! plane builds and the proxy consumes.
+//! files by a test), the plain snapshot types ([`MeshSnapshot`]) that the control plane
+//! builds and the proxy consumes, and pure lookups over them ([`AddressIndex`]: original
+//! destination of a captured connection to service or endpoint).
 //!
 //! Must not depend on: any other Trellis crate, kube, azure. It sits under `proxy/` so the
 //! data plane builds without anything from `addon/`.
 
 pub mod convert;
 pub mod delta;
+pub mod lookup;
 pub mod snapshot;
 
 pub use convert::ConvertError;
 pub use delta::{apply, diff, full, same_view};
+pub use lookup::{AddressIndex, Destination};
 pub use snapshot::{Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort};
 
 /// Generated code for `proto/discovery.proto` (package `trellis.discovery`).

@@ -38,6 +38,9 @@ pub struct Service {
     pub hostnames: Vec<String>,
     /// Ports, each with the endpoints that serve it.
     pub ports: Vec<ServicePort>,
+    /// Virtual IPs (Kubernetes cluster IPs) that only proxies resolve: a captured
+    /// connection to `<address>:<port>` of one of `ports` goes to this service.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Application protocol of a port.

@@ -1,7 +1,7 @@
 //! `apply`, `diff` and `full` as the proxy and the control plane use them.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use trellis_api::discovery::v1 as pb;
 use trellis_api::{
@@ -30,7 +30,12 @@ fn service(name: &str, port: u16, endpoints: &[&str]) -> Service {
             protocol: Protocol::Http,
             endpoints: endpoints.iter().map(|a| endpoint(a, name)).collect(),
         }],
+        addresses: Vec::new(),
     }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
 }
 
 fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
@@ -180,6 +185,19 @@ fn diff_then_apply_reaches_every_snapshot_in_sequences() {
         ..b.clone()
     };
     let c = service("c", 443, &[]);
+    // Cluster IPs appear, change family, grow to dual stack and go away again.
+    let c_v4 = Service {
+        addresses: vec![ip("10.96.0.3")],
+        ..c.clone()
+    };
+    let c_dual = Service {
+        addresses: vec![ip("10.96.0.3"), ip("fd00::3")],
+        ..c.clone()
+    };
+    let c_v6 = Service {
+        addresses: vec![ip("fd00::3")],
+        ..c.clone()
+    };
     let mut other_domain = snapshot(0, vec![a1.clone()]);
     other_domain.trust_domain = "prod.example".into();
 
@@ -197,10 +215,14 @@ fn diff_then_apply_reaches_every_snapshot_in_sequences() {
             snapshot(4, vec![a3, b_hosts.clone(), c.clone()]),
             snapshot(5, vec![c.clone()]),
             snapshot(6, vec![c.clone()]),
+            snapshot(7, vec![c_v4]),
+            snapshot(8, vec![c_dual.clone()]),
+            snapshot(9, vec![c_v6, b.clone()]),
+            snapshot(10, vec![c.clone(), b.clone()]),
         ],
         vec![
             snapshot(0, vec![]),
-            snapshot(10, vec![b.clone(), c.clone()]),
+            snapshot(10, vec![b.clone(), c_dual]),
             snapshot(11, vec![a1.clone(), b_hosts]),
             MeshSnapshot {
                 version: 12,

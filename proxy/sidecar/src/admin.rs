@@ -1,24 +1,29 @@
-//! The admin endpoints, on loopback only: `/live`, `/ready`, `/metrics` (Prometheus
-//! text) and `/config` (the identity, certificate and discovery view in JSON). Read-only:
-//! nothing here changes the proxy.
+//! The admin endpoints, on loopback only (enforced by the config): `/live`, `/ready`,
+//! `/metrics` (Prometheus text) and `/config` (identity, certificate and discovery view
+//! in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
+//! for Jobs without native sidecars), exists only when a token file is configured and
+//! needs `Authorization: Bearer <token>`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 use crate::http::{Body, full};
 use crate::identity::Certified;
 use crate::outbound::route::View;
+use crate::transport::{Limits, Listener};
 
-/// What the admin endpoints read.
+/// Connections the admin listener holds at once: a few probes and scrapers.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// What the admin endpoints read, and the drain they may start.
 pub struct Admin {
     /// Workload name.
     pub workload: String,
@@ -28,13 +33,25 @@ pub struct Admin {
     pub view: watch::Receiver<Arc<View>>,
     /// Metrics registry.
     pub registry: Registry,
+    /// The proxy's drain signal: cancelled means draining (`/ready` answers 503), and
+    /// an authorized `POST /shutdown` cancels it, like SIGTERM.
+    pub shutdown: CancellationToken,
+    /// The bearer token `POST /shutdown` requires; `None` disables the endpoint.
+    pub shutdown_token: Option<ShutdownToken>,
 }
+
+/// The secret that authorizes `POST /shutdown`. Never printed.
+#[derive(Clone)]
+pub struct ShutdownToken(Vec<u8>);
 
 // === impl Admin ===
 
 impl Admin {
-    /// Ready once we hold a certificate and a discovery view.
+    /// Ready once we hold a certificate and a discovery view, until the drain starts.
     pub fn is_ready(&self) -> Result<(), &'static str> {
+        if self.shutdown.is_cancelled() {
+            return Err("draining");
+        }
         if self.certs.borrow().is_none() {
             return Err("no certificate yet");
         }
@@ -44,30 +61,43 @@ impl Admin {
         Ok(())
     }
 
-    /// Serves until `shutdown`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let tcp = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((tcp, _)) => tcp,
-                    Err(error) => { warn!(%error, "admin accept failed"); continue; }
-                },
-                () = shutdown.cancelled() => return,
-            };
+    /// Serves until `stop`, each connection a task in `tasks`. `stop` is separate from
+    /// the drain signal so probes and `/metrics` keep answering while the proxy drains.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        let limits = Limits::default();
+        let listener = Listener::from(listener).with_max_connections(MAX_ADMIN_CONNECTIONS);
+        let accepting = stop.clone();
+        crate::transport::accept_loop(listener, "admin", accepting, tasks, move |tcp, remote| {
             let this = self.clone();
-            tokio::spawn(async move {
+            let (stop, limits) = (stop.clone(), limits.clone());
+            async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, std::convert::Infallible>(this.handle(&req)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
+                crate::transport::serve_http1(
+                    TokioIo::new(tcp),
+                    svc,
+                    &limits,
+                    &stop,
+                    remote,
+                    "admin",
+                )
+                .await;
+            }
+        })
+        .await;
     }
 
-    fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
+    fn handle<B>(&self, req: &Request<B>) -> Response<Body> {
+        if req.uri().path() == "/shutdown" {
+            return self.shutdown(req);
+        }
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
         }
@@ -112,6 +142,39 @@ impl Admin {
         }
     }
 
+    /// `POST /shutdown`: 404 when not configured, 405 for other methods, 401 without the
+    /// right bearer token, else 202 and the same drain as SIGTERM.
+    fn shutdown<B>(&self, req: &Request<B>) -> Response<Body> {
+        let Some(token) = &self.shutdown_token else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "/shutdown is disabled (no --shutdown-token-file)\n".into(),
+            );
+        };
+        if req.method() != Method::POST {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n".into());
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+            return r;
+        }
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !presented.is_some_and(|p| token.matches(p)) {
+            warn!("refused POST /shutdown: missing or wrong bearer token");
+            let mut r = text(StatusCode::UNAUTHORIZED, "bearer token required\n".into());
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+        info!("POST /shutdown: draining");
+        self.shutdown.cancel();
+        text(StatusCode::ACCEPTED, "draining\n".into())
+    }
+
     fn config_json(&self) -> String {
         let unix = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)
@@ -142,8 +205,162 @@ impl Admin {
     }
 }
 
+// === impl ShutdownToken ===
+
+impl ShutdownToken {
+    /// Reads the token file: its content without surrounding whitespace (a trailing
+    /// newline from `echo` or a Secret mount is not part of the token). Empty is refused.
+    pub fn from_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let raw = std::fs::read(path)?;
+        let token = raw.trim_ascii();
+        if token.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the token file is empty",
+            ));
+        }
+        Ok(Self(token.to_vec()))
+    }
+
+    /// Compares in time that depends only on the token's length, never on how much of
+    /// `presented` is right, so the token cannot be guessed byte by byte.
+    fn matches(&self, presented: &[u8]) -> bool {
+        let expected = &self.0;
+        let mut diff = expected.len() ^ presented.len();
+        for (i, e) in expected.iter().enumerate() {
+            diff |= usize::from(e ^ presented.get(i).copied().unwrap_or(0));
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl std::fmt::Debug for ShutdownToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShutdownToken(<redacted>)")
+    }
+}
+
 fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(token: Option<&str>) -> Admin {
+        Admin {
+            workload: "w".into(),
+            certs: watch::channel(None).1,
+            view: watch::channel(Arc::new(View::default())).1,
+            registry: Registry::default(),
+            shutdown: CancellationToken::new(),
+            shutdown_token: token.map(|t| ShutdownToken(t.as_bytes().to_vec())),
+        }
+    }
+
+    fn call(a: &Admin, method: Method, path: &str, auth: Option<&str>) -> StatusCode {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(v) = auth {
+            req = req.header(header::AUTHORIZATION, v);
+        }
+        a.handle(&req.body(()).unwrap()).status()
+    }
+
+    #[test]
+    fn shutdown_is_absent_without_a_token_file() {
+        let a = admin(None);
+        assert_eq!(
+            call(&a, Method::POST, "/shutdown", Some("Bearer x")),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(&a, Method::GET, "/shutdown", None),
+            StatusCode::NOT_FOUND
+        );
+        assert!(!a.shutdown.is_cancelled());
+    }
+
+    #[test]
+    fn shutdown_needs_post_and_the_bearer_token() {
+        let a = admin(Some("tok"));
+        assert_eq!(
+            call(&a, Method::GET, "/shutdown", Some("Bearer tok")),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        for auth in [
+            None,
+            Some("Bearer"),
+            Some("Bearer tok2"),
+            Some("bearer tok"),
+            Some("Basic dG9r"),
+            Some("tok"),
+        ] {
+            assert_eq!(
+                call(&a, Method::POST, "/shutdown", auth),
+                StatusCode::UNAUTHORIZED,
+                "{auth:?}"
+            );
+        }
+        assert!(!a.shutdown.is_cancelled(), "refused calls must not drain");
+        assert_eq!(
+            call(&a, Method::POST, "/shutdown", Some("Bearer tok")),
+            StatusCode::ACCEPTED
+        );
+        assert!(a.shutdown.is_cancelled());
+        assert_eq!(
+            call(&a, Method::GET, "/ready", None),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(call(&a, Method::GET, "/live", None), StatusCode::OK);
+    }
+
+    #[test]
+    fn read_endpoints_are_get_only() {
+        let a = admin(Some("tok"));
+        for path in ["/live", "/ready", "/metrics", "/config"] {
+            for m in [Method::POST, Method::PUT, Method::DELETE] {
+                assert_eq!(
+                    call(&a, m.clone(), path, Some("Bearer tok")),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{m} {path}"
+                );
+            }
+        }
+        assert!(!a.shutdown.is_cancelled());
+    }
+
+    #[test]
+    fn token_comparison_needs_every_byte_and_the_length() {
+        let t = ShutdownToken(b"s3cret-token".to_vec());
+        assert!(t.matches(b"s3cret-token"));
+        for wrong in [
+            &b""[..],
+            b"s3cret-toke",
+            b"s3cret-token!",
+            b"s3cret-tokeN",
+            b"S3cret-token",
+            b"s3cret-token\0",
+        ] {
+            assert!(!t.matches(wrong), "{}", String::from_utf8_lossy(wrong));
+        }
+    }
+
+    #[test]
+    fn token_file_is_trimmed_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("trellis-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "abc\n").unwrap();
+        assert!(ShutdownToken::from_file(&f).unwrap().matches(b"abc"));
+        std::fs::write(&f, " \n").unwrap();
+        assert!(ShutdownToken::from_file(&f).is_err());
+        assert_eq!(
+            format!("{:?}", ShutdownToken(b"abc".to_vec())),
+            "ShutdownToken(<redacted>)"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

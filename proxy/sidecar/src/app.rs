@@ -1,5 +1,11 @@
 //! Wiring only: config -> bind listeners (fail fast, naming the port) -> spawn identity,
 //! discovery, outbound, inbound, admin -> wait for a signal -> drain.
+//!
+//! The drain (SIGTERM, Ctrl-C or an authorized `POST /shutdown`, all cancelling one
+//! token): the outbound and inbound listeners close at once (new connections are
+//! refused), open connections are told to finish (HTTP/1 `Connection: close`, HTTP/2
+//! GOAWAY) and get `--drain-timeout` for their requests in flight; `/ready` answers 503
+//! meanwhile. Then the admin listener closes and `run` returns (exit 0).
 
 use std::sync::Arc;
 
@@ -12,11 +18,16 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 use trellis_identity::TrustBundle;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, ShutdownToken};
 use crate::config::Config;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, route::View};
+use crate::transport::Limits;
+
+/// How long admin connections get to finish (a `/shutdown` answer, a last scrape) once
+/// the drain is over.
+const ADMIN_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the proxy until `shutdown` fires, then drains for up to `drain_timeout`.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -25,6 +36,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("reading --ca-roots {}", cfg.ca_roots.display()))?;
     let bootstrap = TrustBundle::from_pem(&roots)
         .with_context(|| format!("parsing --ca-roots {}", cfg.ca_roots.display()))?;
+    let shutdown_token = match &cfg.shutdown_token_file {
+        Some(path) => Some(
+            ShutdownToken::from_file(path)
+                .with_context(|| format!("reading --shutdown-token-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let limits = Limits::from(&*cfg);
 
     // Bind everything before starting work, so a busy port fails at once with its name.
     let outbound_l = bind(cfg.outbound, "--outbound").await?;
@@ -44,6 +63,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         admin = %admin_l.local_addr()?,
         app = %cfg.app,
         control_plane = %cfg.control_plane,
+        max_connections = limits.max_connections,
+        idle_timeout_s = limits.idle_timeout.as_secs(),
+        shutdown_endpoint = shutdown_token.is_some(),
         "trellis-proxy starting"
     );
 
@@ -61,33 +83,46 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics.clone(),
     ));
 
+    let own_ports = vec![cfg.outbound.port(), cfg.inbound.port(), cfg.admin.port()];
     let outbound = Arc::new(Outbound::new(
         cfg.identity.clone(),
         certs_rx.clone(),
         view_rx.clone(),
         metrics.clone(),
-        cfg.request_timeout,
-        cfg.header_read_timeout,
+        crate::outbound::Settings {
+            mode: cfg.mode,
+            request_timeout: cfg.request_timeout,
+            detect_timeout: cfg.detect_timeout,
+            opaque_ports: cfg.opaque_ports.clone(),
+            own_ports,
+            limits: limits.clone(),
+        },
     ));
     let inbound = Arc::new(Inbound::new(
         cfg.identity.clone(),
         cfg.app,
+        cfg.mode,
         certs_rx.clone(),
         metrics.clone(),
         cfg.request_timeout,
+        limits.clone(),
     ));
     let admin = Arc::new(Admin {
         workload: cfg.workload.clone(),
         certs: certs_rx,
         view: view_rx,
         registry,
+        shutdown: shutdown.clone(),
+        shutdown_token,
     });
 
     let accept = TaskTracker::new();
     accept.spawn(outbound.serve(outbound_l, shutdown.clone(), tasks.clone()));
     accept.spawn(inbound.serve(inbound_l, shutdown.clone(), tasks.clone()));
-    accept.spawn(admin.serve(admin_l, shutdown.clone()));
     accept.close();
+    // The admin port outlives the drain: probes see 503 and scrapes still work.
+    let (admin_stop, admin_tasks) = (CancellationToken::new(), TaskTracker::new());
+    let admin_accept = tokio::spawn(admin.serve(admin_l, admin_stop.clone(), admin_tasks.clone()));
 
     shutdown.cancelled().await;
     info!(
@@ -102,6 +137,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     {
         info!("drain timeout reached; closing remaining connections");
     }
+    admin_stop.cancel();
+    let _ = admin_accept.await;
+    admin_tasks.close();
+    let _ = tokio::time::timeout(ADMIN_CLOSE_GRACE, admin_tasks.wait()).await;
     info!("trellis-proxy stopped");
     Ok(())
 }

@@ -24,6 +24,15 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
 /// Default address of the local application.
 pub const DEFAULT_APP: &str = "127.0.0.1:8080";
 
+/// How traffic reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The app addresses the proxy (local runs, no capture).
+    Explicit,
+    /// iptables capture; routing by original destination.
+    Transparent,
+}
+
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,6 +86,24 @@ pub struct Args {
     /// The local application inbound requests are forwarded to.
     #[arg(long, env = "TRELLIS_PROXY_APP", default_value = DEFAULT_APP)]
     pub app: SocketAddr,
+    /// `explicit`: the app sends HTTP to the outbound listener as to an HTTP proxy, and
+    /// inbound traffic goes to `--app`. `transparent`: traffic is captured by
+    /// `trellis-proxy init` (iptables) and routed by its original destination.
+    #[arg(long, env = "TRELLIS_PROXY_MODE", value_enum, default_value_t = Mode::Explicit)]
+    pub mode: Mode,
+    /// How long to wait for a client's first bytes before treating the connection as a
+    /// server-first protocol (forwarded as opaque TCP).
+    #[arg(long, env = "TRELLIS_PROXY_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+    /// Destination ports that skip protocol detection and are forwarded as opaque TCP
+    /// (server-first protocols: MySQL, SMTP, ...). Comma-separated.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_OPAQUE_PORTS",
+        value_delimiter = ',',
+        default_value = "25,3306,5432,6379,11211"
+    )]
+    pub opaque_ports: Vec<u16>,
     /// Requested certificate lifetime (the CA may shorten it), e.g. `24h`, `10m`, `90s`.
     #[arg(long, env = "TRELLIS_PROXY_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
@@ -89,6 +116,18 @@ pub struct Args {
     /// Per-request timeout towards the peer or the app.
     #[arg(long, env = "TRELLIS_PROXY_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// Connections each listener (outbound, inbound) holds at most; more are accepted
+    /// and closed at once, and counted in `trellis_proxy_connections_refused_total`.
+    #[arg(long, env = "TRELLIS_PROXY_MAX_CONNECTIONS", default_value_t = crate::transport::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// How long a connection with no request in flight stays open (outbound HTTP/1 and
+    /// HTTP/2, inbound HTTP/2); `0s` turns the idle timer off.
+    #[arg(long, env = "TRELLIS_PROXY_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// File holding the bearer token that enables `POST /shutdown` on the admin port
+    /// (for Jobs without native sidecars). Without it, /shutdown does not exist (404).
+    #[arg(long, env = "TRELLIS_PROXY_SHUTDOWN_TOKEN_FILE")]
+    pub shutdown_token_file: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -112,8 +151,14 @@ pub struct Config {
     pub inbound: SocketAddr,
     /// Admin listener (loopback).
     pub admin: SocketAddr,
-    /// Local application.
+    /// Local application (explicit mode).
     pub app: SocketAddr,
+    /// Explicit or transparent.
+    pub mode: Mode,
+    /// Protocol detection timeout.
+    pub detect_timeout: Duration,
+    /// Ports forwarded as opaque TCP without detection.
+    pub opaque_ports: Vec<u16>,
     /// Requested certificate lifetime.
     pub cert_ttl: Duration,
     /// Drain timeout.
@@ -122,6 +167,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Time allowed for a request head on the outbound listener.
     pub header_read_timeout: Duration,
+    /// Connections per listener.
+    pub max_connections: u32,
+    /// Idle connection timeout (`ZERO`: off).
+    pub idle_timeout: Duration,
+    /// Token file enabling `POST /shutdown` on the admin port.
+    pub shutdown_token_file: Option<PathBuf>,
 }
 
 // === impl Config ===
@@ -157,10 +208,16 @@ impl TryFrom<Args> for Config {
             inbound: a.inbound,
             admin: a.admin,
             app: a.app,
+            mode: a.mode,
+            detect_timeout: a.detect_timeout,
+            opaque_ports: a.opaque_ports,
             cert_ttl: a.cert_ttl,
             drain_timeout: a.drain_timeout,
             request_timeout: a.request_timeout,
             header_read_timeout: a.header_read_timeout,
+            max_connections: a.max_connections,
+            idle_timeout: a.idle_timeout,
+            shutdown_token_file: a.shutdown_token_file,
         })
     }
 }

@@ -20,6 +20,11 @@ pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 /// `By=<this workload>;URI=<peer>`. Always overwritten: clients cannot forge it.
 pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
+/// Set by the outbound proxy on requests to a peer: the HTTP version the client app
+/// spoke (`HTTP/1.1` or `HTTP/2`), so the inbound proxy speaks the same to its app
+/// (gRPC needs HTTP/2 end to end). Removed before the app sees the request.
+pub static ORIG_PROTO: HeaderName = HeaderName::from_static("trellis-orig-proto");
+
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1), plus the
 /// legacy `proxy-connection`.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -74,6 +79,8 @@ pub fn error_response(e: &Error) -> Response<Body> {
 pub struct Access<'a> {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
+    /// The app-side HTTP version (`HTTP/1.1`, `HTTP/2`).
+    pub protocol: &'static str,
     /// Source identity (the client workload).
     pub src: &'a str,
     /// Destination identity (the server workload), or `-` when unrouted.
@@ -116,6 +123,7 @@ impl Access<'_> {
         info!(
             target: "access",
             direction = self.direction,
+            protocol = self.protocol,
             src = self.src,
             dst = self.dst,
             service = %self.service,
@@ -128,6 +136,79 @@ impl Access<'_> {
             mtls = true,
             error = %error,
             "request"
+        );
+    }
+}
+
+/// One finished tunnelled or passed-through connection (TCP, TLS, upgrades), logged
+/// as a single `access` event with the byte counts.
+#[derive(Debug)]
+pub struct TunnelAccess {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `tcp`, `tls`, `upgrade:websocket`, ...
+    pub protocol: String,
+    /// Source identity.
+    pub src: String,
+    /// Destination identity, or `-` outside the mesh.
+    pub dst: String,
+    /// Destination service, `passthrough` outside the mesh.
+    pub service: String,
+    /// Endpoint or app address.
+    pub endpoint: String,
+    /// Where the client was connecting.
+    pub orig_dst: String,
+}
+
+// === impl TunnelAccess ===
+
+impl TunnelAccess {
+    /// A record for a connection from `src` to `orig_dst`.
+    pub fn new(
+        direction: &'static str,
+        protocol: &str,
+        src: &str,
+        orig_dst: impl ToString,
+    ) -> Self {
+        Self {
+            direction,
+            protocol: protocol.to_owned(),
+            src: src.to_owned(),
+            dst: "-".into(),
+            service: "-".into(),
+            endpoint: "-".into(),
+            orig_dst: orig_dst.to_string(),
+        }
+    }
+
+    /// Emits the event (target `access`) and counts the connection.
+    pub fn finish(self, start: Instant, result: Result<(u64, u64), Error>, metrics: &Metrics) {
+        let (sent, received, error) = match &result {
+            Ok((s, r)) => (*s, *r, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics
+            .tcp_connections
+            .get_or_create(&crate::metrics::TcpLabels {
+                direction: self.direction,
+                outcome,
+            })
+            .inc();
+        info!(
+            target: "access",
+            direction = self.direction,
+            protocol = %self.protocol,
+            src = %self.src,
+            dst = %self.dst,
+            service = %self.service,
+            endpoint = %self.endpoint,
+            orig_dst = %self.orig_dst,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            error = %error,
+            "connection"
         );
     }
 }

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -26,8 +26,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use trellis_identity::SpiffeId;
 
+use crate::config::Mode;
 use crate::error::Error;
-use crate::http::{Access, Body, XFCC, error_response, strip_hop_by_hop};
+use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
 
@@ -38,8 +39,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Inbound {
     /// Our identity.
     pub me: SpiffeId,
-    /// The local app.
+    /// The local app (explicit mode); in transparent mode the app port is the one the
+    /// peer originally dialled.
     pub app: SocketAddr,
+    /// Explicit or transparent.
+    pub mode: Mode,
     /// Current certificate.
     pub certs: watch::Receiver<Option<Arc<Certified>>>,
     /// Metrics.
@@ -47,6 +51,9 @@ pub struct Inbound {
     /// Per-request timeout.
     pub request_timeout: Duration,
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 (prior knowledge) to the app, for clients that spoke HTTP/2 (gRPC).
+    client_h2: Client<HttpConnector, Body>,
+    limits: crate::transport::Limits,
 }
 
 /// The authorization decision for a connection.
@@ -78,9 +85,11 @@ impl Inbound {
     pub fn new(
         me: SpiffeId,
         app: SocketAddr,
+        mode: Mode,
         certs: watch::Receiver<Option<Arc<Certified>>>,
         metrics: Metrics,
         request_timeout: Duration,
+        limits: crate::transport::Limits,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -88,14 +97,22 @@ impl Inbound {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .set_host(false)
+            .build(http.clone());
+        let client_h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(true)
+            .set_host(false)
             .build(http);
         Self {
             me,
             app,
+            mode,
+            client_h2,
             certs,
             metrics,
             request_timeout,
             client,
+            limits,
         }
     }
 
@@ -107,6 +124,7 @@ impl Inbound {
         tasks: TaskTracker,
     ) {
         let stop = shutdown.clone();
+        let listener = crate::transport::Listener::new(listener, &self.limits, &self.metrics);
         crate::transport::accept_loop(listener, "inbound", stop, tasks, move |tcp, remote| {
             self.clone().connection(tcp, remote, shutdown.clone())
         })
@@ -119,6 +137,34 @@ impl Inbound {
         remote: SocketAddr,
         shutdown: CancellationToken,
     ) {
+        let fail = |why: &str| {
+            self.metrics
+                .tls_failures
+                .get_or_create(&DirectionLabels {
+                    direction: "inbound",
+                })
+                .inc();
+            warn!(%remote, reason = why, "mTLS handshake refused");
+        };
+        // Where the peer was connecting: in transparent mode that port is the app's.
+        let app_ip = match self.mode {
+            Mode::Explicit => None,
+            Mode::Transparent => match crate::capture::original_dst(&tcp) {
+                Ok(orig) => Some(orig),
+                Err(error) => {
+                    warn!(%remote, %error, "no original destination on a captured inbound connection");
+                    return;
+                }
+            },
+        };
+        // Strict mTLS: a client that does not even start TLS is refused before any byte
+        // reaches the app.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 0x16 => {}
+            Ok(Ok(_)) => return fail("plaintext client on the mTLS port"),
+            _ => return,
+        }
         // Read the certificate per connection so a rotation applies to the next one.
         let Some(certified) = self.certs.borrow().clone() else {
             debug!(%remote, "refusing connection: no certificate yet");
@@ -127,26 +173,8 @@ impl Inbound {
         let acceptor = TlsAcceptor::from(certified.server.clone());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                self.metrics
-                    .tls_failures
-                    .get_or_create(&DirectionLabels {
-                        direction: "inbound",
-                    })
-                    .inc();
-                warn!(%remote, %error, "mTLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                self.metrics
-                    .tls_failures
-                    .get_or_create(&DirectionLabels {
-                        direction: "inbound",
-                    })
-                    .inc();
-                warn!(%remote, "mTLS handshake timed out");
-                return;
-            }
+            Ok(Err(error)) => return fail(&error.to_string()),
+            Err(_) => return fail("handshake timed out"),
         };
         let peer = tls
             .get_ref()
@@ -168,27 +196,60 @@ impl Inbound {
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer).await) }
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer, app_ip).await) }
         });
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(tls), svc);
-        crate::transport::serve_until(conn, &shutdown, remote, "inbound").await;
+        crate::transport::serve_http2(
+            TokioIo::new(tls),
+            svc,
+            &self.limits,
+            &shutdown,
+            remote,
+            "inbound",
+        )
+        .await;
     }
 
-    /// Forwards one request from `peer` to the app.
-    async fn handle(&self, req: Request<Incoming>, peer: &SpiffeId) -> Response<Body> {
+    /// The app address for a request or tunnel: explicit mode's `--app`; in transparent
+    /// mode the loopback address of the family the peer dialled, on `port` (the peer's
+    /// original port, or the tunnel's). Never another host.
+    fn app_addr(&self, orig: Option<SocketAddr>, port: Option<u16>) -> SocketAddr {
+        match orig {
+            None => self.app,
+            Some(o) => {
+                let ip: std::net::IpAddr = if o.is_ipv6() {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                };
+                SocketAddr::new(ip, port.unwrap_or(o.port()))
+            }
+        }
+    }
+
+    /// Forwards one request (or opens one tunnel) from `peer` to the app.
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &SpiffeId,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
+        if req.method() == http::Method::CONNECT {
+            return self.tunnel(req, peer, orig).await;
+        }
         let start = Instant::now();
+        let app = self.app_addr(orig, None);
+        let h2 = req
+            .headers()
+            .get(&ORIG_PROTO)
+            .is_some_and(|v| v == "HTTP/2");
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let access = Access {
             direction: "inbound",
+            protocol: if h2 { "HTTP/2" } else { "HTTP/1.1" },
             src: peer.as_str(),
             dst: self.me.as_str(),
             service: "-".into(),
-            endpoint: self.app.to_string(),
+            endpoint: app.to_string(),
             method: &method,
             authority: req
                 .uri()
@@ -198,7 +259,7 @@ impl Inbound {
             path: &path,
             start,
         };
-        let (resp, err) = match self.forward(req, peer).await {
+        let (resp, err) = match self.forward(req, peer, app, h2).await {
             Ok(r) => (r, None),
             Err(e) => (error_response(&e), Some(e)),
         };
@@ -206,14 +267,43 @@ impl Inbound {
         resp
     }
 
+    async fn tunnel(
+        &self,
+        req: Request<Incoming>,
+        peer: &SpiffeId,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let port = req.uri().port_u16();
+        let app = self.app_addr(orig, port);
+        let mut log = TunnelAccess::new("inbound", "tunnel", peer.as_str(), app);
+        log.dst = self.me.to_string();
+        log.endpoint = app.to_string();
+        let metrics = self.metrics.clone();
+        let start = Instant::now();
+        match crate::tunnel::accept(req, app, move |r| {
+            log.finish(start, r.map_err(|e| Error::Upstream(Box::new(e))), &metrics);
+        })
+        .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                warn!(%peer, %app, error = %e, "tunnel to the app failed");
+                error_response(&e)
+            }
+        }
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         peer: &SpiffeId,
+        app: SocketAddr,
+        h2: bool,
     ) -> Result<Response<Body>, Error> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(a) = parts.uri.authority() {
+        parts.headers.remove(&ORIG_PROTO);
+        if !h2 && let Some(a) = parts.uri.authority() {
             let host =
                 HeaderValue::from_str(a.as_str()).map_err(|_| Error::BadHost(a.to_string()))?;
             parts.headers.insert(HOST, host);
@@ -221,27 +311,56 @@ impl Inbound {
         let xfcc = HeaderValue::from_str(&format!("By={};URI={}", self.me, peer))
             .map_err(|e| Error::Upstream(Box::new(e)))?;
         parts.headers.insert(&XFCC, xfcc);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(self.app.to_string())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| Error::BadHost(e.to_string()))?;
-        parts.version = http::Version::HTTP_11;
+        parts.version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         let req = Request::from_parts(parts, body.boxed_unsync());
-        let resp = tokio::time::timeout(self.request_timeout, self.client.request(req))
+        let client = if h2 { &self.client_h2 } else { &self.client };
+        let resp = tokio::time::timeout(self.request_timeout, send_to(client, app, req))
             .await
-            .map_err(|_| Error::Timeout(self.request_timeout))?
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
+            .map_err(|_| Error::Timeout(self.request_timeout))??;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
+}
+
+/// Sends `req` to the app at `app`, whatever authority the request carries: the
+/// connector is given the app address, the request keeps its own authority.
+async fn send_to(
+    client: &Client<HttpConnector, Body>,
+    app: SocketAddr,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, Error> {
+    // hyper-util's client connects to the URI's authority; for HTTP/2 we keep the
+    // client's :authority in the request but must dial the app, so the URI carries the
+    // app address and the original authority travels as the Host header equivalent.
+    let original = req.uri().authority().cloned();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(app.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Error::BadHost(e.to_string()))?;
+    if req.version() == http::Version::HTTP_2
+        && let Some(a) = original
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        // h2 to the app: the original authority is sent as Host, which hyper turns
+        // into :authority (RFC 9113 8.3.1 allows either).
+        req.headers_mut().insert(HOST, v);
+    }
+    client
+        .request(req)
+        .await
+        .map_err(|e| Error::Upstream(Box::new(e)))
 }
 
 #[cfg(test)]

@@ -17,8 +17,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod config;
 pub mod control;
+pub mod detect;
 pub mod discovery;
 pub mod error;
 pub mod http;
@@ -27,6 +29,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod transport;
+pub mod tunnel;
 
 pub use config::{Args, Config};
 pub use error::{Error, Side};

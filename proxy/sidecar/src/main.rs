@@ -1,17 +1,37 @@
-//! `trellis-proxy`: parse flags, set up logging, run the proxy, exit 64 on bad config.
+//! `trellis-proxy`: parse flags, then either run the proxy (`run`, also with no
+//! subcommand) or program the pod's capture rules (`init`); exit 64 on bad flags.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use trellis_proxy::capture::InitArgs;
 use trellis_proxy::{Args, Config};
 
-/// The Trellis sidecar proxy (explicit mode).
+/// The Trellis sidecar proxy.
+///
+/// With no subcommand, the flags are those of `run` (how local runs and the demo start it).
 #[derive(Debug, Parser)]
-#[command(name = "trellis-proxy", version, about)]
+#[command(
+    name = "trellis-proxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
-    args: Args,
+    run: Option<Args>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run(Box<Args>),
+    /// Program this network namespace's iptables so the app's TCP is captured by the
+    /// proxy (run once per pod, as root, before the app starts).
+    Init(InitArgs),
 }
 
 /// EX_CONFIG from sysexits.h: the configuration is wrong.
@@ -34,8 +54,34 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    match (cli.command, cli.run) {
+        (Some(Command::Init(args)), _) => init(&args),
+        (Some(Command::Run(args)), _) => run(*args),
+        (None, Some(args)) => run(args),
+        // clap refuses an empty command line (`run` has required flags), so this is
+        // only reached if that changes: still a configuration error.
+        (None, None) => {
+            eprintln!("trellis-proxy: no subcommand and no flags; see --help");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `trellis-proxy init`.
+fn init(args: &InitArgs) -> ExitCode {
+    match trellis_proxy::capture::run_init(args, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-proxy init: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `trellis-proxy run`.
+fn run(args: Args) -> ExitCode {
     init_tracing();
-    let cfg = match Config::try_from(cli.args) {
+    let cfg = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("trellis-proxy: invalid configuration: {e}");

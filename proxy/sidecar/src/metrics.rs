@@ -17,11 +17,27 @@ pub struct RequestLabels {
     pub status_code: u16,
 }
 
+/// Labels of a finished tunnelled connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
 /// Labels of a direction-only metric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DirectionLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
+}
+
+/// Labels of a per-listener metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `outbound`, `inbound` or `admin`.
+    pub listener: &'static str,
 }
 
 /// All proxy metrics.
@@ -31,6 +47,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Request latency by direction.
     pub request_duration: Family<DirectionLabels, Histogram>,
+    /// Tunnelled or passed-through connections (TCP, TLS, upgrades) by outcome.
+    pub tcp_connections: Family<TcpLabels, Counter>,
     /// Failed mTLS handshakes by direction.
     pub tls_failures: Family<DirectionLabels, Counter>,
     /// The discovery version this proxy applied.
@@ -41,6 +59,10 @@ pub struct Metrics {
     pub discovery_nacks: Counter,
     /// Unix time the current certificate expires.
     pub cert_expiry: Gauge,
+    /// Connections open now, by listener.
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Connections closed at accept because the listener was full, by listener.
+    pub connections_refused: Family<ListenerLabels, Counter>,
 }
 
 // === impl Metrics ===
@@ -54,10 +76,13 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
             tls_failures: Family::default(),
+            tcp_connections: Family::default(),
             discovery_version: Gauge::default(),
             discovery_connected: Gauge::default(),
             discovery_nacks: Counter::default(),
             cert_expiry: Gauge::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis_proxy");
         r.register("requests", "HTTP requests handled", m.requests.clone());
@@ -65,6 +90,11 @@ impl Metrics {
             "request_duration_seconds",
             "Time from request received to response headers",
             m.request_duration.clone(),
+        );
+        r.register(
+            "tcp_connections",
+            "Tunnelled or passed-through TCP connections",
+            m.tcp_connections.clone(),
         );
         r.register(
             "tls_handshake_failures",
@@ -90,6 +120,16 @@ impl Metrics {
             "certificate_expiration_timestamp_seconds",
             "Unix time the workload certificate expires",
             m.cert_expiry.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Connections open, by listener",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at accept because the listener was at --max-connections",
+            m.connections_refused.clone(),
         );
         m
     }

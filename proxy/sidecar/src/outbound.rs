@@ -1,63 +1,92 @@
-//! App -> mesh. Explicit mode: the app sends plain HTTP/1.1 to the outbound listener (as
-//! to an HTTP proxy, absolute-form or with a Host header); the proxy routes the authority
-//! to a service endpoint and forwards over mTLS (HTTP/2, one multiplexed connection per
-//! peer) after checking the peer proves the identity discovery named for it.
+//! App -> mesh.
+//!
+//! Explicit mode: the app sends HTTP/1.1 to the outbound listener as to an HTTP proxy;
+//! the authority names the service. Transparent mode: iptables sends every outbound TCP
+//! connection here; its original destination says where it was going, protocol detection
+//! says what it speaks:
 //!
 //! ```text
-//! listen -> authority -> route (pure) -> pick endpoint -> mTLS connect (pooled) -> peer
+//! accept -> original dst -> mesh service / endpoint?  -- no --> passthrough TCP to it
+//!                 | yes
+//!                 v
+//!           detect (peek) -> HTTP/1, HTTP/2: per request: pick endpoint (P2C peak-EWMA)
+//!                                            -> pooled mTLS HTTP/2 to the peer proxy
+//!                         -> TLS, upgrade, opaque, server-first: CONNECT tunnel on the
+//!                                            same pooled connection
 //! ```
 
+pub mod balance;
+pub mod pool;
 pub mod route;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 use trellis_identity::SpiffeId;
 
+use crate::config::Mode;
+use crate::detect::Protocol;
 use crate::error::Error;
-use crate::http::{Access, Body, XFCC, error_response, strip_hop_by_hop};
+use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
 use crate::identity::Certified;
-use crate::metrics::{DirectionLabels, Metrics};
-use route::View;
+use crate::metrics::Metrics;
+use balance::Balancer;
+use pool::Pool;
+use route::{Target, View, endpoint_identity};
 
-/// How long connecting (TCP + mTLS) to a peer may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Settings of the outbound side.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Explicit or transparent.
+    pub mode: Mode,
+    /// Per-request timeout (to response headers).
+    pub request_timeout: Duration,
+    /// Protocol detection timeout.
+    pub detect_timeout: Duration,
+    /// Ports forwarded as opaque TCP without detection.
+    pub opaque_ports: Vec<u16>,
+    /// The proxy's own listener ports: a captured connection to one is a loop.
+    pub own_ports: Vec<u16>,
+    /// Connection and HTTP limits.
+    pub limits: crate::transport::Limits,
+}
 
 /// Shared state of the outbound side.
 pub struct Outbound {
-    /// Our identity, for the access log.
-    pub me: SpiffeId,
-    /// Current certificate.
-    pub certs: watch::Receiver<Option<Arc<Certified>>>,
-    /// Current discovery view.
-    pub view: watch::Receiver<Arc<View>>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Per-request timeout.
-    pub request_timeout: Duration,
-    /// Time allowed for a request head.
-    pub header_read_timeout: Duration,
+    me: SpiffeId,
+    certs: watch::Receiver<Option<Arc<Certified>>>,
+    view: watch::Receiver<Arc<View>>,
+    metrics: Metrics,
+    settings: Settings,
     pool: Pool,
+    balancer: Balancer,
 }
 
-/// HTTP/2 connections to peers, one per (address, identity).
-#[derive(Default)]
-struct Pool {
-    conns: Mutex<HashMap<(SocketAddr, SpiffeId), http2::SendRequest<Body>>>,
+/// How the requests of one app connection are routed.
+#[derive(Debug, Clone)]
+enum Routing {
+    /// By each request's authority (explicit mode).
+    ByHost,
+    /// Every request to the connection's original destination (transparent mode).
+    Fixed(Box<Target>),
+}
+
+/// The app-side HTTP version, carried to the peer so it speaks the same to its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppProto {
+    Http1,
+    Http2,
 }
 
 // === impl Outbound ===
@@ -69,17 +98,16 @@ impl Outbound {
         certs: watch::Receiver<Option<Arc<Certified>>>,
         view: watch::Receiver<Arc<View>>,
         metrics: Metrics,
-        request_timeout: Duration,
-        header_read_timeout: Duration,
+        settings: Settings,
     ) -> Self {
         Self {
             me,
             certs,
             view,
             metrics,
-            request_timeout,
-            header_read_timeout,
+            settings,
             pool: Pool::default(),
+            balancer: Balancer::new(),
         }
     }
 
@@ -90,35 +118,173 @@ impl Outbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
+        let reaper = self.clone();
         let stop = shutdown.clone();
+        tokio::spawn(async move {
+            // Peer connections nobody used for a while are closed.
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { reaper.pool.reap(Duration::from_secs(90)); }
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+        let stop = shutdown.clone();
+        let listener =
+            crate::transport::Listener::new(listener, &self.settings.limits, &self.metrics);
         crate::transport::accept_loop(listener, "outbound", stop, tasks, move |tcp, remote| {
             let this = self.clone();
             let shutdown = shutdown.clone();
-            let header_read_timeout = this.header_read_timeout;
             async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    // Slow-header clients are cut; the header block is capped at 64 KiB.
-                    .header_read_timeout(header_read_timeout)
-                    .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(tcp), svc);
-                crate::transport::serve_until(conn, &shutdown, remote, "outbound").await;
+                match this.settings.mode {
+                    Mode::Explicit => {
+                        this.serve_http(tcp, remote, AppProto::Http1, Routing::ByHost, &shutdown)
+                            .await
+                    }
+                    Mode::Transparent => this.transparent(tcp, remote, &shutdown).await,
+                }
             }
         })
         .await;
     }
 
+    /// One captured connection: where was it going, and what does it speak?
+    async fn transparent(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        shutdown: &CancellationToken,
+    ) {
+        let orig = match crate::capture::original_dst(&tcp) {
+            Ok(a) => a,
+            Err(error) => {
+                warn!(%remote, %error, "no original destination: is the connection captured by `trellis-proxy init`?");
+                return;
+            }
+        };
+        if self.is_loop(orig) {
+            warn!(%remote, %orig, "refusing a connection addressed to the proxy itself (capture loop)");
+            return;
+        }
+        let target = self.view.borrow().lookup(orig);
+        let opaque = self.settings.opaque_ports.contains(&orig.port())
+            || target
+                .as_ref()
+                .is_some_and(|t| t.port.protocol == trellis_api::Protocol::Tcp);
+        let proto = if opaque {
+            Protocol::Opaque
+        } else {
+            match crate::detect::detect(&tcp, self.settings.detect_timeout).await {
+                Ok(p) => p,
+                Err(error) => {
+                    debug!(%remote, %error, "connection failed during protocol detection");
+                    return;
+                }
+            }
+        };
+        match (proto, target) {
+            (Protocol::Http1 { upgrade: Some(u) }, Some(t)) if u != "h2c" => {
+                // WebSocket and other upgrades: the bytes go through as they are and the
+                // server-side app performs the upgrade itself.
+                self.tunnel(tcp, orig, t, &format!("upgrade:{u}")).await;
+            }
+            (Protocol::Http1 { .. }, Some(t)) => {
+                // An h2c upgrade is served as plain HTTP/1.1: the Upgrade header is
+                // hop-by-hop and dropped, so the server never switches (smuggling history).
+                self.serve_http(
+                    tcp,
+                    remote,
+                    AppProto::Http1,
+                    Routing::Fixed(Box::new(t)),
+                    shutdown,
+                )
+                .await;
+            }
+            (Protocol::Http2, Some(t)) => {
+                self.serve_http(
+                    tcp,
+                    remote,
+                    AppProto::Http2,
+                    Routing::Fixed(Box::new(t)),
+                    shutdown,
+                )
+                .await
+            }
+            (Protocol::Tls { .. }, Some(t)) => self.tunnel(tcp, orig, t, "tls").await,
+            (Protocol::Opaque, Some(t)) => self.tunnel(tcp, orig, t, "tcp").await,
+            (Protocol::Tls { sni: Some(sni) }, None) => {
+                let by_name = self.view.borrow().lookup_sni(&sni, orig.port());
+                match by_name {
+                    Some(t) => self.tunnel(tcp, orig, t, "tls").await,
+                    None => self.passthrough(tcp, orig, "tls").await,
+                }
+            }
+            (p, None) => self.passthrough(tcp, orig, protocol_label(&p)).await,
+        }
+    }
+
+    /// A captured connection to one of our own ports would come straight back here.
+    fn is_loop(&self, orig: SocketAddr) -> bool {
+        self.settings.own_ports.contains(&orig.port())
+            && (orig.ip().is_loopback() || orig.ip().is_unspecified())
+    }
+
+    /// Serves HTTP on an app connection, forwarding each request into the mesh.
+    async fn serve_http(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        proto: AppProto,
+        routing: Routing,
+        shutdown: &CancellationToken,
+    ) {
+        let limits = self.settings.limits.clone();
+        let routing = Arc::new(routing);
+        let svc = hyper::service::service_fn(move |req| {
+            let this = self.clone();
+            let routing = routing.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &routing, proto).await) }
+        });
+        match proto {
+            AppProto::Http1 => {
+                crate::transport::serve_http1(
+                    TokioIo::new(tcp),
+                    svc,
+                    &limits,
+                    shutdown,
+                    remote,
+                    "outbound",
+                )
+                .await
+            }
+            AppProto::Http2 => {
+                crate::transport::serve_http2(
+                    TokioIo::new(tcp),
+                    svc,
+                    &limits,
+                    shutdown,
+                    remote,
+                    "outbound",
+                )
+                .await
+            }
+        }
+    }
+
     /// Handles one request from the app.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        routing: &Routing,
+        proto: AppProto,
+    ) -> Response<Body> {
         let start = Instant::now();
         let authority = authority_of(&req);
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let mut access = Access {
             direction: "outbound",
+            protocol: proto.label(),
             src: self.me.as_str(),
             dst: "-",
             service: "-".into(),
@@ -131,7 +297,9 @@ impl Outbound {
             path: &path,
             start,
         };
-        let result = self.forward(req, authority, &mut access).await;
+        let result = self
+            .forward(req, authority, routing, proto, &mut access)
+            .await;
         let (dst, resp, err) = match result {
             Ok((dst, resp)) => (Some(dst), resp, None),
             Err(e) => (None, error_response(&e), Some(e)),
@@ -146,44 +314,47 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         authority: Result<http::uri::Authority, Error>,
+        routing: &Routing,
+        proto: AppProto,
         access: &mut Access<'_>,
     ) -> Result<(SpiffeId, Response<Body>), Error> {
-        let authority = authority?;
         if req.method() == Method::CONNECT {
-            return Err(Error::BadHost(format!(
-                "{authority}: CONNECT tunnelling is not supported yet"
-            )));
+            return Err(Error::BadHost(
+                "CONNECT tunnelling through the proxy is not supported".into(),
+            ));
         }
-        let Some(certified) = self.certs.borrow().clone() else {
-            return Err(Error::NotReady("no certificate yet"));
-        };
-        let target = {
-            let view = self.view.borrow().clone();
-            if view.snapshot.version == 0 {
-                return Err(Error::NotReady("no discovery view yet"));
+        let target = match routing {
+            Routing::Fixed(t) => (**t).clone(),
+            Routing::ByHost => {
+                let authority = authority
+                    .as_ref()
+                    .map_err(|e| Error::BadHost(e.to_string()))?;
+                let view = self.view.borrow().clone();
+                if view.snapshot.version == 0 {
+                    return Err(Error::NotReady("no discovery view yet"));
+                }
+                view.route(authority)?
             }
-            view.route(&authority)?
+        };
+        // Transparent mode keeps whatever authority the app used (or the original
+        // destination): the peer's app sees the request as it was sent.
+        let authority = match authority {
+            Ok(a) => a,
+            Err(_) if matches!(routing, Routing::Fixed(_)) => target_authority(&target),
+            Err(e) => return Err(e),
         };
         access.service = target.service.to_string();
-        access.endpoint = target.endpoint.address.to_string();
-        let tls = certified
-            .client_config(&target.identity)
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
-        let mut sender = self
-            .pool
-            .get(
-                target.endpoint.address,
-                &target.identity,
-                tls,
-                &self.metrics,
-            )
-            .await?;
+        let (mut sender, endpoint, identity) = self.connect(&target).await?;
+        access.endpoint = endpoint.to_string();
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(http::header::HOST);
         // Only the inbound proxy may state who the caller is.
         parts.headers.remove(&XFCC);
+        parts
+            .headers
+            .insert(&ORIG_PROTO, HeaderValue::from_static(proto.label()));
         let path = parts
             .uri
             .path_and_query()
@@ -198,18 +369,122 @@ impl Outbound {
         parts.version = http::Version::HTTP_2;
         let upstream = Request::from_parts(parts, body.boxed_unsync());
 
-        let resp = tokio::time::timeout(self.request_timeout, sender.send_request(upstream))
+        let in_flight = self.balancer.start(endpoint);
+        let timeout = self.settings.request_timeout;
+        let resp = tokio::time::timeout(timeout, sender.send_request(upstream))
             .await
-            .map_err(|_| Error::Timeout(self.request_timeout))?
+            .map_err(|_| Error::Timeout(timeout))?
             .map_err(|e| Error::Upstream(Box::new(e)))?;
+        in_flight.finish();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        parts.version = http::Version::HTTP_11;
-        Ok((
-            target.identity,
-            Response::from_parts(parts, body.boxed_unsync()),
-        ))
+        parts.version = match proto {
+            AppProto::Http1 => http::Version::HTTP_11,
+            AppProto::Http2 => http::Version::HTTP_2,
+        };
+        Ok((identity, Response::from_parts(parts, body.boxed_unsync())))
     }
+
+    /// Picks an endpoint for `target` and returns a pooled connection to it.
+    async fn connect(
+        &self,
+        target: &Target,
+    ) -> Result<
+        (
+            hyper::client::conn::http2::SendRequest<Body>,
+            SocketAddr,
+            SpiffeId,
+        ),
+        Error,
+    > {
+        let Some(certified) = self.certs.borrow().clone() else {
+            return Err(Error::NotReady("no certificate yet"));
+        };
+        let endpoint = match &target.pinned {
+            Some(e) => e.clone(),
+            None => self
+                .balancer
+                .pick(&target.port.endpoints)
+                .cloned()
+                .ok_or_else(|| Error::NoEndpoints(target.service.to_string()))?,
+        };
+        let identity = endpoint_identity(&endpoint)?;
+        let tls = certified
+            .client_config(&identity)
+            .map_err(|e| Error::Upstream(Box::new(e)))?;
+        let sender = self
+            .pool
+            .get(endpoint.address, &identity, tls, &self.metrics)
+            .await?;
+        Ok((sender, endpoint.address, identity))
+    }
+
+    /// Carries a connection's bytes to a mesh endpoint in a CONNECT tunnel.
+    async fn tunnel(&self, tcp: TcpStream, orig: SocketAddr, target: Target, protocol: &str) {
+        let start = Instant::now();
+        let mut log = TunnelAccess::new("outbound", protocol, self.me.as_str(), orig);
+        log.service = target.service.to_string();
+        let result = async {
+            let (mut sender, endpoint, identity) = self.connect(&target).await?;
+            log.endpoint = endpoint.to_string();
+            log.dst = identity.to_string();
+            let upgraded = crate::tunnel::open(&mut sender, endpoint).await?;
+            crate::tunnel::splice(tcp, upgraded)
+                .await
+                .map_err(|e| Error::Upstream(Box::new(e)))
+        }
+        .await;
+        log.finish(start, result, &self.metrics);
+    }
+
+    /// Forwards a connection to a destination outside the mesh, untouched.
+    async fn passthrough(&self, mut tcp: TcpStream, orig: SocketAddr, protocol: &str) {
+        let start = Instant::now();
+        let mut log = TunnelAccess::new("outbound", protocol, self.me.as_str(), orig);
+        log.service = "passthrough".into();
+        log.endpoint = orig.to_string();
+        let result = async {
+            // The proxy's own traffic (UID 1337) is not captured, so this goes straight out.
+            let mut upstream = TcpStream::connect(orig)
+                .await
+                .map_err(|source| Error::Connect { addr: orig, source })?;
+            let _ = upstream.set_nodelay(true);
+            tokio::io::copy_bidirectional(&mut tcp, &mut upstream)
+                .await
+                .map_err(|e| Error::Upstream(Box::new(e)))
+        }
+        .await;
+        log.finish(start, result, &self.metrics);
+    }
+}
+
+// === impl AppProto ===
+
+impl AppProto {
+    fn label(self) -> &'static str {
+        match self {
+            AppProto::Http1 => "HTTP/1.1",
+            AppProto::Http2 => "HTTP/2",
+        }
+    }
+}
+
+fn protocol_label(p: &Protocol) -> &'static str {
+    match p {
+        Protocol::Http1 { .. } => "http/1.1",
+        Protocol::Http2 => "h2",
+        Protocol::Tls { .. } => "tls",
+        Protocol::Opaque => "tcp",
+    }
+}
+
+/// An authority for a request that named none: the service's first address, or the
+/// pinned endpoint.
+fn target_authority(t: &Target) -> http::uri::Authority {
+    let host = format!("{}.{}", t.service.name, t.service.namespace);
+    format!("{host}:{}", t.port.port)
+        .parse()
+        .unwrap_or_else(|_| http::uri::Authority::from_static("unknown"))
 }
 
 /// The request's authority: the absolute-form URI's, else the Host header.
@@ -222,66 +497,6 @@ fn authority_of<B>(req: &Request<B>) -> Result<http::uri::Authority, Error> {
         .to_str()
         .map_err(|_| Error::BadHost(String::from_utf8_lossy(host.as_bytes()).into_owned()))?;
     host.parse().map_err(|_| Error::BadHost(host.to_owned()))
-}
-
-// === impl Pool ===
-
-impl Pool {
-    async fn get(
-        &self,
-        addr: SocketAddr,
-        id: &SpiffeId,
-        tls: Arc<rustls::ClientConfig>,
-        metrics: &Metrics,
-    ) -> Result<http2::SendRequest<Body>, Error> {
-        let key = (addr, id.clone());
-        {
-            let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = conns.get(&key).filter(|s| !s.is_closed()) {
-                return Ok(s.clone());
-            }
-        }
-        let connect = async {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from("trellis-peer")
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            TlsConnector::from(tls).connect(name, tcp).await
-        };
-        let tls_stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                if source.kind() == std::io::ErrorKind::InvalidData {
-                    metrics
-                        .tls_failures
-                        .get_or_create(&DirectionLabels {
-                            direction: "outbound",
-                        })
-                        .inc();
-                }
-                return Err(Error::Connect { addr, source });
-            }
-            Err(_) => {
-                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-                return Err(Error::Connect { addr, source });
-            }
-        };
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(tls_stream))
-            .await
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                debug!(%error, %addr, "peer connection ended");
-            }
-        });
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.retain(|_, s| !s.is_closed());
-        conns.insert(key, sender.clone());
-        Ok(sender)
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod apps;
 mod bad_config;
+mod capture;
 mod control_plane_down;
+mod generated;
+mod limits;
 mod mtls;
+mod protocols;
 mod request_path;

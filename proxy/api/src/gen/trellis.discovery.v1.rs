@@ -79,6 +79,11 @@ pub struct Service {
     pub hostnames: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(message, repeated, tag = "4")]
     pub ports: ::prost::alloc::vec::Vec<ServicePort>,
+    /// The service's virtual IPs (Kubernetes clusterIP / clusterIPs), IPv4 or IPv6, e.g.
+    /// "10.96.0.10" or "fd00::a". Only proxies resolve them: a connection a proxy captured
+    /// to `<address>:<port>` of one of `ports` goes to this service.
+    #[prost(string, repeated, tag = "5")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServicePort {

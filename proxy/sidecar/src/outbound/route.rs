@@ -2,9 +2,11 @@
 //! the discovery view, so it is table-tested without sockets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 
-use trellis_api::{Endpoint, MeshSnapshot, Protocol, ServiceKey};
+use trellis_api::{
+    AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey, ServicePort,
+};
 use trellis_identity::SpiffeId;
 
 use crate::error::Error;
@@ -19,21 +21,19 @@ pub struct View {
     pub snapshot: MeshSnapshot,
     /// host name (lowercase, no port) -> service.
     hosts: HashMap<String, ServiceKey>,
-    /// Round-robin cursor (peak-EWMA balancing comes with the data-plane issue).
-    cursor: AtomicUsize,
+    /// service and endpoint addresses -> what they are.
+    index: AddressIndex,
 }
 
-/// Where a request goes.
+/// The service port a request or connection is for, before an endpoint is picked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The service.
     pub service: ServiceKey,
     /// The service port addressed.
-    pub port: u16,
-    /// The endpoint chosen.
-    pub endpoint: Endpoint,
-    /// The identity the endpoint must prove.
-    pub identity: SpiffeId,
+    pub port: ServicePort,
+    /// An endpoint the client chose itself (it dialled a pod address); no balancing.
+    pub pinned: Option<Endpoint>,
 }
 
 // === impl View ===
@@ -58,14 +58,15 @@ impl View {
                 hosts.entry(h).or_insert_with(|| key.clone());
             }
         }
+        let index = AddressIndex::new(&snapshot);
         Self {
             snapshot,
             hosts,
-            cursor: AtomicUsize::new(0),
+            index,
         }
     }
 
-    /// Routes an authority (`host[:port]`, port 80 when absent) to an endpoint.
+    /// Routes an authority (`host[:port]`, port 80 when absent) to an HTTP service port.
     pub fn route(&self, authority: &http::uri::Authority) -> Result<Target, Error> {
         let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
         let port = authority.port_u16().unwrap_or(80);
@@ -87,23 +88,53 @@ impl View {
                     "{authority} (service {key} has no HTTP port {port})"
                 ))
             })?;
-        if sp.endpoints.is_empty() {
-            return Err(Error::NoEndpoints(key.to_string()));
-        }
-        let i = self.cursor.fetch_add(1, Ordering::Relaxed) % sp.endpoints.len();
-        let endpoint = sp.endpoints[i].clone();
-        let identity =
-            SpiffeId::parse(&endpoint.identity).map_err(|_| Error::BadEndpointIdentity {
-                addr: endpoint.address,
-                identity: endpoint.identity.clone(),
-            })?;
         Ok(Target {
             service: key.clone(),
-            port,
-            endpoint,
-            identity,
+            port: sp.clone(),
+            pinned: None,
         })
     }
+
+    /// What a captured connection's original destination is in the mesh: a service
+    /// address and port, or one endpoint (the client dialled a pod directly).
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Target> {
+        match self.index.lookup(dst)? {
+            Destination::Service { service, port } => Some(Target {
+                service: service.key.clone(),
+                port: port.clone(),
+                pinned: None,
+            }),
+            Destination::Endpoint {
+                service,
+                port,
+                endpoint,
+            } => Some(Target {
+                service: service.key.clone(),
+                port: port.clone(),
+                pinned: Some(endpoint.clone()),
+            }),
+        }
+    }
+
+    /// A mesh service named by a TLS server name, on `port` (any protocol).
+    pub fn lookup_sni(&self, sni: &str, port: u16) -> Option<Target> {
+        let key = self.hosts.get(sni.trim_end_matches('.'))?;
+        let svc = self.snapshot.services.get(key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        Some(Target {
+            service: key.clone(),
+            port: sp.clone(),
+            pinned: None,
+        })
+    }
+}
+
+/// The identity an endpoint must prove.
+pub fn endpoint_identity(endpoint: &Endpoint) -> Result<SpiffeId, Error> {
+    SpiffeId::parse(&endpoint.identity).map_err(|_| Error::BadEndpointIdentity {
+        addr: endpoint.address,
+        identity: endpoint.identity.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -133,6 +164,11 @@ mod tests {
                     Service {
                         key,
                         hostnames,
+                        addresses: if name == "web" {
+                            vec!["10.96.0.10".parse().unwrap()]
+                        } else {
+                            vec![]
+                        },
                         ports: vec![ServicePort {
                             name: "p".into(),
                             port,
@@ -199,7 +235,8 @@ mod tests {
         ] {
             let t = route(&v, a).unwrap_or_else(|e| panic!("{a}: {e}"));
             assert_eq!(t.service, ServiceKey::new("demo", "web"), "{a}");
-            assert_eq!(t.identity.service_account(), "web");
+            assert_eq!(t.port.endpoints.len(), 2);
+            assert_eq!(t.pinned, None);
         }
     }
 
@@ -208,7 +245,9 @@ mod tests {
         let v = view();
         assert!(matches!(route(&v, "api:8080"), Err(Error::NoRoute(_))));
         assert_eq!(
-            route(&v, "api.other:8080").unwrap().endpoint.address.port(),
+            route(&v, "api.other:8080").unwrap().port.endpoints[0]
+                .address
+                .port(),
             4
         );
         assert_eq!(
@@ -218,26 +257,56 @@ mod tests {
     }
 
     #[test]
-    fn round_robins_endpoints() {
-        let v = view();
-        let a = route(&v, "web").unwrap().endpoint.address.port();
-        let b = route(&v, "web").unwrap().endpoint.address.port();
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn unknown_wrong_port_tcp_and_empty_are_errors() {
+    fn unknown_wrong_port_and_tcp_ports_do_not_route_http() {
         let v = view();
         assert!(matches!(route(&v, "nope.demo"), Err(Error::NoRoute(_))));
         assert!(matches!(route(&v, "web.demo:81"), Err(Error::NoRoute(_))));
         assert!(matches!(route(&v, "db.demo:5432"), Err(Error::NoRoute(_))));
+        assert!(route(&v, "empty.demo").unwrap().port.endpoints.is_empty());
+    }
+
+    #[test]
+    fn invalid_endpoint_identity_is_an_error() {
+        let v = view();
+        let t = route(&v, "bad.demo").unwrap();
         assert!(matches!(
-            route(&v, "empty.demo"),
-            Err(Error::NoEndpoints(_))
-        ));
-        assert!(matches!(
-            route(&v, "bad.demo"),
+            endpoint_identity(&t.port.endpoints[0]),
             Err(Error::BadEndpointIdentity { .. })
         ));
+        assert!(endpoint_identity(&route(&v, "web").unwrap().port.endpoints[0]).is_ok());
+    }
+
+    #[test]
+    fn original_destinations_resolve_to_services_and_pinned_endpoints() {
+        let v = view();
+        let t = v.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!((t.service.name.as_str(), t.pinned.is_none()), ("web", true));
+        let t = v.lookup("127.0.0.1:2".parse().unwrap()).unwrap();
+        assert_eq!(
+            t.pinned.unwrap().address.port(),
+            2,
+            "a pod address pins its endpoint"
+        );
+        assert!(v.lookup("10.96.0.10:81".parse().unwrap()).is_none());
+        assert!(v.lookup("192.0.2.1:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn tls_server_names_resolve_to_services() {
+        let v = view();
+        assert_eq!(
+            v.lookup_sni("web.demo.svc.cluster.local", 80)
+                .unwrap()
+                .service
+                .name,
+            "web"
+        );
+        assert_eq!(
+            v.lookup_sni("db.demo", 5432).unwrap().service.name,
+            "db",
+            "any protocol"
+        );
+        assert!(v.lookup_sni("web.demo", 443).is_none());
+        assert!(v.lookup_sni("example.com", 443).is_none());
     }
 }

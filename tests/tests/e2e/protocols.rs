@@ -1,0 +1,368 @@
+//! Every protocol through two captured pods: app A -> iptables -> proxy A -> mTLS
+//! (HTTP/2, CONNECT tunnels for byte streams) -> iptables -> proxy B -> app B. The apps
+//! know nothing about the mesh: they dial the Service's virtual IP (or a pod IP).
+
+use std::time::Duration;
+
+use trellis_e2e::apps::{
+    self, Recorder, TlsCert, WsFrame, echo_request, grpc_server, h2c_upgrade, http_big_download,
+    http_big_upload, http_chunked_upload, http_expect_continue, http_get, http_keep_alive,
+    http_server, tcp_echo, tcp_echo_server, tcp_greeting_echo, tcp_greeting_server, tls_echo,
+    tls_echo_server, ws_echo, ws_handshake, ws_server,
+};
+use trellis_e2e::captured::{CLIENT_ID, CapturedMesh, SERVER_ID, ports};
+use trellis_e2e::wait_until;
+
+async fn mesh() -> CapturedMesh {
+    CapturedMesh::start().await.expect("captured mesh")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_passes_intact_with_identities() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let _app = m
+        .server
+        .spawn(move || http_server(ports::HTTP, "server-1", r));
+    let vip = m.service(ports::HTTP);
+
+    let resp = m
+        .client
+        .run(move || async move { http_get(vip, "/hello?x=1").await })
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}\n{}", resp.text(), m.log("client-1"));
+    let got = rec.last().unwrap();
+    assert_eq!(got.target, "/hello?x=1");
+    assert_eq!(
+        got.caller().as_deref(),
+        Some(CLIENT_ID),
+        "the server app sees the client's identity"
+    );
+
+    // Keep-alive: two requests on one app connection.
+    let both = m
+        .client
+        .run(move || async move { http_keep_alive(vip, &["/a", "/b"]).await })
+        .await
+        .unwrap();
+    assert_eq!(
+        both.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [200, 200]
+    );
+
+    // Chunked request body, re-framed but byte-identical.
+    let resp = m
+        .client
+        .run(move || async move {
+            http_chunked_upload(vip, "/echo", &[b"one-", b"two-", b"three"]).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(rec.last().unwrap().body, b"one-two-three");
+
+    // Expect: 100-continue: the client gets its 100 before sending the body.
+    let resp = m
+        .client
+        .run(move || async move { http_expect_continue(vip, "/echo", b"after-100").await })
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.informational.contains(&100),
+        "no 100 Continue: {resp:?}"
+    );
+    assert_eq!(rec.last().unwrap().body, b"after-100");
+
+    // Large bodies both ways, streamed (64 MiB is far more than any buffer we hold).
+    const BIG: u64 = 64 * 1024 * 1024;
+    let up = m
+        .client
+        .run(move || async move { http_big_upload(vip, "/sink", BIG).await })
+        .await
+        .unwrap();
+    assert_eq!(up.status, 200);
+    assert_eq!(rec.last().unwrap().body_len, BIG);
+    let down = m
+        .client
+        .run(move || async move { http_big_download(vip, BIG).await })
+        .await
+        .unwrap();
+    assert_eq!((down.status, down.body_len), (200, BIG));
+
+    // Chunked response streamed through.
+    let resp = m
+        .client
+        .run(move || async move { http_get(vip, "/chunked?n=5").await })
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.chunked && resp.chunks >= 5, "{resp:?}");
+
+    // Dialling the pod IP directly still goes through the mesh (pinned endpoint).
+    let pod = std::net::SocketAddr::new(m.server.ip.into(), ports::HTTP);
+    let resp = m
+        .client
+        .run(move || async move { http_get(pod, "/direct").await })
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(rec.last().unwrap().caller().as_deref(), Some(CLIENT_ID));
+
+    let inbound: Vec<_> = m
+        .access_log("server-1")
+        .into_iter()
+        .filter(|l| l.contains("direction=\"inbound\""))
+        .collect();
+    assert!(
+        inbound
+            .iter()
+            .any(|l| l.contains(&format!("src=\"{CLIENT_ID}\"")) && l.contains("path=\"/hello\"")),
+        "{inbound:#?}"
+    );
+    let outbound = m.access_log("client-1");
+    assert!(
+        outbound
+            .iter()
+            .any(|l| l.contains(&format!("dst=\"{SERVER_ID}\"")) && l.contains("service=demo/web")),
+        "{outbound:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streams_keep_status_trailers_and_deadlines() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let _app = m.server.spawn(move || grpc_server(ports::GRPC, r));
+    let url = m.service(ports::GRPC).to_string();
+
+    let calls = m
+        .client
+        .run(move || async move {
+            let mut c = apps::GrpcClient::connect(url).await.unwrap();
+            let unary = c.unary(echo_request("hi"), None).await;
+            let server_stream = c
+                .server_stream(
+                    apps::EchoRequest {
+                        message: "s".into(),
+                        count: 5,
+                        ..Default::default()
+                    },
+                    None,
+                )
+                .await;
+            let client_stream = c
+                .client_stream(
+                    vec![echo_request("a"), echo_request("b"), echo_request("c")],
+                    None,
+                )
+                .await;
+            let bidi = c
+                .bidi(vec![echo_request("x"), echo_request("y")], None)
+                .await;
+            let failed = c
+                .unary(
+                    apps::EchoRequest {
+                        message: "no".into(),
+                        fail_code: 5,
+                        ..Default::default()
+                    },
+                    None,
+                )
+                .await;
+            let late = c
+                .unary(
+                    apps::EchoRequest {
+                        message: "slow".into(),
+                        delay_ms: 2000,
+                        ..Default::default()
+                    },
+                    Some(Duration::from_millis(200)),
+                )
+                .await;
+            (unary, server_stream, client_stream, bidi, failed, late)
+        })
+        .await;
+    let (unary, server_stream, client_stream, bidi, failed, late) = calls;
+    assert!(unary.is_ok(), "{unary:?}\n{}", m.log("client-1"));
+    assert_eq!(unary.messages(), ["hi"]);
+    assert_eq!(
+        unary.replies[0].caller, CLIENT_ID,
+        "the gRPC server sees the client's identity"
+    );
+    assert!(server_stream.is_ok());
+    assert_eq!(server_stream.replies.len(), 5);
+    assert!(client_stream.is_ok());
+    assert_eq!(client_stream.messages().concat(), "a,b,c");
+    assert!(bidi.is_ok());
+    assert_eq!(bidi.messages(), ["x", "y"]);
+    // grpc-status, message and custom trailers survive both proxies.
+    assert_eq!(failed.code, tonic::Code::NotFound, "{failed:?}");
+    assert!(
+        failed.trailer("x-detail").is_some(),
+        "custom trailer lost: {failed:?}"
+    );
+    assert_eq!(late.code, tonic::Code::DeadlineExceeded, "{late:?}");
+    assert!(rec.len() >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_and_h2c_is_refused() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let (r1, r2) = (rec.clone(), rec.clone());
+    let _ws = m.server.spawn(move || ws_server(ports::WS, r1));
+    let _http = m
+        .server
+        .spawn(move || http_server(ports::HTTP, "server-1", r2));
+    let ws = m.service(ports::WS);
+    let http = m.service(ports::HTTP);
+
+    let head = m
+        .client
+        .run(move || async move { ws_handshake(ws, "/chat").await })
+        .await
+        .unwrap();
+    assert_eq!(head.status, 101, "{head:?}");
+    let frames = vec![
+        WsFrame::Text("hello".into()),
+        WsFrame::Binary(vec![0, 1, 2, 255]),
+        WsFrame::Text("é".repeat(5000)),
+    ];
+    let sent = frames.clone();
+    let echoed = m
+        .client
+        .run(move || async move { ws_echo(ws, "/chat", &sent).await })
+        .await
+        .unwrap();
+    assert_eq!(echoed, frames);
+
+    let resp = m
+        .client
+        .run(move || async move { h2c_upgrade(http, "/h2c").await })
+        .await
+        .unwrap();
+    assert_ne!(
+        resp.status, 101,
+        "an h2c upgrade must not be honoured: {resp:?}"
+    );
+    let seen = rec
+        .all()
+        .into_iter()
+        .find(|r| r.target == "/h2c")
+        .expect("the request itself is served");
+    assert!(
+        seen.header("upgrade").is_none(),
+        "Upgrade: h2c reached the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_server_first_and_passthrough() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let (r1, r2, r3, r4) = (rec.clone(), rec.clone(), rec.clone(), Recorder::new());
+    let _echo = m.server.spawn(move || tcp_echo_server(ports::TCP, r1));
+    let _banner = m
+        .server
+        .spawn(move || tcp_greeting_server(ports::BANNER, "220 banner ready\r\n", r2));
+    let _mysql = m
+        .server
+        .spawn(move || tcp_greeting_server(ports::MYSQL, "mysql greeting\r\n", r3));
+    let outside_rec = r4.clone();
+    let _outside = m.outside.spawn(move || tcp_echo_server(ports::OUTSIDE, r4));
+    let (tcp, banner, mysql) = (
+        m.service(ports::TCP),
+        m.service(ports::BANNER),
+        m.service(ports::MYSQL),
+    );
+    let outside = std::net::SocketAddr::new(m.outside.ip.into(), ports::OUTSIDE);
+
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 256) as u8).collect();
+    let d = data.clone();
+    let echoed = m
+        .client
+        .run(move || async move { tcp_echo(tcp, &d).await })
+        .await
+        .unwrap();
+    assert!(echoed == data, "opaque bytes altered");
+
+    // Server speaks first on an undeclared port: detection times out (300 ms) and the
+    // connection is tunnelled as TCP.
+    let g = m
+        .client
+        .run(move || async move { tcp_greeting_echo(banner, b"EHLO x\r\n").await })
+        .await
+        .unwrap();
+    assert_eq!(g.greeting, b"220 banner ready\r\n");
+    assert_eq!(g.echo, b"EHLO x\r\n");
+    // ... and on a default opaque port no detection delay applies.
+    let g = m
+        .client
+        .run(move || async move { tcp_greeting_echo(mysql, b"ping").await })
+        .await
+        .unwrap();
+    assert_eq!(g.greeting, b"mysql greeting\r\n");
+    assert!(
+        g.waited < Duration::from_millis(250),
+        "opaque port waited for detection: {:?}",
+        g.waited
+    );
+
+    // A destination outside the mesh passes through untouched.
+    let echoed = m
+        .client
+        .run(move || async move { tcp_echo(outside, b"outside").await })
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"outside");
+    assert_eq!(outside_rec.len(), 1);
+
+    let logged = wait_until(Duration::from_secs(5), || async {
+        let log = m.access_log("client-1");
+        log.iter()
+            .any(|l| l.contains("protocol=tcp") && l.contains("service=demo/web"))
+            && log.iter().any(|l| l.contains("service=passthrough"))
+    });
+    assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
+    let log = m.access_log("client-1");
+    assert!(
+        log.iter().any(|l| l.contains("service=passthrough")),
+        "{log:#?}"
+    );
+    let inbound = m.access_log("server-1");
+    assert!(inbound.iter().any(|l| l.contains("direction=\"inbound\"") && l.contains(&format!("src={CLIENT_ID}"))), "{inbound:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_from_the_app_passes_through_untouched() {
+    let m = mesh().await;
+    let name = "web.demo.svc.cluster.local";
+    let cert = TlsCert::generate(name).unwrap();
+    let rec = Recorder::new();
+    let (c, r) = (cert.clone(), rec.clone());
+    let _tls = m.server.spawn(move || tls_echo_server(ports::TLS, c, r));
+    let addr = m.service(ports::TLS);
+    let trusted = cert.clone();
+    let got = m
+        .client
+        .run(move || async move { tls_echo(addr, name, &trusted, b"secret bytes").await })
+        .await
+        .unwrap();
+    assert_eq!(got.echo, b"secret bytes");
+    assert_eq!(
+        got.peer_cert_der, cert.cert_der,
+        "the app's own certificate must reach the client: TLS was not terminated"
+    );
+    assert_eq!(rec.last().unwrap().server_name.as_deref(), Some(name));
+    // A tunnel is logged when it closes, just after the client has its echo.
+    let logged = wait_until(Duration::from_secs(5), || async {
+        m.access_log("client-1")
+            .iter()
+            .any(|l| l.contains("protocol=tls") && l.contains("service=demo/web"))
+    });
+    assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
+}
