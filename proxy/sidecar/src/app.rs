@@ -49,6 +49,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let outbound_l = bind(cfg.outbound, "--outbound").await?;
     let inbound_l = bind(cfg.inbound, "--inbound").await?;
     let admin_l = bind(cfg.admin, "--admin").await?;
+    // Transparent mode: iptables sends IPv6 to ::1 (outbound) and the pod's IPv6 address
+    // (inbound), so the same ports are also bound v6-only where the host has IPv6.
+    let (outbound6, inbound6) = match cfg.mode {
+        crate::config::Mode::Transparent => (
+            bind_v6(
+                std::net::Ipv6Addr::LOCALHOST,
+                cfg.outbound.port(),
+                "--outbound",
+            )?,
+            bind_v6(
+                std::net::Ipv6Addr::UNSPECIFIED,
+                cfg.inbound.port(),
+                "--inbound",
+            )?,
+        ),
+        crate::config::Mode::Explicit => (None, None),
+    };
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -117,8 +134,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
 
     let accept = TaskTracker::new();
-    accept.spawn(outbound.serve(outbound_l, shutdown.clone(), tasks.clone()));
-    accept.spawn(inbound.serve(inbound_l, shutdown.clone(), tasks.clone()));
+    accept.spawn(
+        outbound
+            .clone()
+            .serve(outbound_l, shutdown.clone(), tasks.clone()),
+    );
+    accept.spawn(
+        inbound
+            .clone()
+            .serve(inbound_l, shutdown.clone(), tasks.clone()),
+    );
+    if let Some(l) = outbound6 {
+        accept.spawn(outbound.serve(l, shutdown.clone(), tasks.clone()));
+    }
+    if let Some(l) = inbound6 {
+        accept.spawn(inbound.serve(l, shutdown.clone(), tasks.clone()));
+    }
     accept.close();
     // The admin port outlives the drain: probes see 503 and scrapes still work.
     let (admin_stop, admin_tasks) = (CancellationToken::new(), TaskTracker::new());
@@ -152,4 +183,38 @@ async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListe
             addr.port()
         )
     })
+}
+
+/// Binds `[ip]:port` v6-only (so it never collides with the IPv4 listener on the same
+/// port). `None`, with a warning, where the host has no IPv6.
+fn bind_v6(ip: std::net::Ipv6Addr, port: u16, flag: &str) -> anyhow::Result<Option<TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let addr = std::net::SocketAddr::from((ip, port));
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, None) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "no IPv6: IPv6 traffic will not be captured");
+            return Ok(None);
+        }
+    };
+    let setup = || -> std::io::Result<()> {
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)
+    };
+    match setup() {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            tracing::warn!(%addr, error = %e, "no IPv6 address: IPv6 traffic will not be captured");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(e)).with_context(|| {
+                format!("cannot listen on {addr} ({flag}, IPv6): is another proxy already using port {port}?")
+            });
+        }
+    }
+    Ok(Some(TcpListener::from_std(socket.into())?))
 }

@@ -366,3 +366,27 @@ async fn tls_from_the_app_passes_through_untouched() {
     });
     assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_traffic_is_captured_too() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let v6 = std::net::SocketAddr::new(m.outside.ip6.into(), ports::OUTSIDE);
+    let listener = m.outside.listen(v6).unwrap();
+    let _outside = m.outside.spawn(move || tcp_echo_server(listener, r));
+    let echoed = m
+        .client
+        .run(move || async move { tcp_echo(v6, b"over ipv6").await })
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"over ipv6");
+    // It went through the client's proxy (captured via ip6tables), not around it.
+    let logged = wait_until(Duration::from_secs(5), || async {
+        m.access_log("client-1")
+            .iter()
+            .any(|l| l.contains("service=passthrough") && l.contains(&format!("orig_dst={v6}")))
+    });
+    assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
+    assert_eq!(rec.len(), 1);
+}
