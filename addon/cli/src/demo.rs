@@ -17,6 +17,10 @@ use tokio::process::{Child, Command};
 use crate::http::HttpClient;
 
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
+/// The demo app that answers slower, to show latency-aware (peak-EWMA) balancing.
+const SLOW_WORKLOAD: &str = "web-2";
+/// How much slower it answers.
+const SLOW_DELAY: Duration = Duration::from_millis(25);
 
 /// Flags of `trellis demo`.
 #[derive(Debug, clap::Args)]
@@ -152,6 +156,9 @@ async fn run_in(
         write_private(&token_file, &token)?;
         let mut app = Command::new(me);
         app.args(["demo-app", "--name", w.name, "--listen", &w.app.to_string()]);
+        if w.name == SLOW_WORKLOAD {
+            app.args(["--delay", &format!("{}ms", SLOW_DELAY.as_millis())]);
+        }
         procs.spawn(&format!("{}-app", w.name), app, &logs)?;
         let mut p = Command::new(proxy);
         p.arg("--control-plane").arg(grpc.to_string());

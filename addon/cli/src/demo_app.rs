@@ -11,7 +11,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// Serves until the process is stopped.
-pub(crate) async fn run(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    name: String,
+    listen: SocketAddr,
+    delay: std::time::Duration,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("demo app {name}: cannot listen on {listen}: {e}"))?;
@@ -24,6 +28,9 @@ pub(crate) async fn run(name: String, listen: SocketAddr) -> anyhow::Result<()> 
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let name = name.clone();
                     async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         let caller = req
                             .headers()
                             .get("x-forwarded-client-cert")

@@ -37,6 +37,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// Extra time before each answer (to show latency-aware balancing).
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
     },
 }
 
@@ -71,7 +74,11 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::DemoApp { name, listen } => demo_app::run(name, listen).await,
+            Command::DemoApp {
+                name,
+                listen,
+                delay,
+            } => demo_app::run(name, listen, delay).await,
         }
     });
     // Child processes are killed on drop; give the runtime a moment to reap them.
