@@ -140,3 +140,57 @@ spec:
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_endpoint_does_not_fail_its_in_flight_requests() {
+    let m = start_mesh().await;
+    let version = |cfg: &serde_json::Value| cfg["discovery"]["version"].as_u64().unwrap();
+    let v1 = version(&m.client.config().await);
+
+    // A slow request is on its way to web-1 ...
+    let outbound = m.client.outbound;
+    let slow =
+        tokio::spawn(async move { http_get(outbound, "web.demo", "/slow?sleep_ms=1500").await });
+    wait_until(Duration::from_secs(5), || async {
+        !m.web_app.received().is_empty()
+    })
+    .await
+    .expect("the slow request never reached the app");
+
+    // ... when web-1 leaves the service (its Workload no longer has the label).
+    let path = m.cp.config_dir().join("mesh.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        yaml.replace("labels: { app: web }", "labels: { app: retired }"),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        version(&m.client.config().await) > v1
+    })
+    .await
+    .expect("the removal never reached the client proxy");
+
+    let (status, _, body) = slow.await.unwrap().unwrap();
+    assert_eq!(
+        status,
+        200,
+        "the in-flight request failed: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, headers, _) = http_get(m.client.outbound, "web.demo", "/after")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "no endpoints left");
+    assert_eq!(headers["x-trellis-error"], "upstream");
+
+    // Back in the service: traffic flows again.
+    std::fs::write(&path, yaml).unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        http_get(m.client.outbound, "web.demo", "/again")
+            .await
+            .is_ok_and(|r| r.0 == 200)
+    })
+    .await
+    .expect("the endpoint did not come back");
+}
