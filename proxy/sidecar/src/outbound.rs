@@ -139,7 +139,14 @@ impl Outbound {
             async move {
                 match this.settings.mode {
                     Mode::Explicit => {
-                        this.serve_http(tcp, remote, AppProto::Http1, Routing::ByHost, &shutdown)
+                        // HTTP/2 with prior knowledge (gRPC clients) or HTTP/1.1.
+                        let timeout = this.settings.detect_timeout;
+                        let proto = match crate::detect::detect(&tcp, timeout).await {
+                            Ok(Protocol::Http2) => AppProto::Http2,
+                            Ok(_) => AppProto::Http1,
+                            Err(_) => return,
+                        };
+                        this.serve_http(tcp, remote, proto, Routing::ByHost, &shutdown)
                             .await
                     }
                     Mode::Transparent => this.transparent(tcp, remote, &shutdown).await,

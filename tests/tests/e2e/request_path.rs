@@ -300,3 +300,53 @@ async fn slow_request_heads_are_cut_but_a_briefly_paused_client_is_served() {
         .collect();
     assert_eq!(paths, ["/paused"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_mode_carries_grpc_from_an_http2_client() {
+    use trellis_e2e::apps::grpc::pb::{EchoRequest, echo_client::EchoClient};
+    use trellis_e2e::apps::{Recorder, grpc_server};
+
+    let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
+    let cp = ControlPlane::start(&two_workloads(client_in, web_in)).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    let rec = Recorder::new();
+    let server = tokio::spawn(grpc_server(listener, rec.clone()));
+    let _web = Proxy::start(&cp, "web-1", "demo", "web", web_in, app).await;
+    let client_app = EchoServer::start("client-1").await;
+    let client = Proxy::start(
+        &cp,
+        "client-1",
+        "demo",
+        "client",
+        client_in,
+        client_app.addr,
+    )
+    .await;
+
+    // The gRPC client talks HTTP/2 to its proxy; :authority names the service.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.outbound))
+        .unwrap()
+        .origin("http://web.demo:80".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let reply = EchoClient::new(channel)
+        .unary(EchoRequest {
+            message: "over h2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, "over h2");
+    assert_eq!(reply.caller, "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(rec.len(), 1);
+    let log = client.access_log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("protocol=\"HTTP/2\"") && l.contains("service=demo/web")),
+        "{log:#?}"
+    );
+    server.abort();
+}
