@@ -104,6 +104,10 @@ pub struct Args {
         default_value = "25,3306,5432,6379,11211"
     )]
     pub opaque_ports: Vec<u16>,
+    /// Worker threads. A sidecar serves one workload: one thread avoids cross-thread
+    /// wake-ups and is what the benchmarks use; raise it for busy workloads.
+    #[arg(long, env = "TRELLIS_PROXY_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
     /// Requested certificate lifetime (the CA may shorten it), e.g. `24h`, `10m`, `90s`.
     #[arg(long, env = "TRELLIS_PROXY_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
@@ -155,6 +159,8 @@ pub struct Config {
     pub app: SocketAddr,
     /// Explicit or transparent.
     pub mode: Mode,
+    /// Runtime worker threads.
+    pub workers: usize,
     /// Protocol detection timeout.
     pub detect_timeout: Duration,
     /// Ports forwarded as opaque TCP without detection.
@@ -209,6 +215,7 @@ impl TryFrom<Args> for Config {
             admin: a.admin,
             app: a.app,
             mode: a.mode,
+            workers: usize::from(a.workers),
             detect_timeout: a.detect_timeout,
             opaque_ports: a.opaque_ports,
             cert_ttl: a.cert_ttl,
