@@ -51,8 +51,9 @@ pub struct Inbound {
     /// Per-request timeout.
     pub request_timeout: Duration,
     client: Client<HttpConnector, Body>,
-    /// HTTP/2 (prior knowledge) to the app, for clients that spoke HTTP/2 (gRPC).
-    client_h2: Client<HttpConnector, Body>,
+    /// HTTP/2 (prior knowledge) connections to the app, for clients that spoke HTTP/2
+    /// (gRPC), keyed by app address so the request keeps the client's `:authority`.
+    app_h2: AppH2Pool,
     limits: crate::transport::Limits,
 }
 
@@ -98,16 +99,12 @@ impl Inbound {
             .pool_idle_timeout(Duration::from_secs(60))
             .set_host(false)
             .build(http.clone());
-        let client_h2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_only(true)
-            .set_host(false)
-            .build(http);
+
         Self {
             me,
             app,
             mode,
-            client_h2,
+            app_h2: AppH2Pool::default(),
             certs,
             metrics,
             request_timeout,
@@ -317,8 +314,14 @@ impl Inbound {
             http::Version::HTTP_11
         };
         let req = Request::from_parts(parts, body.boxed_unsync());
-        let client = if h2 { &self.client_h2 } else { &self.client };
-        let resp = tokio::time::timeout(self.request_timeout, send_to(client, app, req))
+        let send = async {
+            if h2 {
+                self.app_h2.send(app, req).await
+            } else {
+                send_h1(&self.client, app, req).await
+            }
+        };
+        let resp = tokio::time::timeout(self.request_timeout, send)
             .await
             .map_err(|_| Error::Timeout(self.request_timeout))??;
         let (mut parts, body) = resp.into_parts();
@@ -327,17 +330,13 @@ impl Inbound {
     }
 }
 
-/// Sends `req` to the app at `app`, whatever authority the request carries: the
-/// connector is given the app address, the request keeps its own authority.
-async fn send_to(
+/// Sends an HTTP/1.1 request to the app at `app` (the URI is rewritten to it; the
+/// client's authority already travels in the Host header).
+async fn send_h1(
     client: &Client<HttpConnector, Body>,
     app: SocketAddr,
     mut req: Request<Body>,
 ) -> Result<Response<Incoming>, Error> {
-    // hyper-util's client connects to the URI's authority; for HTTP/2 we keep the
-    // client's :authority in the request but must dial the app, so the URI carries the
-    // app address and the original authority travels as the Host header equivalent.
-    let original = req.uri().authority().cloned();
     let path = req
         .uri()
         .path_and_query()
@@ -349,18 +348,59 @@ async fn send_to(
         .path_and_query(path)
         .build()
         .map_err(|e| Error::BadHost(e.to_string()))?;
-    if req.version() == http::Version::HTTP_2
-        && let Some(a) = original
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        // h2 to the app: the original authority is sent as Host, which hyper turns
-        // into :authority (RFC 9113 8.3.1 allows either).
-        req.headers_mut().insert(HOST, v);
-    }
     client
         .request(req)
         .await
         .map_err(|e| Error::Upstream(Box::new(e)))
+}
+
+/// HTTP/2 connections to the local app. hyper-util's pooled client dials the URI's
+/// authority, which for HTTP/2 is also the `:authority` the app sees; dialling here
+/// instead lets the request keep the client's own (RFC 9113: a Host header that
+/// disagrees with `:authority` is malformed, and strict servers answer 400).
+#[derive(Default)]
+struct AppH2Pool {
+    conns: std::sync::Mutex<
+        std::collections::HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>,
+    >,
+}
+
+// === impl AppH2Pool ===
+
+impl AppH2Pool {
+    async fn send(&self, app: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, Error> {
+        let pooled = {
+            let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.get(&app).filter(|s| !s.is_closed()).cloned()
+        };
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => {
+                let tcp = tokio::net::TcpStream::connect(app)
+                    .await
+                    .map_err(|source| Error::Connect { addr: app, source })?;
+                let _ = tcp.set_nodelay(true);
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| Error::Upstream(Box::new(e)))?;
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        debug!(%error, %app, "app connection ended");
+                    }
+                });
+                let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+                conns.retain(|_, s| !s.is_closed());
+                conns.insert(app, sender.clone());
+                sender
+            }
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Upstream(Box::new(e)))
+    }
 }
 
 #[cfg(test)]
