@@ -267,6 +267,16 @@ impl Proxy {
             .map(|r| r.unwrap())
     }
 
+    /// Waits (up to 5 s) until the log holds `needle`: the proxy writes its log from a
+    /// background thread, so a line can land just after the response that caused it.
+    pub async fn wait_log(&self, needle: &str) -> bool {
+        wait_until(Duration::from_secs(5), || async {
+            self.log().contains(needle)
+        })
+        .await
+        .is_ok()
+    }
+
     /// The proxy's access-log lines.
     pub fn access_log(&self) -> Vec<String> {
         self.log()

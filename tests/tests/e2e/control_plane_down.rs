@@ -45,7 +45,7 @@ async fn proxy_keeps_serving_when_the_control_plane_is_killed() {
         "a proxy with a certificate and a view stays ready"
     );
     assert!(
-        m.client.log().contains("keeping the last good view"),
+        m.client.wait_log("keeping the last good view").await,
         "{}",
         m.client.log()
     );

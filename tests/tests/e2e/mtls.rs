@@ -99,6 +99,7 @@ async fn inbound_accepts_only_certificates_from_the_mesh_root() {
     );
     let failures = r#"trellis_proxy_tls_handshake_failures_total{direction="inbound"}"#;
     assert_eq!(m.web.metric(failures).await, Some(2.0));
+    assert!(m.web.wait_log("mTLS handshake refused").await);
     let log = m.web.log();
     assert!(log.contains("mTLS handshake refused"), "{log}");
 }

@@ -333,8 +333,16 @@ async fn opaque_tcp_server_first_and_passthrough() {
         log.iter().any(|l| l.contains("service=passthrough")),
         "{log:#?}"
     );
-    let inbound = m.access_log("server-1");
-    assert!(inbound.iter().any(|l| l.contains("direction=\"inbound\"") && l.contains(&format!("src={CLIENT_ID}"))), "{inbound:#?}");
+    let inbound_logged = wait_until(Duration::from_secs(5), || async {
+        m.access_log("server-1")
+            .iter()
+            .any(|l| l.contains("direction=\"inbound\"") && l.contains(&format!("src={CLIENT_ID}")))
+    });
+    assert!(
+        inbound_logged.await.is_ok(),
+        "{:#?}",
+        m.access_log("server-1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,16 @@ async fn bytes_and_identities_cross_the_mesh() {
     );
 
     // One access-log line per request on each side, with both identities.
+    assert!(
+        m.web.wait_log("direction=\"inbound\"").await,
+        "{}",
+        m.web.log()
+    );
+    assert!(
+        m.client.wait_log("direction=\"outbound\"").await,
+        "{}",
+        m.client.log()
+    );
     let inbound: Vec<_> = m
         .web
         .access_log()
@@ -342,6 +352,11 @@ async fn explicit_mode_carries_grpc_from_an_http2_client() {
     assert_eq!(reply.message, "over h2");
     assert_eq!(reply.caller, "spiffe://cluster.local/ns/demo/sa/client");
     assert_eq!(rec.len(), 1);
+    assert!(
+        client.wait_log("protocol=\"HTTP/2\"").await,
+        "{}",
+        client.log()
+    );
     let log = client.access_log();
     assert!(
         log.iter()

@@ -158,5 +158,5 @@ async fn shutdown_endpoint_needs_its_token_then_drains_like_sigterm() {
     let (status, _, _) = slow.await.unwrap().unwrap();
     assert_eq!(status, 200);
     exits_zero(&mut m.client).await;
-    assert!(m.client.log().contains("POST /shutdown: draining"));
+    assert!(m.client.wait_log("POST /shutdown: draining").await);
 }
