@@ -693,35 +693,55 @@ def main() -> None:
     log(f"done in {meta['elapsed_s']} s; raw results in {run}")
 
 
+SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_write",
+                  "syscalls:sys_enter_writev", "syscalls:sys_enter_sendto", "syscalls:sys_enter_sendmsg",
+                  "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read", "syscalls:sys_enter_epoll_wait",
+                  "syscalls:sys_enter_futex", "syscalls:sys_enter_sched_yield"]
+
+
 def profile(args, run: Path, chains: dict) -> None:
-    """perf record (cpu-clock, DWARF call graphs) of each proxy during a fixed-rate and a max run."""
+    """perf record (cpu-clock, DWARF call graphs) of each HTTP/1.1 hop during a fixed-rate and a
+    max run, with perf stat counting syscalls and context switches per request alongside."""
     prof = run / "profile"
     prof.mkdir(exist_ok=True)
+    counts = {}
     for name, c in chains.items():
         if name == "direct":
             continue
+        hops = {h: c["pids"][h] for h in c["hops"]["h1"]}
         run_oha(args.oha, c["h1"], 2, args.rate, args.conns, False, prof / f"{name}-warmup.txt")
         for kind in ("fixed", "max"):
-            recs = []
-            for hop, pid in c["pids"].items():
+            recs, stats = [], []
+            for hop, pid in hops.items():
                 data = prof / f"{name}-{hop}-{kind}.data"
                 recs.append((hop, data, subprocess.Popen(
                     ["perf", "record", "-q", "-F", "999", "--call-graph", "dwarf,16384", "-p", str(pid), "-o", str(data)],
                     stdout=subprocess.DEVNULL, stderr=open(prof / f"{name}-{hop}-{kind}.perf.log", "w"))))
+                stat_out = prof / f"{name}-{hop}-{kind}.stat.csv"
+                stats.append((hop, stat_out, subprocess.Popen(
+                    ["perf", "stat", "-x", ",", "-e", ",".join(SYSCALL_EVENTS), "-p", str(pid), "-o", str(stat_out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             time.sleep(0.5)
-            before = {h: cpu_ticks(pid) for h, pid in c["pids"].items()}
+            before = {h: cpu_ticks(pid) for h, pid in hops.items()}
             if kind == "fixed":
                 res = run_oha(args.oha, c["h1"], args.profile_secs, args.rate, args.conns, False, prof / f"{name}-{kind}.txt")
             else:
                 res = run_wrk(c["h1"], args.profile_secs, prof / f"{name}-{kind}.txt")
-            after = {h: cpu_ticks(pid) for h, pid in c["pids"].items()}
-            for _, _, p in recs:
+            after = {h: cpu_ticks(pid) for h, pid in hops.items()}
+            for _, _, p in recs + stats:
                 p.send_signal(signal.SIGINT)
-            for _, _, p in recs:
+            for _, _, p in recs + stats:
                 p.wait(timeout=120)
             n = res.get("requests") or 1
             cpu = {h: round((after[h] - before[h]) * 1000 / CLK_TCK / (n / 1000), 2) for h in before}
             log(f"profile {name} {kind}: {res.get('rps')} req/s, CPU ms per 1k req {cpu}")
+            for hop, stat_out, _ in stats:
+                per_req = {}
+                for line in stat_out.read_text().splitlines():
+                    f = line.split(",")
+                    if len(f) > 2 and f[0].replace(".", "", 1).isdigit():
+                        per_req[f[2].split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "syscalls")] = round(float(f[0]) / n, 2)
+                counts[f"{name} {hop} {kind}"] = per_req
             for hop, data, _ in recs:
                 head = f"# {name} hop {hop}, {kind} run: {res.get('rps')} req/s, CPU ms per 1k req {cpu}\n"
                 for suffix, extra in (
@@ -734,6 +754,13 @@ def profile(args, run: Path, chains: dict) -> None:
                     (prof / f"{name}-{hop}-{kind}.{suffix}.txt").write_text(head + r.stdout)
                 if not args.keep_perf_data:
                     data.unlink(missing_ok=True)
+    if counts:
+        cols = sorted({k for v in counts.values() for k in v}, key=lambda k: (k != "syscalls", k != "context-switches", k))
+        lines = ["Per request, per proxy process (perf stat during the profiled runs; the load generator's requests).", "",
+                 "| proxy hop, run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines += [f"| {k} | " + " | ".join(str(v.get(col, "—")) for col in cols) + " |" for k, v in counts.items()]
+        (prof / "syscalls.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
     log(f"profiles in {prof}")
 
 
