@@ -330,8 +330,10 @@ impl Outbound {
                 "CONNECT tunnelling through the proxy is not supported".into(),
             ));
         }
-        let target = match routing {
-            Routing::Fixed(t) => (**t).clone(),
+        // Transparent connections route every request to the same target: borrow it
+        // rather than cloning its endpoint list per request.
+        let target: std::borrow::Cow<'_, Target> = match routing {
+            Routing::Fixed(t) => std::borrow::Cow::Borrowed(&**t),
             Routing::ByHost => {
                 let authority = authority
                     .as_ref()
@@ -340,7 +342,7 @@ impl Outbound {
                 if view.snapshot.version == 0 {
                     return Err(Error::NotReady("no discovery view yet"));
                 }
-                view.route(authority)?
+                std::borrow::Cow::Owned(view.route(authority)?)
             }
         };
         // Transparent mode keeps whatever authority the app used (or the original
@@ -485,8 +487,8 @@ fn protocol_label(p: &Protocol) -> &'static str {
     }
 }
 
-/// An authority for a request that named none: the service's first address, or the
-/// pinned endpoint.
+/// An authority for a request that named none (HTTP/1.0 without Host): the service's
+/// `<name>.<namespace>:<port>`.
 fn target_authority(t: &Target) -> http::uri::Authority {
     let host = format!("{}.{}", t.service.name, t.service.namespace);
     format!("{host}:{}", t.port.port)

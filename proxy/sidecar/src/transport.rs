@@ -348,21 +348,6 @@ pub async fn serve_http2<I, S, B>(
     .await;
 }
 
-/// Drives `conn` to completion; on `shutdown` asks it to finish in-flight requests and
-/// stop (HTTP/2 GOAWAY, HTTP/1 `Connection: close`), then waits for it. For connections
-/// built by hand; [`serve_http1`] and [`serve_http2`] add the limits and idle timer.
-pub async fn serve_until<C>(
-    conn: C,
-    shutdown: &CancellationToken,
-    remote: SocketAddr,
-    what: &'static str,
-) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
-{
-    drive(conn, None, shutdown, remote, what).await;
-}
-
 async fn drive<C>(
     conn: C,
     idle: Option<&IdleTimer>,

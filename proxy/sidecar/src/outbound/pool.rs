@@ -73,16 +73,6 @@ impl Pool {
         conns.retain(|_, e| !e.sender.is_closed() && e.last_used.elapsed() < idle);
         before - conns.len()
     }
-
-    /// Pooled connections now.
-    pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether the pool is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 async fn connect(
