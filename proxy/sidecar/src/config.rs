@@ -159,7 +159,7 @@ pub struct Config {
     pub app: SocketAddr,
     /// Explicit or transparent.
     pub mode: Mode,
-    /// Runtime worker threads.
+    /// Runtime worker threads; 1 (the default) runs a current-thread runtime.
     pub workers: usize,
     /// Protocol detection timeout.
     pub detect_timeout: Duration,

@@ -26,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod logging;
 pub mod metrics;
 pub mod outbound;
 pub mod transport;

@@ -89,11 +89,19 @@ fn run(args: Args) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.workers)
-        .enable_all()
-        .build()
-    {
+    // One worker (the default) runs on a current-thread runtime: every task, timer and
+    // socket on this thread, with no cross-thread wake-ups or work-stealing bookkeeping.
+    let rt = if cfg.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.workers)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trellis-proxy: cannot start the runtime: {e}");
@@ -117,25 +125,30 @@ fn run(args: Args) -> ExitCode {
     })
 }
 
-/// Logs go through a background writer: the access log is one line per request, and
-/// writing it from the request path cost a syscall and a contended stdout lock each.
-/// Lines are dropped (and counted by tracing-appender) rather than blocking requests when
-/// stdout cannot keep up.
-fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go through [`trellis_proxy::logging`]: the access log is one line per request,
+/// so lines are batched in memory and written by a background thread a few times a second.
+/// If the writer thread cannot start, logs are written inline rather than lost.
+fn init_tracing() -> Option<trellis_proxy::logging::FlushGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // The default queue preallocates 128k lines (~4 MiB of RSS); 8k lines is seconds of
-    // access log at thousands of requests per second.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(8 * 1024)
-        .lossy(true)
-        .finish(std::io::stdout());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(writer)
-        .init();
-    guard
+        .with_ansi(false);
+    match trellis_proxy::logging::batch_writer(
+        std::io::stdout(),
+        trellis_proxy::logging::FLUSH_INTERVAL,
+        trellis_proxy::logging::BATCH_LIMIT,
+    ) {
+        Ok((writer, guard)) => {
+            builder.with_writer(writer).init();
+            Some(guard)
+        }
+        Err(e) => {
+            builder.with_writer(std::io::stdout).init();
+            tracing::warn!("log writer thread did not start ({e}); logging inline");
+            None
+        }
+    }
 }
 
 async fn wait_for_signal() {
