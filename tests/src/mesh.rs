@@ -47,12 +47,22 @@ pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl ControlPlane {
     /// Writes `mesh_yaml` as the config and starts the control plane; waits until ready.
     pub async fn start(mesh_yaml: &str) -> Self {
+        Self::start_with(mesh_yaml, |_| Vec::new()).await
+    }
+
+    /// [`ControlPlane::start`] with extra flags for `trellis-addon run`, computed from
+    /// the control plane's directory (to point at files written there first).
+    pub async fn start_with(
+        mesh_yaml: &str,
+        extra: impl FnOnce(&std::path::Path) -> Vec<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("config")).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
@@ -61,8 +71,10 @@ impl ControlPlane {
             dir,
             grpc: loopback(free_port()),
             admin: loopback(free_port()),
+            extra: Vec::new(),
             child: None,
         };
+        cp.extra = extra(cp.dir.path());
         cp.restart().await;
         cp
     }
@@ -77,7 +89,7 @@ impl ControlPlane {
 
     /// The PEM file proxies bootstrap their trust from.
     pub fn root_pem(&self) -> PathBuf {
-        self.state_dir().join("ca/root-cert.pem")
+        self.state_dir().join("trust-bundle.pem")
     }
 
     pub fn log(&self) -> String {
@@ -104,6 +116,7 @@ impl ControlPlane {
                 &self.admin.to_string(),
             ])
             .args(["--poll-interval", "200ms"])
+            .args(&self.extra)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)

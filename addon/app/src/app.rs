@@ -44,6 +44,13 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
         eprintln!("trellis-addon: invalid --trust-domain: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    let mesh_config = match crate::ca::read_config(args.mesh_config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-addon: invalid mesh config {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let mut registry = Registry::default();
     let source = FileSource::new(&args.config_dir, &args.trust_domain, args.poll_interval)
         .with_metrics(trellis_controller::Metrics::new(&mut registry));
@@ -86,7 +93,7 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
                 });
             }
         }
-        match run(args, source, initial, registry, shutdown).await {
+        match run(args, mesh_config, source, initial, registry, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trellis-addon: {e:#}");
@@ -98,19 +105,46 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
 
 async fn run(
     args: RunArgs,
+    mesh_config: crate::mesh_config::MeshConfig,
     source: FileSource,
     initial: trellis_api::MeshSnapshot,
     mut registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     create_private_dir(&args.state_dir)?;
-    let ca_dir = args.state_dir.join("ca");
-    let ca = CertificateAuthority::load_or_generate(&ca_dir, &args.trust_domain)
-        .with_context(|| format!("loading the CA from {}", ca_dir.display()))?;
+    let ca_source = crate::ca::build_source(&mesh_config.ca, &args.state_dir, &args.trust_domain)
+        .map_err(|e| anyhow::anyhow!("CA source: {e}"))?;
+    let material = crate::ca::initial_material(ca_source.as_ref(), &args.trust_domain)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading the CA from {}: {e}", ca_source.label()))?;
     let ca_config = CaConfig::default()
         .with_max_ttl(args.cert_max_ttl)
         .with_default_ttl(args.cert_max_ttl);
-    let ca = Arc::new(ca.with_config(ca_config).context("configuring the CA")?);
+    let ca = CertificateAuthority::new(&args.trust_domain, material)
+        .and_then(|ca| ca.with_config(ca_config))
+        .context("configuring the CA")?;
+    let ca = Arc::new(ca);
+    let bundle_file = args.state_dir.join(crate::ca::TRUST_BUNDLE_FILE);
+    crate::ca::write_atomic(&bundle_file, ca.trust_bundle_pem().as_bytes())
+        .with_context(|| format!("writing {}", bundle_file.display()))?;
+    tokio::spawn(crate::ca::write_bundle_file(
+        ca.clone(),
+        ca.subscribe(),
+        bundle_file,
+    ));
+    tokio::spawn(crate::ca::supervise(
+        ca.clone(),
+        mesh_config.ca.clone(),
+        ca_source.clone(),
+        args.mesh_config.clone(),
+        args.state_dir.clone(),
+        args.poll_interval,
+        (
+            trellis_ca::source::SourceMetrics::new(&mut registry),
+            crate::ca::ConfigMetrics::new(&mut registry),
+        ),
+        shutdown.clone(),
+    ));
     let issuer = LocalIssuer::load_or_generate(&args.state_dir.join("issuer"))
         .context("loading the local token issuer")?;
     let verifier = Arc::new(
@@ -131,16 +165,28 @@ async fn run(
     let (tls_tx, tls_rx) = watch::channel(own);
     tokio::spawn(rotate_own(
         ca.clone(),
+        ca.subscribe(),
         me.clone(),
         tls_tx,
         not_before,
         not_after,
     ));
 
-    let (snap_tx, snap_rx) = watch::channel(Arc::new(initial));
+    let (source_tx, source_rx) = watch::channel(Arc::new(initial.clone()));
+    // The first snapshot already carries the bundle, so join_trust's first send is not a
+    // change at the same version.
+    let mut joined = initial;
+    let trust = ca.subscribe().borrow().clone();
+    joined.trust = trellis_api::Trust {
+        roots_der: trust.roots_der,
+        generation: trust.generation,
+    };
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
     let (status_tx, status_rx) = watch::channel(SourceStatus::default());
     let stop = shutdown.clone();
-    tokio::spawn(source.run(snap_tx, status_tx, async move { stop.cancelled().await }));
+    tokio::spawn(source.run(source_tx, status_tx, async move { stop.cancelled().await }));
+    // Discovery pushes the sources' view joined with the CA's trust bundle.
+    tokio::spawn(crate::ca::join_trust(source_rx, ca.subscribe(), snap_tx));
 
     let discovery = DiscoveryService::new(
         snap_rx.clone(),
@@ -162,7 +208,7 @@ async fn run(
         grpc = %grpc.local_addr()?,
         admin = %admin_l.local_addr()?,
         identity = %me,
-        ca_root = %ca_dir.join(trellis_ca::ROOT_CERT_FILE).display(),
+        ca_source = %ca_source.label(),
         config_dir = %args.config_dir.display(),
         "trellis-addon serving"
     );
@@ -200,8 +246,12 @@ fn own_server_config(
     Ok((cfg, svid.not_before(), svid.not_after()))
 }
 
+/// Renews the control plane's own certificate at 70% of its life, and at once when the
+/// trust bundle or the signing CA changes: proxies holding leaves of a new root must be
+/// able to connect, and after a switch the control plane's chain must lead to the new root.
 async fn rotate_own(
     ca: Arc<CertificateAuthority>,
+    mut trust: watch::Receiver<trellis_ca::TrustState>,
     me: SpiffeId,
     tx: watch::Sender<Arc<rustls::ServerConfig>>,
     mut not_before: SystemTime,
@@ -211,7 +261,14 @@ async fn rotate_own(
         let life = not_after.duration_since(not_before).unwrap_or_default();
         let at = not_before + life.mul_f64(0.7);
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+            changed = trust.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
         match own_server_config(&ca, &me) {
             Ok((cfg, nb, na)) => {
                 (not_before, not_after) = (nb, na);

@@ -68,6 +68,10 @@ pub(crate) struct RunArgs {
     /// How often the config directory is checked for changes.
     #[arg(long, env = "TRELLIS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) poll_interval: Duration,
+    /// The `trellis-config` ConfigMap as a YAML file (its `ca` key chooses the CA
+    /// source); re-read every --poll-interval, a bad edit keeps the running config.
+    #[arg(long, env = "TRELLIS_MESH_CONFIG")]
+    pub(crate) mesh_config: Option<PathBuf>,
     /// Longest certificate lifetime the CA issues.
     #[arg(long, env = "TRELLIS_CERT_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub(crate) cert_max_ttl: Duration,

@@ -4,7 +4,10 @@
 
 mod admin;
 mod app;
+mod azure;
+mod ca;
 mod cli;
+mod mesh_config;
 mod tls;
 
 use std::process::ExitCode;

@@ -14,17 +14,23 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
+use tracing::info;
 use trellis_identity::{SpiffeError, SpiffeId};
 
+use crate::CaPems;
 use crate::csr;
 use crate::fs::{KEY_MODE, PUBLIC_MODE, ensure_dir, write_atomic};
 
+mod material;
 mod root;
 
-use root::Root;
+pub use material::CaMaterial;
+use root::{CLOCK_SKEW, Root};
 
 /// File name of the persisted root certificate (PEM).
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
@@ -104,6 +110,16 @@ pub enum Error {
         /// This CA's trust domain.
         trust_domain: String,
     },
+    /// CA material from a source (a Secret, Key Vault) cannot be used.
+    #[error("CA material from {source_label}: {what}: {reason}")]
+    InvalidMaterial {
+        /// The source (`secret /etc/cacerts`, `keyvault-secret https://…`).
+        source_label: String,
+        /// Which part (`root-cert`, `ca-cert`, `ca-key`, `cert-chain`).
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The CA configuration is inconsistent.
     #[error("invalid CA configuration: {0}")]
     Config(String),
@@ -147,11 +163,50 @@ pub struct Issued {
     pub serial: String,
 }
 
-/// The certificate authority of the local profile: a self-signed root that signs leaves.
+/// The certificate authority: signs leaves with its current [`CaMaterial`] and keeps the
+/// trust bundle peers verify against, through a root or CA change.
+///
+/// A change of CA goes through three steps so that no handshake fails
+/// ([`CertificateAuthority::stage`], [`CertificateAuthority::activate`],
+/// [`CertificateAuthority::retire_expired`]): the new roots join the bundle while the old CA
+/// still signs; then the new CA signs and the generation goes up (proxies re-issue at
+/// once); the old roots leave the bundle only when every leaf they could have verified
+/// has expired.
 pub struct CertificateAuthority {
     trust_domain: String,
     config: CaConfig,
-    root: Root,
+    state: RwLock<State>,
+    trust: watch::Sender<TrustState>,
+}
+
+/// The bundle and CA generation proxies must know, published on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrustState {
+    /// Every root a peer certificate may chain to, DER, deduplicated.
+    pub roots_der: Vec<Vec<u8>>,
+    /// Goes up by one each time a different CA starts signing.
+    pub generation: u64,
+}
+
+/// What [`CertificateAuthority::stage`] did with new material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// The same CA and roots as now: nothing to do.
+    Unchanged,
+    /// The same issuing CA with other roots (a root added for a rotation, or removed):
+    /// the bundle is updated at once, signing continues.
+    RootsUpdated,
+    /// A different issuing CA: its roots are in the bundle now; call
+    /// [`CertificateAuthority::activate`] once proxies have the bundle.
+    Pending,
+}
+
+struct State {
+    signing: Arc<CaMaterial>,
+    pending: Option<Arc<CaMaterial>>,
+    /// Roots of earlier CAs, trusted until every leaf they verified has expired.
+    retiring: Vec<(Vec<u8>, SystemTime)>,
+    generation: u64,
 }
 
 // === impl CaConfig ===
@@ -217,52 +272,31 @@ impl CaConfig {
 // === impl CertificateAuthority ===
 
 impl CertificateAuthority {
+    /// A CA signing with `material` for `trust_domain`, generation 1.
+    pub fn new(trust_domain: &str, material: CaMaterial) -> Result<Self, Error> {
+        check_trust_domain(trust_domain)?;
+        Ok(Self::from_material(trust_domain, material))
+    }
+
     /// Generates a fresh in-memory root for `trust_domain` (tests, throwaway meshes).
     pub fn generate(trust_domain: &str) -> Result<Self, Error> {
         check_trust_domain(trust_domain)?;
         let root = Root::generate(trust_domain, now(), ROOT_LIFETIME)?;
-        Ok(Self::from_root(trust_domain, root))
+        Ok(Self::from_material(
+            trust_domain,
+            root.into_material("self-signed (in memory)"),
+        ))
     }
 
-    /// Loads the root from `dir/root-cert.pem` and `dir/root-key.pem`, or generates and
-    /// writes one there if neither exists (creating `dir` with mode 0700).
+    /// Loads the self-signed root from `dir/root-cert.pem` and `dir/root-key.pem`, or
+    /// generates and writes one there if neither exists (creating `dir` with mode 0700).
     ///
     /// A loaded root must match its key, be a CA, be unexpired and, if it carries a
     /// `spiffe://` URI SAN, name `trust_domain`.
     pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
         check_trust_domain(trust_domain)?;
-        ensure_dir(dir).map_err(io_err("creating directory", dir))?;
-        let cert_path = dir.join(ROOT_CERT_FILE);
-        let key_path = dir.join(ROOT_KEY_FILE);
-        let has_cert = exists(&cert_path)?;
-        let has_key = exists(&key_path)?;
-        let root = match (has_cert, has_key) {
-            (true, true) => Root::load(&cert_path, &key_path, trust_domain)?,
-            (false, false) => {
-                let root = Root::generate(trust_domain, now(), ROOT_LIFETIME)?;
-                // Key first: a crash in between leaves a key without a certificate,
-                // which the next start reports instead of silently trusting.
-                let key_pem = root.issuer.key().serialize_pem();
-                write_atomic(&key_path, key_pem.as_bytes(), KEY_MODE)
-                    .map_err(io_err("writing", &key_path))?;
-                write_atomic(&cert_path, root.pem.as_bytes(), PUBLIC_MODE)
-                    .map_err(io_err("writing", &cert_path))?;
-                root
-            }
-            (true, false) => {
-                return Err(Error::IncompleteRoot {
-                    present: cert_path,
-                    missing: key_path,
-                });
-            }
-            (false, true) => {
-                return Err(Error::IncompleteRoot {
-                    present: key_path,
-                    missing: cert_path,
-                });
-            }
-        };
-        Ok(Self::from_root(trust_domain, root))
+        let material = load_or_generate_self_signed(dir, trust_domain)?;
+        Ok(Self::from_material(trust_domain, material))
     }
 
     /// Replaces the leaf lifetime policy.
@@ -282,40 +316,137 @@ impl CertificateAuthority {
         &self.config
     }
 
-    /// The root certificate, PEM.
-    pub fn root_pem(&self) -> &str {
-        &self.root.pem
+    /// The material leaves are signed with now.
+    pub fn signing(&self) -> Arc<CaMaterial> {
+        self.read().signing.clone()
     }
 
-    /// The root certificate, DER.
-    pub fn root_der(&self) -> &[u8] {
-        &self.root.der
-    }
-
-    /// When the root expires.
-    pub fn root_not_after(&self) -> SystemTime {
-        self.root.not_after.into()
-    }
-
-    /// The roots peers are verified against, DER. One today; several during a rotation.
+    /// The roots peers are verified against, DER: the signing CA's, a pending CA's and
+    /// those of earlier CAs still retiring.
     pub fn trust_bundle_der(&self) -> Vec<Vec<u8>> {
-        vec![self.root.der.clone()]
+        self.trust.borrow().roots_der.clone()
     }
 
-    /// Signs a leaf for `identity` over the public key of `csr_der`.
+    /// The trust bundle as PEM, for a bootstrap roots file.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.trust_bundle_der()
+            .into_iter()
+            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der)))
+            .collect()
+    }
+
+    /// The current CA generation (see [`TrustState`]).
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// Bundle and generation now and on every change.
+    pub fn subscribe(&self) -> watch::Receiver<TrustState> {
+        self.trust.subscribe()
+    }
+
+    /// When the signing CA (or anything on its path to the root) expires.
+    pub fn root_not_after(&self) -> SystemTime {
+        self.read().signing.not_after()
+    }
+
+    /// Offers new material from the CA source (step 1 of a change; see the type's docs).
+    pub fn stage(&self, material: CaMaterial) -> Staged {
+        let mut state = self.write();
+        let current = state.pending.as_ref().unwrap_or(&state.signing);
+        if current.same_as(&material) {
+            return Staged::Unchanged;
+        }
+        let outcome = if current.issuer_der() == material.issuer_der() {
+            // Same issuing CA, other roots: nothing is re-issued, the bundle changes.
+            let material = Arc::new(material);
+            if state.pending.is_some() {
+                state.pending = Some(material);
+            } else {
+                state.signing = material;
+            }
+            Staged::RootsUpdated
+        } else {
+            info!(from = %state.signing.label(), to = %material.label(), "new CA staged: its roots join the trust bundle");
+            state.pending = Some(Arc::new(material));
+            Staged::Pending
+        };
+        self.publish(&state);
+        outcome
+    }
+
+    /// Starts signing with the staged material (step 2): the generation goes up so
+    /// proxies re-issue, and the old CA's roots stay trusted until `now` plus the
+    /// longest leaf lifetime. Returns false when nothing was staged.
+    pub fn activate(&self, now: SystemTime) -> bool {
+        let mut state = self.write();
+        let Some(next) = state.pending.take() else {
+            return false;
+        };
+        let old = std::mem::replace(&mut state.signing, next);
+        // Every leaf the old CA signed expires within the longest lifetime; the margin
+        // covers clocks a little behind ours, without holding short-lived meshes for long.
+        let until = now + self.config.max_ttl() + CLOCK_SKEW.min(self.config.max_ttl() / 4);
+        for root in old.roots_der() {
+            if !state.signing.roots_der().contains(root) {
+                state.retiring.retain(|(r, _)| r != root);
+                state.retiring.push((root.clone(), until));
+            }
+        }
+        state.generation += 1;
+        info!(from = %old.label(), to = %state.signing.label(), generation = state.generation, "new CA signing; proxies re-issue");
+        self.publish(&state);
+        true
+    }
+
+    /// Drops retiring roots whose leaves have all expired by `now` (step 3). Returns how
+    /// many left the bundle.
+    pub fn retire_expired(&self, now: SystemTime) -> usize {
+        let mut state = self.write();
+        let before = state.retiring.len();
+        state.retiring.retain(|(_, until)| *until > now);
+        let gone = before - state.retiring.len();
+        if gone > 0 {
+            info!(roots = gone, "old roots retired from the trust bundle");
+            self.publish(&state);
+        }
+        gone
+    }
+
+    /// The next time [`CertificateAuthority::retire_expired`] has work, if any.
+    pub fn next_retirement(&self) -> Option<SystemTime> {
+        self.read().retiring.iter().map(|(_, t)| *t).min()
+    }
+
+    /// Signs a leaf for `identity` over the public key of `csr_der` with the signing
+    /// material.
     ///
     /// The CSR must be at most 16 KiB, parse as PKCS#10, carry an EC P-256 or P-384 key
     /// and verify under it. Nothing else in it is used: the leaf has exactly one URI SAN
     /// (`identity`, which must be in this CA's trust domain), `CA:FALSE`, key usage
     /// digitalSignature + keyAgreement, EKU serverAuth + clientAuth, a random serial,
     /// `notBefore` one minute in the past, and a lifetime of [`CaConfig::ttl_for`]
-    /// `requested_ttl`, cut short at the root's `notAfter`.
+    /// `requested_ttl`, cut short where the issuing chain expires. The chain returned is
+    /// the leaf and the intermediates, never a root.
     pub fn sign(
         &self,
         csr_der: &[u8],
         identity: &SpiffeId,
         requested_ttl: Option<Duration>,
     ) -> Result<Issued, Error> {
+        Ok(self
+            .sign_with_generation(csr_der, identity, requested_ttl)?
+            .0)
+    }
+
+    /// [`CertificateAuthority::sign`], also returning the generation of the CA that
+    /// signed (read together, so a concurrent activation cannot mislabel the leaf).
+    pub fn sign_with_generation(
+        &self,
+        csr_der: &[u8],
+        identity: &SpiffeId,
+        requested_ttl: Option<Duration>,
+    ) -> Result<(Issued, u64), Error> {
         if identity.trust_domain() != self.trust_domain {
             return Err(Error::ForeignIdentity {
                 identity: identity.to_string(),
@@ -323,32 +454,132 @@ impl CertificateAuthority {
             });
         }
         let public_key = csr::public_key(csr_der)?;
-        self.root.sign_leaf(
+        let (signing, generation) = {
+            let state = self.read();
+            (state.signing.clone(), state.generation)
+        };
+        let issued = signing.sign_leaf(
             &public_key,
             identity,
             now(),
             self.config.ttl_for(requested_ttl),
-        )
+        )?;
+        Ok((issued, generation))
     }
 
-    fn from_root(trust_domain: &str, root: Root) -> Self {
+    fn from_material(trust_domain: &str, material: CaMaterial) -> Self {
+        let state = State {
+            signing: Arc::new(material),
+            pending: None,
+            retiring: Vec::new(),
+            generation: 1,
+        };
+        let (trust, _) = watch::channel(trust_of(&state));
         Self {
             trust_domain: trust_domain.to_owned(),
             config: CaConfig::default(),
-            root,
+            state: RwLock::new(state),
+            trust,
         }
+    }
+
+    fn publish(&self, state: &State) {
+        self.trust.send_replace(trust_of(state));
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl fmt::Debug for CertificateAuthority {
-    // Never prints key material: only what identifies the root.
+    // Never prints key material: only what identifies the CA.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.read();
         f.debug_struct("CertificateAuthority")
             .field("trust_domain", &self.trust_domain)
             .field("config", &self.config)
-            .field("root_not_after", &self.root.not_after)
+            .field("signing", &state.signing)
+            .field("pending", &state.pending)
+            .field("generation", &state.generation)
             .finish_non_exhaustive()
     }
+}
+
+/// The bundle: signing roots first, then a pending CA's, then retiring ones.
+fn trust_of(state: &State) -> TrustState {
+    let mut roots: Vec<Vec<u8>> = Vec::new();
+    let pending = state.pending.iter().flat_map(|m| m.roots_der().iter());
+    let retiring = state.retiring.iter().map(|(r, _)| r);
+    for root in state
+        .signing
+        .roots_der()
+        .iter()
+        .chain(pending)
+        .chain(retiring)
+    {
+        if !roots.contains(root) {
+            roots.push(root.clone());
+        }
+    }
+    TrustState {
+        roots_der: roots,
+        generation: state.generation,
+    }
+}
+
+/// Generates the Istio `cacerts` layout in memory: a root named `name` (pathlen 1,
+/// `root_lifetime`) and an intermediate it signed (`ca_lifetime`, never past the root).
+/// For `trellis ca` (plug-in secrets) and tests.
+pub fn generate_pems(
+    trust_domain: &str,
+    name: &str,
+    root_lifetime: Duration,
+    ca_lifetime: Duration,
+) -> Result<CaPems, Error> {
+    check_trust_domain(trust_domain)?;
+    Root::generate_pems(trust_domain, name, now(), root_lifetime, ca_lifetime)
+}
+
+/// The local profile's root from `dir`, generated and persisted on first use.
+pub fn load_or_generate_self_signed(dir: &Path, trust_domain: &str) -> Result<CaMaterial, Error> {
+    check_trust_domain(trust_domain)?;
+    ensure_dir(dir).map_err(io_err("creating directory", dir))?;
+    let cert_path = dir.join(ROOT_CERT_FILE);
+    let key_path = dir.join(ROOT_KEY_FILE);
+    let has_cert = exists(&cert_path)?;
+    let has_key = exists(&key_path)?;
+    let root = match (has_cert, has_key) {
+        (true, true) => Root::load(&cert_path, &key_path, trust_domain)?,
+        (false, false) => {
+            let root = Root::generate(trust_domain, now(), ROOT_LIFETIME)?;
+            // Key first: a crash in between leaves a key without a certificate,
+            // which the next start reports instead of silently trusting.
+            let key_pem = root.issuer.key().serialize_pem();
+            write_atomic(&key_path, key_pem.as_bytes(), KEY_MODE)
+                .map_err(io_err("writing", &key_path))?;
+            write_atomic(&cert_path, root.pem.as_bytes(), PUBLIC_MODE)
+                .map_err(io_err("writing", &cert_path))?;
+            root
+        }
+        (true, false) => {
+            return Err(Error::IncompleteRoot {
+                present: cert_path,
+                missing: key_path,
+            });
+        }
+        (false, true) => {
+            return Err(Error::IncompleteRoot {
+                present: key_path,
+                missing: cert_path,
+            });
+        }
+    };
+    Ok(root.into_material(&format!("self-signed {}", dir.display())))
 }
 
 /// Validates a trust domain with the same rules as SPIFFE IDs use.
@@ -421,7 +652,7 @@ mod tests {
     fn leaf_never_outlives_root() {
         let now = now().replace_nanosecond(0).unwrap();
         let root = Root::generate("cluster.local", now, Duration::from_secs(2 * 3600)).unwrap();
-        let ca = CertificateAuthority::from_root("cluster.local", root);
+        let ca = CertificateAuthority::from_material("cluster.local", root.into_material("test"));
         let id = SpiffeId::new("cluster.local", "demo", "web").unwrap();
         let issued = ca.sign(&p256_csr(), &id, None).unwrap();
         assert_eq!(issued.not_after, ca.root_not_after());
@@ -431,7 +662,7 @@ mod tests {
     fn expired_root_signs_nothing() {
         let long_ago = now() - Duration::from_secs(7200);
         let root = Root::generate("cluster.local", long_ago, Duration::from_secs(3600)).unwrap();
-        let ca = CertificateAuthority::from_root("cluster.local", root);
+        let ca = CertificateAuthority::from_material("cluster.local", root.into_material("test"));
         let id = SpiffeId::new("cluster.local", "demo", "web").unwrap();
         assert!(matches!(
             ca.sign(&p256_csr(), &id, None),

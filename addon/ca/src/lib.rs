@@ -16,14 +16,17 @@
 mod authority;
 mod csr;
 mod fs;
+mod pems;
 mod service;
+pub mod source;
 mod token;
 
 pub use authority::{
-    CaConfig, CertificateAuthority, DEFAULT_MAX_TTL, DEFAULT_TTL, Error, Issued, ROOT_CERT_FILE,
-    ROOT_KEY_FILE,
+    CaConfig, CaMaterial, CertificateAuthority, DEFAULT_MAX_TTL, DEFAULT_TTL, Error, Issued,
+    ROOT_CERT_FILE, ROOT_KEY_FILE, Staged, TrustState, generate_pems, load_or_generate_self_signed,
 };
 pub use csr::MAX_CSR_LEN;
+pub use pems::{CA_CERT_PEM, CA_KEY_PEM, CERT_CHAIN_PEM, CaPems, ROOT_CERT_PEM};
 pub use service::{IdentityService, MAX_MESSAGE_LEN, Metrics};
 pub use token::{
     Caller, DEFAULT_AUDIENCE, ISSUER_KEY_FILE, JWKS_FILE, JwksVerifier, LOCAL_ISSUER, LocalIssuer,

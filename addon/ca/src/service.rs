@@ -133,7 +133,7 @@ impl Identity for IdentityService {
         })?;
         let requested_ttl = (req.requested_ttl_seconds > 0)
             .then(|| Duration::from_secs(u64::from(req.requested_ttl_seconds)));
-        let issued = self.ca.sign(&req.csr_der, &identity, requested_ttl).map_err(|e| {
+        let (issued, ca_generation) = self.ca.sign_with_generation(&req.csr_der, &identity, requested_ttl).map_err(|e| {
             let (reason, status) = status_for(&e);
             warn!(%identity, reason = reason.as_str(), error = %e, "certificate request refused");
             self.refuse(reason, status)
@@ -151,6 +151,7 @@ impl Identity for IdentityService {
             trust_bundle_der: self.ca.trust_bundle_der(),
             identity: identity.to_string(),
             not_after_unix,
+            ca_generation,
         }))
     }
 }

@@ -126,7 +126,11 @@ fn leaf_carries_only_the_authorised_identity() {
     let identity = id("demo", "web");
     let issued = ca.sign(&greedy_csr(), &identity, None).unwrap();
     assert_eq!(issued.chain_der.len(), 1);
-    assert_leaf(&issued.chain_der[0], ca.root_der(), &identity);
+    assert_leaf(
+        &issued.chain_der[0],
+        ca.trust_bundle_der()[0].as_slice(),
+        &identity,
+    );
 
     let (_, leaf) = X509Certificate::from_der(&issued.chain_der[0]).unwrap();
     let not_before = leaf.validity().not_before.timestamp();
@@ -160,7 +164,7 @@ fn leaf_is_accepted_by_webpki_as_client_and_server() {
     // The verifier rustls uses: catches encodings x509-parser tolerates but TLS stacks don't.
     let ca = CertificateAuthority::generate(TD).unwrap();
     let issued = ca.sign(&greedy_csr(), &id("demo", "web"), None).unwrap();
-    let root = CertificateDer::from(ca.root_der());
+    let root = CertificateDer::from(ca.trust_bundle_der().remove(0));
     let anchors = [webpki::anchor_from_trusted_cert(&root).unwrap()];
     let leaf = CertificateDer::from(issued.chain_der[0].as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
@@ -190,7 +194,11 @@ fn p384_key_is_accepted() {
     );
     let identity = id("demo", "web");
     let issued = ca.sign(&csr, &identity, None).unwrap();
-    assert_leaf(&issued.chain_der[0], ca.root_der(), &identity);
+    assert_leaf(
+        &issued.chain_der[0],
+        ca.trust_bundle_der()[0].as_slice(),
+        &identity,
+    );
 }
 
 #[test]
@@ -213,7 +221,7 @@ fn garbage_is_not_a_csr() {
         ("empty", Vec::new()),
         ("text", b"-----BEGIN CERTIFICATE REQUEST-----".to_vec()),
         ("random", (0..200u8).map(|i| i.wrapping_mul(37)).collect()),
-        ("a certificate", ca.root_der().to_vec()),
+        ("a certificate", ca.trust_bundle_der()[0].clone()),
         ("trailing byte", trailing),
         ("truncated", truncated),
     ] {
@@ -324,13 +332,23 @@ fn root_and_issuer_survive_restart() {
 
     let first = CertificateAuthority::load_or_generate(&dir, TD).unwrap();
     let second = CertificateAuthority::load_or_generate(&dir, TD).unwrap();
-    assert_eq!(first.root_der(), second.root_der());
-    assert_eq!(first.root_pem(), second.root_pem());
-    assert_eq!(first.trust_bundle_der(), vec![first.root_der().to_vec()]);
+    assert_eq!(
+        first.trust_bundle_der()[0].as_slice(),
+        second.trust_bundle_der()[0].as_slice()
+    );
+    assert_eq!(first.trust_bundle_pem(), second.trust_bundle_pem());
+    assert_eq!(
+        first.trust_bundle_der(),
+        vec![first.trust_bundle_der()[0].clone()]
+    );
     // The reloaded root can still sign, and its leaves chain to the original root.
     let identity = id("demo", "web");
     let issued = second.sign(&p256_csr(), &identity, None).unwrap();
-    assert_leaf(&issued.chain_der[0], first.root_der(), &identity);
+    assert_leaf(
+        &issued.chain_der[0],
+        first.trust_bundle_der()[0].as_slice(),
+        &identity,
+    );
 
     let issuer_a = LocalIssuer::load_or_generate(&dir).unwrap();
     let issuer_b = LocalIssuer::load_or_generate(&dir).unwrap();
@@ -464,9 +482,16 @@ async fn service_issues_for_the_token_identity() {
 
     let identity = id("demo", "web");
     assert_eq!(resp.identity, identity.as_str());
-    assert_eq!(resp.trust_bundle_der, vec![f.ca.root_der().to_vec()]);
+    assert_eq!(
+        resp.trust_bundle_der,
+        vec![f.ca.trust_bundle_der()[0].clone()]
+    );
     assert_eq!(resp.chain_der.len(), 1);
-    assert_leaf(&resp.chain_der[0], f.ca.root_der(), &identity);
+    assert_leaf(
+        &resp.chain_der[0],
+        f.ca.trust_bundle_der()[0].as_slice(),
+        &identity,
+    );
     let (_, leaf) = X509Certificate::from_der(&resp.chain_der[0]).unwrap();
     assert_eq!(resp.not_after_unix, leaf.validity().not_after.timestamp());
     assert!(
@@ -559,4 +584,314 @@ fn server_builds() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// === CA material from sources, and changing CA on a live mesh ===
+
+use trellis_ca::source::{self, CaSource, DirSource, RotationPolicy, SourceMetrics};
+use trellis_ca::{CaMaterial, CaPems, Staged, generate_pems};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn plugin(name: &str) -> CaPems {
+    generate_pems(TD, name, 365 * DAY, 30 * DAY).unwrap()
+}
+
+/// webpki's verdict on a leaf chain (leaf first) against `roots`.
+fn webpki_accepts(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
+    let roots: Vec<CertificateDer<'_>> = roots.iter().map(|r| r.as_slice().into()).collect();
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+        .collect();
+    let leaf = CertificateDer::from(chain[0].as_slice());
+    let inter: Vec<CertificateDer<'_>> = chain[1..].iter().map(|c| c.as_slice().into()).collect();
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &inter,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .is_ok()
+}
+
+#[test]
+fn plugin_layout_signs_leaves_that_chain_through_the_intermediate() {
+    let pems = plugin("test");
+    let material = CaMaterial::from_pems(&pems, TD, "test").unwrap();
+    assert_eq!(material.roots_der().len(), 1);
+    assert_eq!(
+        material.chain_der().len(),
+        1,
+        "the intermediate rides with each leaf"
+    );
+    let ca = CertificateAuthority::new(TD, material).unwrap();
+    let issued = ca.sign(&p256_csr(), &id("demo", "web"), None).unwrap();
+    assert_eq!(issued.chain_der.len(), 2);
+    assert_eq!(issued.chain_der[1], ca.signing().issuer_der());
+    assert!(webpki_accepts(&issued.chain_der, &ca.trust_bundle_der()));
+    // Never the root in the chain, and without the intermediate the leaf does not verify.
+    assert!(!issued.chain_der.contains(&ca.trust_bundle_der()[0]));
+    assert!(!webpki_accepts(
+        &issued.chain_der[..1],
+        &ca.trust_bundle_der()
+    ));
+}
+
+#[test]
+fn a_leaf_never_outlives_the_intermediate() {
+    let pems = generate_pems(TD, "short", 365 * DAY, HOUR).unwrap();
+    let ca = CertificateAuthority::new(TD, CaMaterial::from_pems(&pems, TD, "t").unwrap())
+        .unwrap()
+        .with_config(CaConfig::default().with_max_ttl(DAY).with_default_ttl(DAY))
+        .unwrap();
+    let issued = ca.sign(&p256_csr(), &id("demo", "web"), None).unwrap();
+    assert_eq!(issued.not_after, ca.signing().not_after());
+    assert!(unix(issued.not_after) <= now() + 3600 + 1);
+}
+
+#[test]
+fn bad_plugin_material_is_refused_with_the_part_named() {
+    let good = plugin("a");
+    let other = plugin("b");
+    let cases: Vec<(&str, CaPems, &str)> = vec![
+        (
+            "key of another CA",
+            CaPems {
+                ca_key: other.ca_key.clone(),
+                ..good.clone()
+            },
+            "ca-key: does not belong to the certificate in ca-cert",
+        ),
+        (
+            "intermediate of another root",
+            CaPems {
+                root_cert: other.root_cert.clone(),
+                ..good.clone()
+            },
+            "ca-cert: does not chain to any certificate in root-cert",
+        ),
+        (
+            "no root",
+            CaPems {
+                root_cert: String::new(),
+                ..good.clone()
+            },
+            "root-cert: no certificate",
+        ),
+        (
+            "a key where the root should be",
+            CaPems {
+                root_cert: good.ca_key.clone(),
+                ..good.clone()
+            },
+            "root-cert: expected CERTIFICATE blocks, found PRIVATE KEY",
+        ),
+        (
+            "garbage key",
+            CaPems {
+                ca_key: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+                ..good.clone()
+            },
+            "ca-key: not a PKCS#8 private key",
+        ),
+        (
+            "two issuing certificates",
+            CaPems {
+                ca_cert: format!("{}{}", good.ca_cert, other.ca_cert),
+                ..good
+            },
+            "ca-cert: expected exactly one certificate, found 2",
+        ),
+    ];
+    for (what, pems, expected) in cases {
+        let err = CaMaterial::from_pems(&pems, TD, "secret /x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{what}: {err}");
+        assert!(
+            err.starts_with("CA material from secret /x: "),
+            "{what}: {err}"
+        );
+        assert!(
+            !err.contains("BEGIN PRIVATE KEY"),
+            "{what}: key material in {err}"
+        );
+    }
+    // An intermediate for another trust domain.
+    let foreign = generate_pems("other.domain", "x", 365 * DAY, DAY).unwrap();
+    assert!(matches!(
+        CaMaterial::from_pems(&foreign, TD, "t"),
+        Err(Error::RootTrustDomain { .. })
+    ));
+}
+
+#[test]
+fn several_roots_are_all_trusted() {
+    let a = plugin("a");
+    let b = plugin("b");
+    let both = CaPems {
+        root_cert: format!("{}{}", a.root_cert, b.root_cert),
+        ..a
+    };
+    let m = CaMaterial::from_pems(&both, TD, "t").unwrap();
+    assert_eq!(m.roots_der().len(), 2);
+}
+
+/// The three steps of a CA switch, as proxies would see them through the bundle.
+#[test]
+fn switching_ca_overlaps_roots_then_retires_the_old_one() {
+    let ca = CertificateAuthority::load_or_generate(&tempfile::tempdir().unwrap().keep(), TD)
+        .unwrap()
+        .with_config(
+            CaConfig::default()
+                .with_max_ttl(HOUR)
+                .with_default_ttl(HOUR),
+        )
+        .unwrap();
+    let mut trust = ca.subscribe();
+    let old_root = ca.trust_bundle_der()[0].clone();
+    let old_leaf = ca.sign(&p256_csr(), &id("demo", "a"), None).unwrap();
+    assert_eq!(ca.generation(), 1);
+
+    // Step 1: new roots join; the old CA still signs; generation unchanged.
+    let next = CaMaterial::from_pems(&plugin("kv"), TD, "next").unwrap();
+    let new_root = next.roots_der()[0].clone();
+    assert_eq!(ca.stage(next), Staged::Pending);
+    assert!(trust.has_changed().unwrap());
+    let bundle = trust.borrow_and_update().clone();
+    assert_eq!(bundle.roots_der, vec![old_root.clone(), new_root]);
+    assert_eq!(bundle.generation, 1);
+    let during = ca.sign(&p256_csr(), &id("demo", "b"), None).unwrap();
+    assert_eq!(
+        during.chain_der.len(),
+        1,
+        "still the self-signed root signing"
+    );
+    // Staging the same material again changes nothing.
+    assert_eq!(
+        ca.stage(CaMaterial::from_pems(&plugin("kv"), TD, "other").unwrap()),
+        Staged::Pending,
+        "a different intermediate replaces the pending one"
+    );
+
+    // Step 2: the new CA signs; generation 2; both roots still trusted.
+    let t0 = SystemTime::now();
+    assert!(ca.activate(t0));
+    assert!(!ca.activate(t0), "nothing left to activate");
+    assert_eq!(ca.generation(), 2);
+    let new_leaf = ca.sign(&p256_csr(), &id("demo", "c"), None).unwrap();
+    let bundle = ca.trust_bundle_der();
+    assert_eq!(bundle.len(), 2);
+    assert!(webpki_accepts(&new_leaf.chain_der, &bundle));
+    assert!(
+        webpki_accepts(&old_leaf.chain_der, &bundle),
+        "old leaves keep working"
+    );
+    let (_, generation) = ca
+        .sign_with_generation(&p256_csr(), &id("demo", "d"), None)
+        .unwrap();
+    assert_eq!(generation, 2);
+
+    // Step 3: the old root stays until every leaf it verified has expired.
+    assert_eq!(ca.retire_expired(t0 + HOUR - Duration::from_secs(1)), 0);
+    assert_eq!(ca.trust_bundle_der().len(), 2);
+    assert!(ca.next_retirement().unwrap() > t0 + HOUR);
+    assert_eq!(ca.retire_expired(t0 + HOUR + Duration::from_secs(120)), 1);
+    let bundle = ca.trust_bundle_der();
+    assert!(!bundle.contains(&old_root));
+    assert!(webpki_accepts(&new_leaf.chain_der, &bundle));
+    assert!(!webpki_accepts(&old_leaf.chain_der, &bundle));
+}
+
+#[test]
+fn a_root_added_to_the_same_ca_only_grows_the_bundle() {
+    let a = plugin("a");
+    let ca = CertificateAuthority::new(TD, CaMaterial::from_pems(&a, TD, "t").unwrap()).unwrap();
+    let extra = plugin("next-root");
+    let grown = CaPems {
+        root_cert: format!("{}{}", a.root_cert, extra.root_cert),
+        ..a
+    };
+    let m = CaMaterial::from_pems(&grown, TD, "t").unwrap();
+    assert_eq!(ca.stage(m), Staged::RootsUpdated);
+    assert_eq!(ca.trust_bundle_der().len(), 2);
+    assert_eq!(ca.generation(), 1, "same issuing CA: nobody re-issues");
+    assert_eq!(
+        ca.stage(CaMaterial::from_pems(&grown, TD, "t").unwrap()),
+        Staged::Unchanged
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_source_loop_stages_activates_and_survives_bad_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = plugin("first");
+    source::write_dir(dir.path(), &first).unwrap();
+    let src = DirSource::new(dir.path());
+    assert_eq!(src.label(), format!("secret {}", dir.path().display()));
+    let material = CaMaterial::from_pems(&src.load().await.unwrap(), TD, &src.label()).unwrap();
+    let ca = Arc::new(
+        CertificateAuthority::new(TD, material)
+            .unwrap()
+            .with_config(
+                CaConfig::default()
+                    .with_max_ttl(HOUR)
+                    .with_default_ttl(HOUR),
+            )
+            .unwrap(),
+    );
+    let metrics = SourceMetrics::new(&mut Registry::default());
+    let policy = RotationPolicy {
+        reload_interval: Duration::from_secs(10),
+        propagation: Duration::from_secs(30),
+    };
+    let stop = tokio_util_like_stop();
+    let task = tokio::spawn(source::run(
+        ca.clone(),
+        Arc::new(src),
+        policy,
+        metrics.clone(),
+        stop.1,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ca.generation(), 1);
+
+    // A broken key file: the CA keeps its material and counts the failure.
+    std::fs::write(dir.path().join("ca-key.pem"), "not a key").unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(metrics.load_failures() >= 1);
+    assert_eq!(ca.trust_bundle_der().len(), 1);
+
+    // New material: staged at the next read, active after the propagation delay.
+    let second = plugin("second");
+    source::write_dir(dir.path(), &second).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        ca.trust_bundle_der().len(),
+        2,
+        "both roots while propagating"
+    );
+    assert_eq!(ca.generation(), 1);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(ca.generation(), 2);
+    let leaf = ca.sign(&p256_csr(), &id("demo", "web"), None).unwrap();
+    assert_eq!(leaf.chain_der[1], ca.signing().issuer_der());
+    let _ = stop.0.send(());
+    task.await.unwrap();
+}
+
+/// A oneshot used as the loop's shutdown future.
+fn tokio_util_like_stop() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
 }

@@ -145,8 +145,8 @@ async fn run_in(
         .wait_ready("control-plane", &http, cp_admin, &logs)
         .await?;
     say(&format!(
-        "control plane up: CA root {} (self-signed, local profile), discovery + CA on {grpc} (TLS), admin http://{cp_admin}/metrics",
-        state.join("ca/root-cert.pem").display()
+        "control plane up: CA trust bundle {} (self-signed root, local profile), discovery + CA on {grpc} (TLS), admin http://{cp_admin}/metrics",
+        state.join("trust-bundle.pem").display()
     ));
 
     // 2. Workloads: app + proxy each, with a token from the local issuer.
@@ -162,7 +162,7 @@ async fn run_in(
         procs.spawn(&format!("{}-app", w.name), app, &logs)?;
         let mut p = Command::new(proxy);
         p.arg("--control-plane").arg(grpc.to_string());
-        p.arg("--ca-roots").arg(state.join("ca/root-cert.pem"));
+        p.arg("--ca-roots").arg(state.join("trust-bundle.pem"));
         p.arg("--token-file").arg(&token_file);
         p.args([
             "--namespace",
@@ -191,8 +191,18 @@ async fn run_in(
         let exp = doc["certificate"]["not_after_unix"].as_u64().unwrap_or(0);
         let ttl = exp.saturating_sub(unix_now());
         let services = doc["discovery"]["services"].as_array().map_or(0, Vec::len);
+        let generation = doc["certificate"]["ca_generation"].as_u64().unwrap_or(0);
+        let roots = doc["certificate"]["trust_root_fingerprints"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
         say(&format!(
-            "{:<8} proxy ready: identity {id} (certificate valid {}h{:02}m), view v{} with {services} service(s); admin http://{}/config",
+            "{:<8} proxy ready: identity {id} (certificate valid {}h{:02}m, CA generation {generation}, trust root {roots}), view v{} with {services} service(s); admin http://{}/config",
             w.name,
             ttl / 3600,
             (ttl % 3600) / 60,
@@ -210,7 +220,7 @@ async fn run_in(
     say(&format!(
         "an app with no mesh certificate calls web-1's proxy directly ({}): {}",
         workloads[1].inbound,
-        probe_without_certificate(&state.join("ca/root-cert.pem"), workloads[1].inbound).await
+        probe_without_certificate(&state.join("trust-bundle.pem"), workloads[1].inbound).await
     ));
     let started = Instant::now();
     let mut served: BTreeMap<String, u64> = BTreeMap::new();

@@ -1,11 +1,13 @@
 //! `trellis`: the Trellis command-line tool.
 //!
 //! Owns the user-facing commands. Today: `trellis demo` (the local profile: the whole
-//! mesh as processes on this machine) and the small demo app it runs. `check`, `inject`,
-//! `stat`/`top`/`tap`, `ca` and `dashboard` come with later issues. Talks to the other
-//! binaries only through their command lines and HTTP endpoints, so it depends on no
-//! other Trellis crate.
+//! mesh as processes on this machine) and the small demo app it runs, and `trellis ca`
+//! (CA material in Key Vault or a `cacerts` directory, through `trellis-azure` and
+//! `trellis-ca`). `check`, `inject`, `stat`/`top`/`tap` and `dashboard` come with later
+//! issues. Talks to the running binaries only through their command lines and HTTP
+//! endpoints.
 
+mod ca;
 mod demo;
 mod demo_app;
 mod http;
@@ -28,6 +30,9 @@ enum Command {
     /// Runs the local mesh: control plane, three workloads with their proxies, and a
     /// little traffic over mTLS, explained as it happens. Stops on Ctrl-C or --duration.
     Demo(demo::Args),
+    /// CA material: create it in Key Vault or as a `cacerts` directory, show a chain and
+    /// check expiry.
+    Ca(ca::Args),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -73,18 +78,21 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Demo(args) => demo::run(args).await,
+            Command::Demo(args) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Ca(args) => ca::run(args).await,
             Command::DemoApp {
                 name,
                 listen,
                 delay,
-            } => demo_app::run(name, listen, delay).await,
+            } => demo_app::run(name, listen, delay)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     });
     // Child processes are killed on drop; give the runtime a moment to reap them.
     rt.shutdown_timeout(Duration::from_secs(2));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("trellis: {e:#}");
             ExitCode::FAILURE

@@ -51,6 +51,7 @@ pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSna
         version,
         trust_domain: trust_domain.to_owned(),
         services,
+        ..Default::default()
     }
 }
 

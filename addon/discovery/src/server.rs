@@ -252,6 +252,8 @@ impl ProxyStream {
             full = resp.full,
             upserts = resp.upserts.len(),
             removed = resp.removed.len(),
+            trust_roots = resp.trust_roots_der.len(),
+            ca_generation = resp.ca_generation,
             "pushing view"
         );
         self.tx

@@ -21,7 +21,9 @@ use tonic::{Code, Request, Status};
 use trellis_api::discovery::v1::discovery_client::DiscoveryClient;
 use trellis_api::discovery::v1::discovery_request::Kind;
 use trellis_api::discovery::v1::{Ack, DiscoveryRequest, DiscoveryResponse, Hello, Nack};
-use trellis_api::{Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, apply};
+use trellis_api::{
+    Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, Trust, apply,
+};
 use trellis_discovery::{DiscoveryService, Metrics, ProxyStatus};
 use trellis_identity::{ConnectInfo, SpiffeId};
 
@@ -75,6 +77,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> Arc<MeshSnapshot> {
         version,
         trust_domain: "cluster.local".into(),
         services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+        ..Default::default()
     })
 }
 
@@ -250,6 +253,46 @@ async fn snapshot_change_arrives_as_incremental_diff() -> anyhow::Result<()> {
     assert_eq!(resp.removed, vec!["demo/db".to_owned()]);
     assert_eq!(resp.upserts.len(), 2);
     assert_eq!(apply(&held, &resp)?, *changed);
+    Ok(())
+}
+
+/// A root rotation with no service change still reaches connected proxies: the trust is
+/// part of the view, so a bundle or generation change alone is pushed, as an increment
+/// carrying the whole new bundle.
+#[tokio::test]
+async fn trust_change_alone_is_pushed_with_the_bundle() -> anyhow::Result<()> {
+    let harness = Harness::start(Some(web_id()?), Duration::from_secs(10)).await?;
+    let mut proxy = harness.open(true).await?;
+    let first = proxy.next().await?;
+    assert!(first.full);
+    assert!(first.trust_roots_der.is_empty(), "no bundle yet");
+    let mut held = apply(&MeshSnapshot::default(), &first)?;
+
+    let rotations = [
+        (2, vec![b"old-root".to_vec()], 1),
+        (3, vec![b"old-root".to_vec(), b"new-root".to_vec()], 1),
+        (4, vec![b"old-root".to_vec(), b"new-root".to_vec()], 2),
+        (5, vec![b"new-root".to_vec()], 2),
+    ];
+    for (version, roots_der, generation) in rotations {
+        let next = Arc::new(MeshSnapshot {
+            version,
+            trust: Trust {
+                roots_der: roots_der.clone(),
+                generation,
+            },
+            ..(*first_snapshot()?).clone()
+        });
+        harness.snapshots.send_replace(next.clone());
+        let resp = proxy.next().await?;
+        assert!(!resp.full, "v{version}: expected an increment");
+        assert_eq!(resp.version, version);
+        assert!(resp.upserts.is_empty() && resp.removed.is_empty());
+        assert_eq!(resp.trust_roots_der, roots_der, "v{version}");
+        assert_eq!(resp.ca_generation, generation, "v{version}");
+        held = apply(&held, &resp)?;
+        assert_eq!(held, *next);
+    }
     Ok(())
 }
 

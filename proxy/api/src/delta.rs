@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::convert::ConvertError;
 use crate::discovery::v1 as pb;
-use crate::snapshot::{MeshSnapshot, Service, ServiceKey};
+use crate::snapshot::{MeshSnapshot, Service, ServiceKey, Trust};
 
 /// Applies a discovery response to the snapshot the proxy holds and returns the new one.
 ///
@@ -16,7 +16,12 @@ use crate::snapshot::{MeshSnapshot, Service, ServiceKey};
 /// - `full = false`: upserts are applied to `current` first, then removals (so a key in
 ///   both ends up removed). Removing a key `current` does not hold is not an error.
 ///
-/// The trust domain is always the response's. The response's version must be greater
+/// The trust domain is always the response's. The trust bundle and CA generation are the
+/// response's in a full response (no roots there: the control plane has no bundle) and in
+/// an increment that carries roots; an increment without roots keeps `current.trust`
+/// (empty means "unchanged", and the generation travels with the roots).
+///
+/// The response's version must be greater
 /// than `current.version`, else the response is [`ConvertError::Stale`]: versions only
 /// move forward, so the control plane must keep them monotonic across its own restarts.
 ///
@@ -53,19 +58,37 @@ pub fn apply(
     for key in &removed {
         services.remove(key);
     }
+    let trust = if resp.full || !resp.trust_roots_der.is_empty() {
+        Trust {
+            roots_der: resp.trust_roots_der.clone(),
+            generation: resp.ca_generation,
+        }
+    } else {
+        current.trust.clone()
+    };
     Ok(MeshSnapshot {
         version: resp.version,
         trust_domain: resp.trust_domain.clone(),
         services,
+        trust,
     })
 }
 
 /// The incremental response that takes a proxy holding `old` to `new` (`full = false`).
 ///
 /// Upserts carry every service that is new or changed in any way, whole; `removed` lists
-/// the keys only `old` has. The response has `new`'s version even when nothing changed;
+/// the keys only `old` has. The trust bundle and CA generation are included only when
+/// `old.trust != new.trust`. The response has `new`'s version even when nothing changed;
 /// callers that want to skip such pushes check [`same_view`] first.
+///
+/// One change has no incremental form: to a trust with no roots (an increment without
+/// roots means "unchanged"). For that, rare, change the result is [`full`]`(new)`, so
+/// `apply(old, diff(old, new)) == new` holds for every pair.
 pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
+    let trust_changed = old.trust != new.trust;
+    if trust_changed && new.trust.roots_der.is_empty() {
+        return full(new);
+    }
     let upserts = new
         .services
         .iter()
@@ -78,16 +101,24 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         .filter(|key| !new.services.contains_key(key))
         .map(ToString::to_string)
         .collect();
+    let (trust_roots_der, ca_generation) = if trust_changed {
+        (new.trust.roots_der.clone(), new.trust.generation)
+    } else {
+        (Vec::new(), 0)
+    };
     pb::DiscoveryResponse {
         version: new.version,
         full: false,
         upserts,
         removed,
         trust_domain: new.trust_domain.clone(),
+        trust_roots_der,
+        ca_generation,
     }
 }
 
-/// The full response for `snapshot` (`full = true`): every service, replacing all state.
+/// The full response for `snapshot` (`full = true`): every service and the trust bundle
+/// with its CA generation, replacing all state.
 pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
     pb::DiscoveryResponse {
         version: snapshot.version,
@@ -95,13 +126,16 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         upserts: snapshot.services.values().map(pb::Service::from).collect(),
         removed: Vec::new(),
         trust_domain: snapshot.trust_domain.clone(),
+        trust_roots_der: snapshot.trust.roots_der.clone(),
+        ca_generation: snapshot.trust.generation,
     }
 }
 
-/// True when `old` and `new` hold the same view (services and trust domain), whatever
-/// their versions: pushing [`diff`] of them would change nothing for the proxy.
+/// True when `old` and `new` hold the same view (services, trust domain, trust bundle and
+/// CA generation), whatever their versions: pushing [`diff`] of them would change nothing
+/// for the proxy.
 pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
-    old.trust_domain == new.trust_domain && old.services == new.services
+    old.trust_domain == new.trust_domain && old.services == new.services && old.trust == new.trust
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

@@ -17,7 +17,9 @@ pub mod snapshot;
 pub use convert::ConvertError;
 pub use delta::{apply, diff, full, same_view};
 pub use lookup::{AddressIndex, Destination};
-pub use snapshot::{Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort};
+pub use snapshot::{
+    Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, Trust, fingerprint,
+};
 
 /// Generated code for `proto/discovery.proto` (package `trellis.discovery`).
 pub mod discovery {

@@ -202,6 +202,7 @@ mod tests {
                 .into_iter()
                 .map(|s| (s.key.clone(), s))
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
 
 /// Identifies a service: `<namespace>/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -27,6 +28,26 @@ pub struct MeshSnapshot {
     pub trust_domain: String,
     /// Services by key, with their endpoints resolved.
     pub services: BTreeMap<ServiceKey, Service>,
+    /// The trust bundle and the CA generation (empty when the control plane has none).
+    pub trust: Trust,
+}
+
+/// The roots peers are verified against, and the generation of the CA that signs now.
+///
+/// Sent in every full view and in increments where it changed (an increment without
+/// roots leaves it as it was; see `DiscoveryResponse` in `proto/discovery.proto`). The
+/// roots are opaque bytes here: parsing them is the proxy's job, which keeps its last good
+/// bundle when a pushed one does not parse.
+///
+/// Serializes (for `/debug` and `/config` output) as the root count, short sha256
+/// fingerprints ([`fingerprint`]) and the generation, never the certificates themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// Root certificates, DER, in the control plane's order. Empty: no bundle.
+    pub roots_der: Vec<Vec<u8>>,
+    /// Generation of the CA that signs new leaves; a proxy whose leaf is older
+    /// re-issues. 0 when the control plane does not number generations.
+    pub generation: u64,
 }
 
 /// A service and its endpoints.
@@ -90,6 +111,41 @@ impl ServiceKey {
         }
     }
 }
+
+// === impl Trust ===
+
+impl Trust {
+    /// [`fingerprint`] of each root, in order.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.roots_der.iter().map(|der| fingerprint(der)).collect()
+    }
+}
+
+impl Serialize for Trust {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Trust", 3)?;
+        s.serialize_field("roots", &self.roots_der.len())?;
+        s.serialize_field("fingerprints", &self.fingerprints())?;
+        s.serialize_field("generation", &self.generation)?;
+        s.end()
+    }
+}
+
+/// A short, stable name for a certificate in logs and debug output: the first 8 bytes of
+/// the SHA-256 of its DER, as 16 lowercase hex digits. Enough to tell roots apart and to
+/// match them against `openssl x509 -fingerprint -sha256`; not meant for security checks.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest
+        .as_ref()
+        .iter()
+        .take(FINGERPRINT_BYTES)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Bytes of the SHA-256 digest that [`fingerprint`] shows.
+const FINGERPRINT_BYTES: usize = 8;
 
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use trellis_api::discovery::v1 as pb;
 use trellis_api::{
-    ConvertError, Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, apply, diff,
-    full,
+    ConvertError, Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, Trust, apply,
+    diff, full, same_view,
 };
 
 fn endpoint(addr: &str, sa: &str) -> Endpoint {
@@ -43,6 +43,22 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         version,
         trust_domain: "cluster.local".into(),
         services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+        trust: Trust::default(),
+    }
+}
+
+/// A trust bundle of fake roots: trellis-api treats roots as opaque bytes.
+fn trust(roots: &[&str], generation: u64) -> Trust {
+    Trust {
+        roots_der: roots.iter().map(|r| r.as_bytes().to_vec()).collect(),
+        generation,
+    }
+}
+
+fn trusted(version: u64, services: Vec<Service>, trust: Trust) -> MeshSnapshot {
+    MeshSnapshot {
+        trust,
+        ..snapshot(version, services)
     }
 }
 
@@ -79,6 +95,7 @@ fn incremental_response_applies_upserts_then_removals() {
             "demo/never-existed".into(),
         ],
         trust_domain: "cluster.local".into(),
+        ..Default::default()
     };
     assert_eq!(apply(&current, &resp), Ok(snapshot(2, vec![changed_a])));
 }
@@ -116,6 +133,7 @@ fn malformed_responses_are_refused_whole() {
         upserts,
         removed: removed.into_iter().map(String::from).collect(),
         trust_domain: "cluster.local".into(),
+        ..Default::default()
     };
     let cases = [
         (
@@ -157,6 +175,8 @@ fn diff_carries_only_changes() {
             upserts: vec![proto(&b2), proto(&c)],
             removed: vec!["demo/a".into()],
             trust_domain: "cluster.local".into(),
+            trust_roots_der: Vec::new(),
+            ca_generation: 0,
         }
     );
     assert!(trellis_api::same_view(
@@ -254,4 +274,201 @@ fn diff_then_apply_reaches_every_snapshot_in_sequences() {
             held = incremental.unwrap_or_else(|e| panic!("{e}"));
         }
     }
+}
+
+#[test]
+fn full_carries_the_bundle_and_generation() {
+    let a = service("a", 80, &["10.0.0.1:80"]);
+    let want = trusted(4, vec![a.clone()], trust(&["root-old", "root-new"], 3));
+    let resp = full(&want);
+    assert_eq!(
+        resp,
+        pb::DiscoveryResponse {
+            version: 4,
+            full: true,
+            upserts: vec![proto(&a)],
+            removed: Vec::new(),
+            trust_domain: "cluster.local".into(),
+            trust_roots_der: vec![b"root-old".to_vec(), b"root-new".to_vec()],
+            ca_generation: 3,
+        }
+    );
+    let held = trusted(1, vec![], trust(&["root-older"], 1));
+    assert_eq!(apply(&held, &resp), Ok(want));
+}
+
+/// An old control plane sends no roots: a full view without roots leaves no bundle (the
+/// proxy then keeps verifying with its CertifyResponse's bundle).
+#[test]
+fn full_without_roots_leaves_the_trust_empty() {
+    let held = trusted(1, vec![], trust(&["root-a"], 2));
+    let resp = pb::DiscoveryResponse {
+        version: 2,
+        full: true,
+        trust_domain: "cluster.local".into(),
+        ..Default::default()
+    };
+    let got = apply(&held, &resp).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got.trust, Trust::default());
+    assert_eq!(got, snapshot(2, vec![]));
+}
+
+/// Empty roots in an increment mean "unchanged", and the generation travels with the
+/// roots: one sent without roots is ignored.
+#[test]
+fn increment_without_roots_keeps_the_trust() {
+    let a = service("a", 80, &["10.0.0.1:80"]);
+    let held = trusted(1, vec![], trust(&["root-a", "root-b"], 2));
+    for ca_generation in [0, 1, 2, 9] {
+        let resp = pb::DiscoveryResponse {
+            version: 2,
+            full: false,
+            upserts: vec![proto(&a)],
+            trust_domain: "cluster.local".into(),
+            ca_generation,
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(&held, &resp),
+            Ok(trusted(2, vec![a.clone()], trust(&["root-a", "root-b"], 2))),
+            "ca_generation {ca_generation}"
+        );
+    }
+}
+
+#[test]
+fn increment_with_roots_replaces_the_bundle_whole() {
+    let held = trusted(1, vec![], trust(&["root-a", "root-b"], 2));
+    let resp = pb::DiscoveryResponse {
+        version: 2,
+        full: false,
+        trust_domain: "cluster.local".into(),
+        trust_roots_der: vec![b"root-c".to_vec()],
+        ca_generation: 3,
+        ..Default::default()
+    };
+    assert_eq!(
+        apply(&held, &resp),
+        Ok(trusted(2, vec![], trust(&["root-c"], 3)))
+    );
+}
+
+#[test]
+fn diff_carries_the_trust_only_when_it_changed() {
+    let a = service("a", 80, &["10.0.0.1:80"]);
+    let a2 = service("a", 80, &["10.0.0.2:80"]);
+    let old = trusted(1, vec![a.clone()], trust(&["root-a"], 1));
+    // Services changed, trust did not: no roots, generation 0.
+    let resp = diff(&old, &trusted(2, vec![a2.clone()], trust(&["root-a"], 1)));
+    assert!(!resp.full);
+    assert_eq!(resp.upserts, vec![proto(&a2)]);
+    assert_eq!(resp.trust_roots_der, Vec::<Vec<u8>>::new());
+    assert_eq!(resp.ca_generation, 0);
+
+    let cases = [
+        ("root added", trust(&["root-a", "root-b"], 1)),
+        ("generation bumped, same roots", trust(&["root-a"], 2)),
+        ("root replaced", trust(&["root-b"], 1)),
+        ("roots reordered", trust(&["root-b", "root-a"], 1)),
+    ];
+    for (case, new_trust) in cases {
+        let new = trusted(2, vec![a.clone()], new_trust.clone());
+        assert!(!same_view(&old, &new), "{case}");
+        let resp = diff(&old, &new);
+        assert_eq!(
+            resp,
+            pb::DiscoveryResponse {
+                version: 2,
+                full: false,
+                upserts: Vec::new(),
+                removed: Vec::new(),
+                trust_domain: "cluster.local".into(),
+                trust_roots_der: new_trust.roots_der.clone(),
+                ca_generation: new_trust.generation,
+            },
+            "{case}"
+        );
+        assert_eq!(apply(&old, &resp).as_ref(), Ok(&new), "{case}");
+    }
+    assert!(same_view(&old, &trusted(7, vec![a], trust(&["root-a"], 1))));
+}
+
+/// "No roots" has no incremental form, so dropping the bundle is sent as a full view.
+#[test]
+fn diff_to_no_bundle_is_a_full_view() {
+    let a = service("a", 80, &["10.0.0.1:80"]);
+    let old = trusted(1, vec![a.clone()], trust(&["root-a"], 1));
+    for new_trust in [Trust::default(), trust(&[], 2)] {
+        let new = trusted(2, vec![a.clone()], new_trust);
+        let resp = diff(&old, &new);
+        assert_eq!(resp, full(&new));
+        assert_eq!(apply(&old, &resp).as_ref(), Ok(&new));
+    }
+}
+
+/// A rotation as the control plane runs it, with service churn in between: bundle
+/// appears, old+new roots, generation bump, old root dropped, CA switched again.
+#[test]
+fn diff_then_apply_follows_a_root_rotation() {
+    let a = service("a", 80, &["10.0.0.1:80"]);
+    let b = service("b", 80, &["10.0.0.2:80"]);
+    let seq = [
+        snapshot(1, vec![a.clone()]),
+        trusted(2, vec![a.clone()], trust(&["root-1"], 1)),
+        trusted(3, vec![a.clone(), b.clone()], trust(&["root-1"], 1)),
+        trusted(
+            4,
+            vec![a.clone(), b.clone()],
+            trust(&["root-1", "root-2"], 1),
+        ),
+        trusted(
+            5,
+            vec![a.clone(), b.clone()],
+            trust(&["root-1", "root-2"], 2),
+        ),
+        trusted(6, vec![b.clone()], trust(&["root-1", "root-2"], 2)),
+        trusted(7, vec![b.clone()], trust(&["root-2"], 2)),
+        trusted(8, vec![a.clone()], trust(&["root-2", "root-3"], 3)),
+        trusted(9, vec![a.clone()], Trust::default()),
+        trusted(10, vec![a, b], trust(&["root-3"], 3)),
+    ];
+    let mut held = seq[0].clone();
+    for (step, new) in seq.iter().enumerate().skip(1) {
+        let resp = diff(&held, new);
+        let trust_changed = held.trust != new.trust;
+        assert_eq!(
+            !resp.trust_roots_der.is_empty(),
+            trust_changed && !new.trust.roots_der.is_empty(),
+            "step {step}: roots only when the trust changed"
+        );
+        let got = apply(&held, &resp).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        assert_eq!(&got, new, "step {step}: diff");
+        for older in &seq[..step] {
+            assert_eq!(
+                apply(older, &full(new)).as_ref(),
+                Ok(new),
+                "step {step}: full"
+            );
+        }
+        held = got;
+    }
+}
+
+#[test]
+fn trust_serializes_as_count_and_fingerprints() -> anyhow::Result<()> {
+    // sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+    assert_eq!(trellis_api::fingerprint(b"abc"), "ba7816bf8f01cfea");
+    let t = trust(&["abc", ""], 4);
+    assert_eq!(
+        t.fingerprints(),
+        vec!["ba7816bf8f01cfea".to_owned(), "e3b0c44298fc1c14".to_owned()]
+    );
+    assert_eq!(
+        serde_json::to_string(&t)?,
+        r#"{"roots":2,"fingerprints":["ba7816bf8f01cfea","e3b0c44298fc1c14"],"generation":4}"#
+    );
+    let snap = serde_json::to_value(trusted(1, vec![], t))?;
+    assert_eq!(snap["trust"]["roots"], 2);
+    assert!(!snap.to_string().contains("abc"), "{snap}");
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The admin endpoints, on loopback only (enforced by the config): `/live`, `/ready`,
-//! `/metrics` (Prometheus text) and `/config` (identity, certificate and discovery view
-//! in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
+//! `/metrics` (Prometheus text) and `/config` (identity, certificate, trust bundle and
+//! CA generation, discovery view in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
 //! for Jobs without native sidecars), exists only when a token file is configured and
 //! needs `Authorization: Bearer <token>`.
 
@@ -186,7 +186,14 @@ impl Admin {
                 "identity": c.svid.id().as_str(),
                 "not_before_unix": unix(c.svid.not_before()),
                 "not_after_unix": unix(c.svid.not_after()),
+                "ca_generation": c.ca_generation,
                 "trust_roots": c.bundle.len(),
+                "trust_root_fingerprints": c
+                    .bundle
+                    .certs()
+                    .iter()
+                    .map(|r| trellis_api::fingerprint(r))
+                    .collect::<Vec<_>>(),
             })
         });
         let view = self.view.borrow().clone();
@@ -198,6 +205,9 @@ impl Admin {
             "discovery": {
                 "version": view.snapshot.version,
                 "trust_domain": view.snapshot.trust_domain,
+                // What the control plane pushed (roots, fingerprints, generation); the
+                // certificate above shows the bundle in use.
+                "trust": view.snapshot.trust,
                 "services": services,
             },
         });
@@ -330,6 +340,50 @@ mod tests {
             }
         }
         assert!(!a.shutdown.is_cancelled());
+    }
+
+    #[test]
+    fn config_shows_roots_fingerprints_and_generation() {
+        use trellis_api::{MeshSnapshot, Trust, fingerprint};
+        use trellis_identity::test_util::TestCa;
+        use trellis_identity::{SpiffeId, TrustBundle};
+
+        let (a, b) = (TestCa::new("a.test"), TestCa::new("b.test"));
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap();
+        let roots = vec![a.root_der().to_vec(), b.root_der().to_vec()];
+        let bundle = TrustBundle::from_der(roots.clone()).unwrap();
+        let certified = Certified::new(a.issue(&id), bundle, 3).unwrap();
+        let snapshot = MeshSnapshot {
+            version: 2,
+            trust: Trust {
+                roots_der: roots,
+                generation: 4,
+            },
+            ..Default::default()
+        };
+        let a_admin = Admin {
+            certs: watch::channel(Some(Arc::new(certified))).1,
+            view: watch::channel(Arc::new(View::new(snapshot, &id))).1,
+            ..admin(None)
+        };
+        let doc: serde_json::Value = serde_json::from_str(&a_admin.config_json()).unwrap();
+        let (fa, fb) = (fingerprint(a.root_der()), fingerprint(b.root_der()));
+        for f in [&fa, &fb] {
+            assert_eq!(f.len(), 16, "{f}");
+            assert!(
+                f.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            );
+        }
+        assert_ne!(fa, fb);
+        let cert = &doc["certificate"];
+        assert_eq!(cert["ca_generation"], 3);
+        assert_eq!(cert["trust_roots"], 2);
+        assert_eq!(cert["trust_root_fingerprints"], serde_json::json!([fa, fb]));
+        assert_eq!(
+            doc["discovery"]["trust"],
+            serde_json::json!({"roots": 2, "fingerprints": [fa, fb], "generation": 4})
+        );
     }
 
     #[test]

@@ -87,10 +87,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     );
 
     let tasks = TaskTracker::new();
+    // Identity follows the trust bundle and CA generation that discovery pushes.
     tokio::spawn(crate::identity::run(
         cfg.clone(),
         bootstrap,
         certs_tx,
+        view_rx.clone(),
         metrics.clone(),
     ));
     tokio::spawn(crate::discovery::run(

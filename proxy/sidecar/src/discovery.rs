@@ -1,6 +1,7 @@
 //! The discovery client: one stream to the control plane, a full view first and
 //! incremental updates after, each acked or nacked. The last good view stays published
-//! while the control plane is away; the stream reconnects with backoff.
+//! while the control plane is away; the stream reconnects with backoff. The view carries
+//! the pushed trust bundle and CA generation, which the identity task follows.
 
 use std::sync::Arc;
 
@@ -94,6 +95,8 @@ async fn stream_once(
                     version = next.version,
                     full = resp.full,
                     services = next.services.len(),
+                    trust_roots = next.trust.roots_der.len(),
+                    ca_generation = next.trust.generation,
                     "discovery view applied"
                 );
                 metrics

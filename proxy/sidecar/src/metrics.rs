@@ -59,6 +59,10 @@ pub struct Metrics {
     pub discovery_nacks: Counter,
     /// Unix time the current certificate expires.
     pub cert_expiry: Gauge,
+    /// Roots in the trust bundle peers are verified against now.
+    pub trust_roots: Gauge,
+    /// Generation of the CA that signed the current certificate (0: not numbered).
+    pub ca_generation: Gauge,
     /// Connections open now, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Connections closed at accept because the listener was full, by listener.
@@ -81,6 +85,8 @@ impl Metrics {
             discovery_connected: Gauge::default(),
             discovery_nacks: Counter::default(),
             cert_expiry: Gauge::default(),
+            trust_roots: Gauge::default(),
+            ca_generation: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
         };
@@ -120,6 +126,16 @@ impl Metrics {
             "certificate_expiration_timestamp_seconds",
             "Unix time the workload certificate expires",
             m.cert_expiry.clone(),
+        );
+        r.register(
+            "trust_roots",
+            "Roots in the trust bundle peers are verified against",
+            m.trust_roots.clone(),
+        );
+        r.register(
+            "ca_generation",
+            "Generation of the CA that signed the workload certificate",
+            m.ca_generation.clone(),
         );
         r.register(
             "connections_open",

@@ -15,3 +15,4 @@ mod limits;
 mod mtls;
 mod protocols;
 mod request_path;
+mod rotation;

@@ -1,28 +1,26 @@
-//! The root key and certificate, and the only code that signs with the root key.
-//!
-//! A Key Vault (`keyvault-key`) source replaces what is in here: `Root::sign_leaf` would
-//! hand rcgen an `rcgen::SigningKey` whose `sign` calls Key Vault, while the CSR and
-//! validity rules in `authority.rs` stay as they are.
+//! The local profile's self-signed root: generated, or loaded from the state directory.
+//! It becomes a [`CaMaterial`] whose issuing CA is the root itself.
 
 use std::path::Path;
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 use tracing::warn;
-use trellis_identity::SpiffeId;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{Error, Issued, io_err, now};
+use super::material::{CaMaterial, spiffe_trust_domain};
+use super::{Error, io_err, now};
+use crate::CaPems;
 use crate::fs::is_too_open;
 
 /// `not_before` is back-dated by this much so a peer whose clock lags slightly still
 /// accepts a freshly issued certificate.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub(super) const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Random serial length: 16 bytes (128 bits) is well above CA/B's 64-bit minimum and
 /// below RFC 5280's 20-octet cap even with a sign byte.
 const SERIAL_LEN: usize = 16;
@@ -70,6 +68,60 @@ impl Root {
         })
     }
 
+    /// The Istio `cacerts` layout made here: a root (pathlen 1) named `name` and an
+    /// intermediate (pathlen 0) it signed, both P-256 with the trust domain's URI SAN.
+    pub(super) fn generate_pems(
+        trust_domain: &str,
+        name: &str,
+        now: OffsetDateTime,
+        root_lifetime: Duration,
+        ca_lifetime: Duration,
+    ) -> Result<CaPems, Error> {
+        let san = || -> Result<Vec<SanType>, Error> {
+            Ok(vec![SanType::URI(Ia5String::try_from(format!(
+                "spiffe://{trust_domain}"
+            ))?)])
+        };
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut root = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(DnType::CommonName, format!("{name} root {trust_domain}"));
+        root.distinguished_name = dn;
+        root.subject_alt_names = san()?;
+        root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        root.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        root.serial_number = Some(random_serial());
+        root.not_before = now - CLOCK_SKEW;
+        root.not_after = now + root_lifetime;
+        let root_cert = root.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root.clone(), root_key);
+
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut ca = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(
+            DnType::CommonName,
+            format!("{name} intermediate {trust_domain}"),
+        );
+        ca.distinguished_name = dn;
+        ca.subject_alt_names = san()?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.serial_number = Some(random_serial());
+        ca.not_before = now - CLOCK_SKEW;
+        ca.not_after = (now + ca_lifetime).min(root.not_after);
+        ca.use_authority_key_identifier_extension = true;
+        let ca_cert = ca.signed_by(&ca_key, &root_issuer)?;
+        Ok(CaPems {
+            root_cert: root_cert.pem(),
+            ca_cert: ca_cert.pem(),
+            ca_key: ca_key.serialize_pem(),
+            cert_chain: ca_cert.pem(),
+        })
+    }
+
     pub(super) fn load(
         cert_path: &Path,
         key_path: &Path,
@@ -99,7 +151,7 @@ impl Root {
         if !x509.is_ca() {
             return Err(invalid(cert_path, "not a CA certificate".to_owned()));
         }
-        if let Some(found) = root_trust_domain(&x509)
+        if let Some(found) = spiffe_trust_domain(&x509)
             && found != trust_domain
         {
             return Err(Error::RootTrustDomain {
@@ -139,70 +191,20 @@ impl Root {
         })
     }
 
-    /// The only code that signs with the root key (see the module doc on Key Vault).
-    pub(super) fn sign_leaf(
-        &self,
-        public_key: &impl PublicKeyData,
-        identity: &SpiffeId,
-        now: OffsetDateTime,
-        ttl: Duration,
-    ) -> Result<Issued, Error> {
-        // Whole seconds: the certificate cannot carry more, and the reported not_after
-        // must equal the one in the certificate.
-        let now = now.replace_nanosecond(0).unwrap_or(now);
-        let not_after = (now + ttl).min(self.not_after);
-        if not_after <= now {
-            return Err(Error::RootExpired {
-                not_after: self.not_after,
-            });
-        }
-        let serial = random_serial();
-        let mut params = CertificateParams::default();
-        // Empty subject, identity only in the (then critical) SAN, per X.509-SVID.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity.as_str())?)];
-        // Explicit CA:FALSE rather than an absent extension: no reader may guess.
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(serial.clone());
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = not_after;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(public_key, &self.issuer)?;
-        Ok(Issued {
-            chain_der: vec![cert.der().to_vec()],
-            not_after: not_after.into(),
-            serial: hex(serial.as_ref()),
-        })
+    /// The root as material that signs leaves itself.
+    pub(super) fn into_material(self, label: &str) -> CaMaterial {
+        CaMaterial::self_signed(self.issuer, self.der, self.not_after, label)
     }
 }
 
-/// The trust domain of a root's `spiffe://<td>` URI SAN, if it has one.
-fn root_trust_domain(x509: &X509Certificate<'_>) -> Option<String> {
-    let san = x509.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri
-            .strip_prefix("spiffe://")
-            .map(|td| td.trim_end_matches('/').to_owned()),
-        _ => None,
-    })
-}
-
-fn random_serial() -> SerialNumber {
+pub(super) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; SERIAL_LEN] = rand::random();
     // Positive and without a leading zero octet, so the DER length is stable.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -65,6 +65,27 @@ pub struct DiscoveryResponse {
     /// Trust domain of the mesh, e.g. "cluster.local".
     #[prost(string, tag = "5")]
     pub trust_domain: ::prost::alloc::string::String,
+    /// The trust bundle: root certificates (DER) that peers' chains must lead to, replaced
+    /// whole, never merged. More than one during a CA rotation (old and new roots side by
+    /// side).
+    ///
+    /// A full response always carries the bundle when the control plane has one; empty in a
+    /// full response means the control plane has none (or predates this field) and the
+    /// proxy keeps the bundle from its CertifyResponse. An incremental response carries the
+    /// bundle only when it (or ca_generation) changed; empty in an increment means
+    /// "unchanged", never "no roots" (a control plane that drops its bundle altogether sends
+    /// a full response). The proxy uses a new bundle for new connections at once; open
+    /// connections keep running.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub trust_roots_der: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// The generation of the CA that signs new leaves now. It travels with the roots: read
+    /// only from a full response or when trust_roots_der is non-empty. When it is greater
+    /// than the ca_generation of the proxy's current leaf (identity.proto CertifyResponse),
+    /// the proxy requests a new leaf at once, after a random delay of up to 2 s so that
+    /// proxies do not reach the CA all at the same moment. 0: the control plane does not
+    /// number its CA generations.
+    #[prost(uint64, tag = "7")]
+    pub ca_generation: u64,
 }
 /// A service in the mesh and where its endpoints are.
 #[derive(Clone, PartialEq, ::prost::Message)]

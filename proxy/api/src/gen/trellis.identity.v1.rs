@@ -25,6 +25,11 @@ pub struct CertifyResponse {
     /// Leaf validity end, seconds since the Unix epoch.
     #[prost(int64, tag = "4")]
     pub not_after_unix: i64,
+    /// The generation of the CA that signed this leaf (discovery.proto DiscoveryResponse
+    /// ca_generation). The proxy re-issues when discovery announces a greater one. 0: the
+    /// control plane does not version its CA.
+    #[prost(uint64, tag = "5")]
+    pub ca_generation: u64,
 }
 /// Generated client implementations.
 pub mod identity_client {

@@ -210,6 +210,7 @@ mod tests {
             version: 3,
             trust_domain: "cluster.local".into(),
             services,
+            ..Default::default()
         };
         View::new(
             snap,

@@ -1,0 +1,239 @@
+//! The CA's wiring: which source feeds it (from the mesh config, switchable at run time),
+//! and the trust bundle joined into the snapshots discovery pushes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use trellis_api::{MeshSnapshot, Trust};
+use trellis_ca::source::{
+    self, CaSource, DirSource, RotationPolicy, SelfSignedSource, SourceMetrics,
+};
+use trellis_ca::{CaMaterial, CertificateAuthority, TrustState};
+
+use crate::mesh_config::{self, CaSettings, CaSourceKind, MeshConfig};
+
+/// Metrics of the mesh config file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConfigMetrics {
+    invalid: Gauge,
+    rejected: Counter,
+}
+
+impl ConfigMetrics {
+    pub(crate) fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "trellis_mesh_config_invalid",
+            "1 while the mesh config file is invalid (the last good config stays in force)",
+            m.invalid.clone(),
+        );
+        registry.register(
+            "trellis_mesh_config_rejected",
+            "Versions of the mesh config file rejected as invalid",
+            m.rejected.clone(),
+        );
+        m
+    }
+}
+
+/// Reads the mesh config file; no file configured means the defaults.
+pub(crate) fn read_config(path: Option<&Path>) -> Result<MeshConfig, String> {
+    let Some(path) = path else {
+        return Ok(MeshConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    mesh_config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The source `settings` name. Key Vault sources need Azure credentials, built in
+/// `crate::azure`.
+pub(crate) fn build_source(
+    settings: &CaSettings,
+    state_dir: &Path,
+    trust_domain: &str,
+) -> Result<Arc<dyn CaSource>, String> {
+    Ok(match settings.source {
+        CaSourceKind::SelfSigned => {
+            Arc::new(SelfSignedSource::new(state_dir.join("ca"), trust_domain))
+        }
+        CaSourceKind::Secret => {
+            let path = settings
+                .secret
+                .as_ref()
+                .map(|s| s.path.clone())
+                .ok_or("ca.secret.path is required for source secret")?;
+            Arc::new(DirSource::new(path))
+        }
+        CaSourceKind::KeyvaultSecret | CaSourceKind::KeyvaultKey => {
+            crate::azure::build_source(settings, trust_domain)?
+        }
+    })
+}
+
+/// Loads the first material from `source`, before anything is served.
+pub(crate) async fn initial_material(
+    source: &dyn CaSource,
+    trust_domain: &str,
+) -> Result<CaMaterial, String> {
+    let pems = source.load().await.map_err(|e| e.to_string())?;
+    CaMaterial::from_pems(&pems, trust_domain, &source.label()).map_err(|e| e.to_string())
+}
+
+/// Runs the CA source loop for the configured source, and restarts it on another source
+/// when the mesh config file changes. A bad file, or a source that cannot be built, keeps
+/// the running one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn supervise(
+    ca: Arc<CertificateAuthority>,
+    mut settings: CaSettings,
+    mut source: Arc<dyn CaSource>,
+    config_path: Option<PathBuf>,
+    state_dir: PathBuf,
+    poll: Duration,
+    metrics: (SourceMetrics, ConfigMetrics),
+    shutdown: CancellationToken,
+) {
+    let (source_metrics, config_metrics) = metrics;
+    let spawn =
+        |source: Arc<dyn CaSource>, settings: &CaSettings| -> (JoinHandle<()>, CancellationToken) {
+            let stop = shutdown.child_token();
+            let policy = RotationPolicy {
+                reload_interval: settings.reload_interval,
+                propagation: settings.propagation,
+            };
+            let s = stop.clone();
+            let task = tokio::spawn(source::run(
+                ca.clone(),
+                source,
+                policy,
+                source_metrics.clone(),
+                async move { s.cancelled().await },
+            ));
+            (task, stop)
+        };
+    let mut running = spawn(source.clone(), &settings);
+    let Some(path) = config_path else {
+        shutdown.cancelled().await;
+        return;
+    };
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(poll) => {}
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if last_text.is_some() {
+                    error!(path = %path.display(), error = %e, "mesh config unreadable; keeping the running config");
+                    last_text = None;
+                }
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        let next = match mesh_config::parse(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                config_metrics.invalid.set(1);
+                config_metrics.rejected.inc();
+                error!(path = %path.display(), error = %e, "mesh config rejected; keeping the running config");
+                continue;
+            }
+        };
+        config_metrics.invalid.set(0);
+        if next.ca == settings {
+            continue;
+        }
+        match build_source(&next.ca, &state_dir, ca.trust_domain()) {
+            Ok(s) => {
+                info!(from = %source.label(), to = %s.label(), "CA source changed in the mesh config");
+                running.1.cancel();
+                let _ = (&mut running.0).await;
+                source = s;
+                settings = next.ca;
+                running = spawn(source.clone(), &settings);
+            }
+            Err(e) => {
+                config_metrics.invalid.set(1);
+                error!(error = %e, "CA source in the mesh config cannot be used; keeping the running one");
+            }
+        }
+    }
+}
+
+/// Joins the CA's trust bundle into every snapshot from the sources, so a bundle or
+/// generation change reaches proxies as a discovery push. The version is the source's
+/// plus the number of trust changes so far: monotonic, and equal to the source's version
+/// (what `/debug/source` shows) until the CA first changes.
+pub(crate) async fn join_trust(
+    mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    mut trust: watch::Receiver<TrustState>,
+    tx: watch::Sender<Arc<MeshSnapshot>>,
+) {
+    let mut trust_changes = 0u64;
+    let mut last_trust: Option<TrustState> = None;
+    loop {
+        let mut next = (**snapshots.borrow_and_update()).clone();
+        let t = trust.borrow_and_update().clone();
+        if last_trust.as_ref().is_some_and(|last| *last != t) {
+            trust_changes += 1;
+        }
+        next.version += trust_changes;
+        next.trust = Trust {
+            roots_der: t.roots_der.clone(),
+            generation: t.generation,
+        };
+        last_trust = Some(t);
+        if tx.send(Arc::new(next)).is_err() {
+            return;
+        }
+        tokio::select! {
+            r = snapshots.changed() => if r.is_err() { return },
+            r = trust.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// File name, in the state directory, of the current trust bundle (PEM): what proxies
+/// bootstrap from with `--ca-roots`. On a cluster the same bundle goes into a ConfigMap.
+pub(crate) const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
+
+/// Keeps `<state>/trust-bundle.pem` equal to the CA's bundle, so a proxy started during
+/// or after a CA switch trusts the control plane's new certificate.
+pub(crate) async fn write_bundle_file(
+    ca: Arc<CertificateAuthority>,
+    mut trust: watch::Receiver<TrustState>,
+    path: PathBuf,
+) {
+    loop {
+        trust.borrow_and_update();
+        let pem = ca.trust_bundle_pem();
+        if let Err(e) = write_atomic(&path, pem.as_bytes()) {
+            error!(path = %path.display(), error = %e, "writing the trust bundle file failed");
+        }
+        if trust.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees half a bundle.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
