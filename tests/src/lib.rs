@@ -23,4 +23,6 @@ pub mod mesh;
 pub mod netns;
 
 pub use app::{EchoServer, Recorded};
-pub use mesh::{ControlPlane, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until};
+pub use mesh::{
+    ControlPlane, Launch, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until,
+};

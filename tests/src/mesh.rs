@@ -29,13 +29,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, never one this process handed out
+/// before: the kernel may give the same ephemeral port to two binds in a row once the
+/// first listener is closed, and two flags of one proxy must not collide.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -47,21 +59,28 @@ pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
-    extra: Vec<String>,
+    extra: Launch,
     child: Option<Child>,
+}
+
+/// Extra flags and environment for `trellis-addon run`.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
     /// Writes `mesh_yaml` as the config and starts the control plane; waits until ready.
     pub async fn start(mesh_yaml: &str) -> Self {
-        Self::start_with(mesh_yaml, |_| Vec::new()).await
+        Self::start_with(mesh_yaml, |_| Launch::default()).await
     }
 
     /// [`ControlPlane::start`] with extra flags for `trellis-addon run`, computed from
     /// the control plane's directory (to point at files written there first).
     pub async fn start_with(
         mesh_yaml: &str,
-        extra: impl FnOnce(&std::path::Path) -> Vec<String>,
+        extra: impl FnOnce(&std::path::Path) -> Launch,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("config")).unwrap();
@@ -71,7 +90,7 @@ impl ControlPlane {
             dir,
             grpc: loopback(free_port()),
             admin: loopback(free_port()),
-            extra: Vec::new(),
+            extra: Launch::default(),
             child: None,
         };
         cp.extra = extra(cp.dir.path());
@@ -116,7 +135,8 @@ impl ControlPlane {
                 &self.admin.to_string(),
             ])
             .args(["--poll-interval", "200ms"])
-            .args(&self.extra)
+            .args(&self.extra.args)
+            .envs(self.extra.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)

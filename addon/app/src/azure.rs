@@ -12,10 +12,6 @@ use trellis_ca::source::CaSource;
 
 use crate::mesh_config::{CaSettings, CaSourceKind};
 
-/// Environment variable with extra PEM roots for the Key Vault and Entra endpoints (a
-/// private endpoint behind a corporate CA, or the stand-ins in tests).
-pub(crate) const EXTRA_ROOTS_ENV: &str = "TRELLIS_AZURE_EXTRA_ROOTS";
-
 /// The Key Vault source `settings` name.
 pub(crate) fn build_source(
     settings: &CaSettings,
@@ -31,16 +27,7 @@ pub(crate) fn build_source(
             .map_err(|e| format!("ca.keyvault.credential: {e}"))?,
         None => CredentialKind::from_env(),
     };
-    let extra = match std::env::var_os(EXTRA_ROOTS_ENV) {
-        Some(path) => Some(
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("{EXTRA_ROOTS_ENV} {}: {e}", path.to_string_lossy()))?,
-        ),
-        None => None,
-    };
-    let mut options = trellis_azure::client_options().map_err(|e| e.to_string())?;
-    options.transport =
-        Some(trellis_azure::https_transport(extra.as_deref()).map_err(|e| e.to_string())?);
+    let options = trellis_azure::client_options_from_env().map_err(|e| e.to_string())?;
     let credential = trellis_azure::credential(kind, options.clone()).map_err(|e| e.to_string())?;
     let vault = Vault::new(&kv.url, credential, options).map_err(|e| e.to_string())?;
     Ok(match settings.source {

@@ -42,5 +42,7 @@ pub use error::Error;
 pub use keys::{DEFAULT_ROOT_CERT_SECRET, DEFAULT_ROOT_KEY, KeyVaultKeySource};
 pub use secrets::{KeyVaultSecretsSource, SecretNames};
 pub use source::{DEFAULT_INTERMEDIATE_TTL, KeyVaultKeyCa};
-pub use transport::{client_options, https_transport};
+pub use transport::{
+    EXTRA_ROOTS_ENV, RESOLVE_ENV, client_options, client_options_from_env, https_transport,
+};
 pub use vault::Vault;

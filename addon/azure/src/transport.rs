@@ -39,6 +39,53 @@ pub fn client_options() -> Result<ClientOptions, Error> {
     })
 }
 
+/// Environment variable naming a PEM file of extra roots for the Entra ID and Key Vault
+/// endpoints (a private endpoint behind a corporate CA; the stand-ins in tests). When set,
+/// ONLY these roots are trusted.
+pub const EXTRA_ROOTS_ENV: &str = "TRELLIS_AZURE_EXTRA_ROOTS";
+/// Environment variable pinning host names to addresses, `host=ip:port[,host=ip:port]`,
+/// like `curl --resolve` (private endpoints without DNS; the stand-ins in tests).
+pub const RESOLVE_ENV: &str = "TRELLIS_AZURE_RESOLVE";
+
+/// [`client_options`], adjusted by [`EXTRA_ROOTS_ENV`] and [`RESOLVE_ENV`]; the authority
+/// host comes from `AZURE_AUTHORITY_HOST` as the SDK reads it. Errors name the variable.
+pub fn client_options_from_env() -> Result<ClientOptions, Error> {
+    let roots = match std::env::var_os(EXTRA_ROOTS_ENV) {
+        Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+            Error::Config(format!("{EXTRA_ROOTS_ENV}={}: {e}", path.to_string_lossy()))
+        })?),
+        None => None,
+    };
+    let resolve = match std::env::var(RESOLVE_ENV) {
+        Ok(v) => parse_resolve(&v)?,
+        Err(_) => Vec::new(),
+    };
+    let pins: Vec<(&str, SocketAddr)> = resolve.iter().map(|(h, a)| (h.as_str(), *a)).collect();
+    Ok(ClientOptions {
+        transport: Some(build_transport(roots.as_deref(), &pins)?),
+        ..ClientOptions::default()
+    })
+}
+
+/// Parses `host=ip:port[,host=ip:port]`.
+fn parse_resolve(value: &str) -> Result<Vec<(String, SocketAddr)>, Error> {
+    value
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|pair| {
+            let (host, addr) = pair.trim().split_once('=').ok_or_else(|| {
+                Error::Config(format!(
+                    "{RESOLVE_ENV}: expected host=ip:port, got {pair:?}"
+                ))
+            })?;
+            let addr = addr.parse::<SocketAddr>().map_err(|e| {
+                Error::Config(format!("{RESOLVE_ENV}: {addr:?} is not ip:port: {e}"))
+            })?;
+            Ok((host.to_owned(), addr))
+        })
+        .collect()
+}
+
 /// Fills in [`https_transport`] when `options` has no transport of its own.
 pub(crate) fn with_transport(mut options: ClientOptions) -> Result<ClientOptions, Error> {
     if options.transport.is_none() {
@@ -120,5 +167,23 @@ mod tests {
         assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
         let ca = rcgen::generate_simple_self_signed(["ca.test".to_owned()]).unwrap();
         https_transport(Some(&ca.cert.pem())).unwrap();
+    }
+
+    #[test]
+    fn resolve_pins_parse_and_bad_ones_name_the_variable() {
+        let pins = parse_resolve("a.vault.azure.net=127.0.0.1:8443, b=[::1]:9").unwrap();
+        assert_eq!(
+            pins[0],
+            (
+                "a.vault.azure.net".to_owned(),
+                "127.0.0.1:8443".parse().unwrap()
+            )
+        );
+        assert_eq!(pins[1].1, "[::1]:9".parse::<SocketAddr>().unwrap());
+        assert!(parse_resolve("").unwrap().is_empty());
+        for bad in ["nohost", "h=127.0.0.1", "h=name:80"] {
+            let err = parse_resolve(bad).unwrap_err().to_string();
+            assert!(err.contains(RESOLVE_ENV), "{err}");
+        }
     }
 }

@@ -11,9 +11,6 @@ use trellis_azure::{
     SecretNames, Vault,
 };
 
-/// Environment variable with extra PEM roots for Key Vault and Entra endpoints.
-const EXTRA_ROOTS_ENV: &str = "TRELLIS_AZURE_EXTRA_ROOTS";
-
 /// `trellis ca` subcommands.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -264,14 +261,7 @@ fn print_report(report: &ChainReport, warn_within: Duration) -> ExitCode {
 }
 
 fn open_vault(url: &str, kind: CredentialKind) -> anyhow::Result<Vault> {
-    let extra = std::env::var_os(EXTRA_ROOTS_ENV)
-        .map(|p| {
-            std::fs::read_to_string(&p)
-                .with_context(|| format!("{EXTRA_ROOTS_ENV} {}", p.to_string_lossy()))
-        })
-        .transpose()?;
-    let mut options = trellis_azure::client_options()?;
-    options.transport = Some(trellis_azure::https_transport(extra.as_deref())?);
+    let options = trellis_azure::client_options_from_env()?;
     let credential = trellis_azure::credential(kind, options.clone())?;
     Ok(Vault::new(url, credential, options)?)
 }

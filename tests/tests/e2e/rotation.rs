@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use trellis_e2e::{ControlPlane, EchoServer, Proxy, free_port, http_get, wait_until};
+use trellis_e2e::{ControlPlane, EchoServer, Launch, Proxy, free_port, http_get, wait_until};
 
 use crate::request_path::{loopback, two_workloads};
 
@@ -59,18 +59,28 @@ fn load(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_to_a_plugin_ca_under_load_fails_nothing() {
+/// Runs the switch: a mesh on the self-signed CA under load; `prepare` (given the control
+/// plane's directory and the environment of every process) creates the new CA material
+/// with `trellis ca` and returns the mesh config's new `ca` value; then stage, activate and
+/// retire must pass with no failed request. Returns the control plane for more checks.
+async fn switch_under_load(
+    env: Vec<(String, String)>,
+    prepare: impl FnOnce(&std::path::Path, &[(String, String)]) -> String,
+) -> ControlPlane {
     let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
+    let cp_env = env.clone();
     let cp = ControlPlane::start_with(&two_workloads(client_in, web_in), |dir| {
         let path = dir.join("trellis-config.yaml");
         std::fs::write(&path, mesh_config("source: self-signed")).unwrap();
-        vec![
-            "--mesh-config".into(),
-            path.display().to_string(),
-            "--cert-max-ttl".into(),
-            LEAF_TTL.into(),
-        ]
+        Launch {
+            args: vec![
+                "--mesh-config".into(),
+                path.display().to_string(),
+                "--cert-max-ttl".into(),
+                LEAF_TTL.into(),
+            ],
+            env: cp_env,
+        }
     })
     .await;
     let ttl = ["--cert-ttl", LEAF_TTL];
@@ -102,36 +112,10 @@ async fn switching_to_a_plugin_ca_under_load_fails_nothing() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // The operator creates a plug-in CA with `trellis ca` (the files of a `cacerts`
-    // Secret), mounts it, and points the mesh config at it.
-    let plugin_dir = cp.dir.path().join("cacerts");
-    let out = std::process::Command::new(trellis_e2e::mesh::bin("trellis"))
-        .args(["ca", "create-plugin", "--dir"])
-        .arg(&plugin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let show = std::process::Command::new(trellis_e2e::mesh::bin("trellis"))
-        .args(["ca", "show", "--dir"])
-        .arg(&plugin_dir)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&show.stdout);
-    assert!(show.status.success(), "{shown}");
-    assert!(
-        shown.contains("CN=Trellis intermediate cluster.local"),
-        "{shown}"
-    );
+    let ca_yaml = prepare(cp.dir.path(), &env);
     std::fs::write(
         cp.dir.path().join("trellis-config.yaml"),
-        mesh_config(&format!(
-            "source: secret\nsecret: {{path: {}}}\nreloadInterval: 1s\npropagation: 3s",
-            plugin_dir.display()
-        )),
+        mesh_config(&ca_yaml),
     )
     .unwrap();
 
@@ -231,4 +215,103 @@ async fn switching_to_a_plugin_ca_under_load_fails_nothing() {
         .await
         .unwrap();
     assert!(issued >= 10.0, "only {issued} certificates issued");
+    cp
+}
+
+/// Runs `trellis ca <args>` with `env`, asserting success; returns stdout.
+fn trellis_ca(args: &[&str], env: &[(String, String)]) -> String {
+    let out = std::process::Command::new(trellis_e2e::mesh::bin("trellis"))
+        .arg("ca")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "trellis ca {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The operator creates a plug-in CA with `trellis ca` (the files of a `cacerts` Secret),
+/// mounts it, and points the mesh config at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_a_plugin_ca_under_load_fails_nothing() {
+    switch_under_load(Vec::new(), |dir, env| {
+        let plugin_dir = dir.join("cacerts");
+        let plugin = plugin_dir.display().to_string();
+        trellis_ca(&["create-plugin", "--dir", &plugin], env);
+        let shown = trellis_ca(&["show", "--dir", &plugin], env);
+        assert!(
+            shown.contains("CN=Trellis intermediate cluster.local"),
+            "{shown}"
+        );
+        format!("source: secret\nsecret: {{path: {plugin}}}\nreloadInterval: 1s\npropagation: 3s")
+    })
+    .await;
+}
+
+/// The operator creates a non-exportable root key in Key Vault with `trellis ca
+/// create-root` and switches the mesh to `keyvault-key`: the control plane authenticates
+/// with workload identity (federated token exchange) and has Key Vault sign one
+/// intermediate. Entra ID and Key Vault are the HTTPS stand-ins of `trellis-azure`; the
+/// control plane and the CLI reach them through the real SDK clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_a_key_vault_root_key_under_load_fails_nothing() {
+    use trellis_azure::stand_in::{AzureStandIn, CLIENT_ID, TENANT_ID, VAULT_HOST};
+    let azure = AzureStandIn::start().await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let token = files.path().join("azure-identity-token");
+    std::fs::write(&token, azure.federated_token()).unwrap();
+    let roots = files.path().join("stand-in-ca.pem");
+    std::fs::write(&roots, azure.ca_pem()).unwrap();
+    let vault_port = azure
+        .vault_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    // What the AKS workload identity webhook injects, plus where the stand-ins live.
+    let env: Vec<(String, String)> = [
+        ("AZURE_TENANT_ID", TENANT_ID.to_owned()),
+        ("AZURE_CLIENT_ID", CLIENT_ID.to_owned()),
+        ("AZURE_FEDERATED_TOKEN_FILE", token.display().to_string()),
+        ("AZURE_AUTHORITY_HOST", azure.authority_host()),
+        (trellis_azure::EXTRA_ROOTS_ENV, roots.display().to_string()),
+        (
+            trellis_azure::RESOLVE_ENV,
+            format!("{VAULT_HOST}=127.0.0.1:{vault_port}"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let vault = azure.vault_url();
+    let cp = switch_under_load(env, |_, env| {
+        let root = trellis_ca(
+            &["create-root", "--vault", &vault, "--credential", "workload-identity"],
+            env,
+        );
+        assert!(root.starts_with("-----BEGIN CERTIFICATE-----"), "{root}");
+        format!(
+            "source: keyvault-key\nkeyvault: {{url: \"{vault}\", credential: workload-identity, keyName: trellis-root}}\nreloadInterval: 1s\npropagation: 3s"
+        )
+    })
+    .await;
+    // The bundle proxies trust is now exactly the Key Vault root.
+    let bundle = std::fs::read_to_string(cp.state_dir().join("trust-bundle.pem")).unwrap();
+    let kv_root = azure.secret("trellis-root-cert").unwrap();
+    assert_eq!(pem_ders(&bundle), pem_ders(&kv_root));
+    // Two signs in all: the root certificate and one intermediate, whatever the number of
+    // leaves issued and source reads (every second) in between.
+    assert_eq!(azure.calls_to("keys.sign"), 2, "{:?}", azure.calls());
+}
+
+fn pem_ders(text: &str) -> Vec<Vec<u8>> {
+    rustls_pki_types::pem::PemObject::pem_slice_iter(text.as_bytes())
+        .map(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.unwrap().to_vec())
+        .collect()
 }
