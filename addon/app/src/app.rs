@@ -11,16 +11,17 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use trellis_ca::{
     CaConfig, CertificateAuthority, DEFAULT_AUDIENCE, IdentityService, JwksVerifier, LocalIssuer,
+    OidcConfig, OidcVerifier, RateLimit, TokenVerifier,
 };
 use trellis_controller::{FileSource, SourceStatus};
 use trellis_discovery::DiscoveryService;
 use trellis_identity::{ClientAuth, SpiffeId, Svid, TrustBundle};
 
 use crate::admin::Admin;
-use crate::cli::{EXIT_CONFIG, RunArgs};
+use crate::cli::{EXIT_CONFIG, RunArgs, TokenIssuer};
 
 /// Namespace and service account of the control plane's own identity.
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
@@ -44,6 +45,13 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
         eprintln!("trellis-addon: invalid --trust-domain: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    let callers = match CallerPolicy::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-addon: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let mesh_config = match crate::ca::read_config(args.mesh_config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -93,7 +101,17 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
                 });
             }
         }
-        match run(args, mesh_config, source, initial, registry, shutdown).await {
+        match run(
+            args,
+            mesh_config,
+            callers,
+            source,
+            initial,
+            registry,
+            shutdown,
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trellis-addon: {e:#}");
@@ -103,9 +121,50 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     })
 }
 
+/// How the CA treats callers: who verifies their tokens, and how often each may ask.
+struct CallerPolicy {
+    /// `Some` for `--token-issuer oidc`; the local issuer otherwise.
+    oidc: Option<OidcVerifier>,
+    rate_limit: RateLimit,
+}
+
+impl CallerPolicy {
+    /// Checks the token and rate-limit flags (exit 64 when bad, naming the flag).
+    fn from_args(args: &RunArgs) -> Result<Self, String> {
+        let rate_limit = RateLimit::new(args.ca_rate_limit_burst, args.ca_rate_limit_per_second)
+            .map_err(|e| format!("--ca-rate-limit-burst / --ca-rate-limit-per-second: {e}"))?;
+        let oidc = match (args.token_issuer, &args.oidc_issuer_url) {
+            (TokenIssuer::Local, None) => {
+                if args.oidc_extra_roots.is_some() {
+                    return Err("--oidc-extra-roots needs --token-issuer oidc".to_owned());
+                }
+                None
+            }
+            (TokenIssuer::Local, Some(_)) => {
+                return Err("--oidc-issuer-url needs --token-issuer oidc".to_owned());
+            }
+            (TokenIssuer::Oidc, None) => {
+                return Err("--token-issuer oidc needs --oidc-issuer-url".to_owned());
+            }
+            (TokenIssuer::Oidc, Some(url)) => {
+                let mut config = OidcConfig::new(url, DEFAULT_AUDIENCE);
+                if let Some(path) = &args.oidc_extra_roots {
+                    let pem = std::fs::read_to_string(path).map_err(|e| {
+                        format!("--oidc-extra-roots: reading {}: {e}", path.display())
+                    })?;
+                    config = config.with_extra_roots_pem(&pem);
+                }
+                Some(OidcVerifier::new(config).map_err(|e| format!("--oidc-issuer-url: {e}"))?)
+            }
+        };
+        Ok(Self { oidc, rate_limit })
+    }
+}
+
 async fn run(
     args: RunArgs,
     mesh_config: crate::mesh_config::MeshConfig,
+    callers: CallerPolicy,
     source: FileSource,
     initial: trellis_api::MeshSnapshot,
     mut registry: Registry,
@@ -145,12 +204,28 @@ async fn run(
         ),
         shutdown.clone(),
     ));
-    let issuer = LocalIssuer::load_or_generate(&args.state_dir.join("issuer"))
-        .context("loading the local token issuer")?;
-    let verifier = Arc::new(
-        JwksVerifier::new(&issuer.jwks_json(), issuer.issuer(), DEFAULT_AUDIENCE)
-            .context("loading the issuer JWKS")?,
-    );
+    let verifier: Arc<dyn TokenVerifier> = match callers.oidc {
+        Some(oidc) => {
+            let oidc = Arc::new(oidc);
+            // Fetched in the background: an issuer that is down must not stop discovery
+            // from serving. Until its keys load, Certify answers UNAVAILABLE.
+            let first = oidc.clone();
+            tokio::spawn(async move {
+                if let Err(e) = first.refresh().await {
+                    warn!(issuer = %first.issuer(), error = %e, "OIDC issuer not reachable at startup; retrying when tokens arrive");
+                }
+            });
+            oidc
+        }
+        None => {
+            let issuer = LocalIssuer::load_or_generate(&args.state_dir.join("issuer"))
+                .context("loading the local token issuer")?;
+            Arc::new(
+                JwksVerifier::new(&issuer.jwks_json(), issuer.issuer(), DEFAULT_AUDIENCE)
+                    .context("loading the issuer JWKS")?,
+            )
+        }
+    };
 
     let grpc = bind(args.grpc_addr, "--grpc-addr").await?;
     let admin_l = bind(args.admin_addr, "--admin-addr").await?;
@@ -196,7 +271,8 @@ async fn run(
         ca.clone(),
         verifier,
         trellis_ca::Metrics::new(&mut registry),
-    );
+    )
+    .with_rate_limit(callers.rate_limit);
     let admin = Arc::new(Admin {
         snapshots: snap_rx,
         source: status_rx,
@@ -209,6 +285,7 @@ async fn run(
         admin = %admin_l.local_addr()?,
         identity = %me,
         ca_source = %ca_source.label(),
+        token_issuer = ?args.token_issuer,
         config_dir = %args.config_dir.display(),
         "trellis-addon serving"
     );

@@ -75,6 +75,43 @@ pub(crate) struct RunArgs {
     /// Longest certificate lifetime the CA issues.
     #[arg(long, env = "TRELLIS_CERT_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub(crate) cert_max_ttl: Duration,
+    /// How the CA verifies caller tokens: `local` (tokens from `trellis-addon
+    /// issue-token`, signed by the key in `<state-dir>/issuer`) or `oidc` (projected
+    /// ServiceAccount tokens, checked against the keys the cluster's OIDC issuer
+    /// publishes; needs --oidc-issuer-url).
+    #[arg(
+        long,
+        env = "TRELLIS_TOKEN_ISSUER",
+        value_enum,
+        default_value = "local"
+    )]
+    pub(crate) token_issuer: TokenIssuer,
+    /// The cluster's ServiceAccount token issuer, exactly as tokens carry it in `iss`
+    /// (https only; on AKS `az aks show --query oidcIssuerProfile.issuerUrl`). Its keys
+    /// are found through `<url>/.well-known/openid-configuration`.
+    #[arg(long, env = "TRELLIS_OIDC_ISSUER_URL")]
+    pub(crate) oidc_issuer_url: Option<String>,
+    /// PEM file of CA certificates to trust for the OIDC issuer's HTTPS besides the
+    /// system's roots (a private issuer, or the API server's CA on kind).
+    #[arg(long, env = "TRELLIS_OIDC_EXTRA_ROOTS")]
+    pub(crate) oidc_extra_roots: Option<PathBuf>,
+    /// Certificate requests one identity (service account) may make at once. Generous by
+    /// default: at a CA change every replica of a Deployment re-issues within ~2 s.
+    #[arg(long, env = "TRELLIS_CA_RATE_LIMIT_BURST", default_value_t = trellis_ca::DEFAULT_RATE_LIMIT_BURST)]
+    pub(crate) ca_rate_limit_burst: u32,
+    /// Certificate requests per second one identity regains once its burst is spent;
+    /// requests past the limit get RESOURCE_EXHAUSTED (proxies retry with backoff).
+    #[arg(long, env = "TRELLIS_CA_RATE_LIMIT_PER_SECOND", default_value_t = trellis_ca::DEFAULT_RATE_LIMIT_PER_SECOND)]
+    pub(crate) ca_rate_limit_per_second: f64,
+}
+
+/// Where caller tokens come from (`--token-issuer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TokenIssuer {
+    /// The local profile's issuer in the state directory.
+    Local,
+    /// The cluster's OIDC issuer (`--oidc-issuer-url`).
+    Oidc,
 }
 
 // === impl Cli ===

@@ -3,7 +3,8 @@
 //! [`CertificateAuthority`] owns an ECDSA P-256 self-signed root, persisted in a directory
 //! so that a restarted control plane keeps the root its proxies already trust. Given a
 //! CSR and an identity that the caller's token proved, [`CertificateAuthority::sign`]
-//! builds the leaf entirely from its own rules: only the CSR's public key is used.
+//! builds the leaf entirely from its own rules: only the CSR's public key is used, and a
+//! CSR that asks for more than the leaf will carry is refused (`csr.rs`).
 //!
 //! Key storage seam: there is no `SigningKeyStore` trait yet. All signing with the root
 //! key goes through `Root::sign_leaf` in `authority/root.rs`, so a later Key Vault
@@ -140,6 +141,18 @@ pub enum Error {
     /// The CSR's key is not EC P-256 or P-384.
     #[error("csr key must be EC P-256 or P-384, got {0}")]
     CsrKeyType(String),
+    /// The CSR asks for a SPIFFE id other than the one the caller's token proves.
+    #[error("csr asks for identity {requested}, but the token proves {identity}")]
+    CsrIdentity {
+        /// The URI SAN asked for, quoted and cut short (caller-supplied).
+        requested: String,
+        /// The identity the token proves.
+        identity: String,
+    },
+    /// The CSR asks for something a leaf never carries: another name, CA powers, a key or
+    /// extended key usage beyond mTLS, or a critical extension the CA does not grant.
+    #[error("csr refused: {0}")]
+    CsrPolicy(String),
     /// Building or signing a certificate failed.
     #[error("signing failed: {0}")]
     Signing(#[from] rcgen::Error),
@@ -422,7 +435,10 @@ impl CertificateAuthority {
     /// material.
     ///
     /// The CSR must be at most 16 KiB, parse as PKCS#10, carry an EC P-256 or P-384 key
-    /// and verify under it. Nothing else in it is used: the leaf has exactly one URI SAN
+    /// and verify under it, and ask for nothing the leaf will not carry: no SAN but one URI
+    /// equal to `identity`, no `CA:TRUE`, no keyCertSign/cRLSign, no extended key usage
+    /// beyond serverAuth/clientAuth ([`Error::CsrIdentity`], [`Error::CsrPolicy`]). Only its
+    /// public key is used: the leaf has exactly one URI SAN
     /// (`identity`, which must be in this CA's trust domain), `CA:FALSE`, key usage
     /// digitalSignature + keyAgreement, EKU serverAuth + clientAuth, a random serial,
     /// `notBefore` one minute in the past, and a lifetime of [`CaConfig::ttl_for`]
@@ -453,7 +469,7 @@ impl CertificateAuthority {
                 trust_domain: self.trust_domain.clone(),
             });
         }
-        let public_key = csr::public_key(csr_der)?;
+        let public_key = csr::public_key(csr_der, identity)?;
         let (signing, generation) = {
             let state = self.read();
             (state.signing.clone(), state.generation)

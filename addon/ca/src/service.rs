@@ -2,7 +2,9 @@
 //!
 //! Order matters: the token is verified before the CSR is even parsed, so an
 //! unauthenticated caller can only make the CA do bounded JWT work, and the identity
-//! in the leaf comes from the token alone.
+//! in the leaf comes from the token alone. Then the caller's identity is rate-limited
+//! (one token bucket per SPIFFE id, [`RateLimit`]), and only then is the CSR parsed,
+//! checked against the identity (`csr.rs`) and signed.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,7 +20,8 @@ use trellis_api::identity::v1::identity_server::{Identity, IdentityServer};
 use trellis_api::identity::v1::{CertifyRequest, CertifyResponse};
 use trellis_identity::SpiffeId;
 
-use crate::{CertificateAuthority, Error, MAX_TOKEN_LEN, TokenError, TokenVerifier};
+use crate::rate::Limiter;
+use crate::{CertificateAuthority, Error, MAX_TOKEN_LEN, RateLimit, TokenError, TokenVerifier};
 
 /// The largest request the server decodes. A CSR is capped at 16 KiB and a token at
 /// 8 KiB; anything bigger is refused before protobuf decoding allocates for it.
@@ -28,6 +31,7 @@ pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
 pub struct IdentityService {
     ca: Arc<CertificateAuthority>,
     verifier: Arc<dyn TokenVerifier>,
+    limiter: Limiter,
     metrics: Metrics,
 }
 
@@ -54,6 +58,10 @@ enum Reason {
     Identity,
     /// The CSR was refused.
     InvalidCsr,
+    /// The CSR asked for something a leaf never carries (CA:TRUE, a DNS name, ...).
+    CsrPolicy,
+    /// The caller's identity has spent its request budget.
+    RateLimited,
     /// The CA itself failed (expired root, signing error).
     Internal,
 }
@@ -61,7 +69,8 @@ enum Reason {
 // === impl IdentityService ===
 
 impl IdentityService {
-    /// A service issuing from `ca` to callers proven by `verifier`.
+    /// A service issuing from `ca` to callers proven by `verifier`, with the default
+    /// per-identity [`RateLimit`].
     pub fn new(
         ca: Arc<CertificateAuthority>,
         verifier: Arc<dyn TokenVerifier>,
@@ -70,8 +79,15 @@ impl IdentityService {
         Self {
             ca,
             verifier,
+            limiter: Limiter::new(RateLimit::default()),
             metrics,
         }
+    }
+
+    /// Replaces the per-identity rate limit.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.limiter = Limiter::new(limit);
+        self
     }
 
     /// The tonic server, with decoding capped at [`MAX_MESSAGE_LEN`].
@@ -108,8 +124,7 @@ impl Identity for IdentityService {
         let caller = match self.verifier.verify(&req.token).await {
             Ok(caller) => caller,
             Err(e) => {
-                warn!(reason = "unauthenticated", error = %e, "certificate request refused");
-                let (reason, status) = match e {
+                let (reason, status) = match &e {
                     TokenError::Unavailable(_) => (
                         Reason::VerifierUnavailable,
                         Status::unavailable("token verifier unavailable"),
@@ -119,6 +134,7 @@ impl Identity for IdentityService {
                         Status::unauthenticated(e.to_string()),
                     ),
                 };
+                warn!(reason = reason.as_str(), error = %e, "certificate request refused");
                 return Err(self.refuse(reason, status));
             }
         };
@@ -131,6 +147,27 @@ impl Identity for IdentityService {
             warn!(reason = "identity", error = %e, "certificate request refused");
             self.refuse(Reason::Identity, Status::permission_denied(e.to_string()))
         })?;
+        // Per identity, after the token (so a caller spends only its own budget) and before
+        // the CSR is parsed (so the budget bounds the CSR work too). A refused request
+        // takes nothing from the bucket: the proxy retries with backoff while its old
+        // certificate serves, and gets through as soon as the bucket refills.
+        if let Err(limited) = self
+            .limiter
+            .check(identity.as_str(), tokio::time::Instant::now())
+        {
+            let limit = self.limiter.limit();
+            let message = format!(
+                "certificate request rate limit exceeded for {identity} (burst {}, {} per second); retry in {} ms",
+                limit.burst(),
+                limit.per_second(),
+                limited.retry_after.as_millis().max(1)
+            );
+            // Only the first refusal of a run is logged; the metric counts them all.
+            if limited.first {
+                warn!(%identity, reason = Reason::RateLimited.as_str(), "certificate request refused; further refusals for this identity are only counted until one succeeds");
+            }
+            return Err(self.refuse(Reason::RateLimited, Status::resource_exhausted(message)));
+        }
         let requested_ttl = (req.requested_ttl_seconds > 0)
             .then(|| Duration::from_secs(u64::from(req.requested_ttl_seconds)));
         let (issued, ca_generation) = self.ca.sign_with_generation(&req.csr_der, &identity, requested_ttl).map_err(|e| {
@@ -160,6 +197,7 @@ impl fmt::Debug for IdentityService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdentityService")
             .field("ca", &self.ca)
+            .field("rate_limit", &self.limiter.limit())
             .finish_non_exhaustive()
     }
 }
@@ -172,7 +210,8 @@ fn status_for(e: &Error) -> (Reason, Status) {
         | Error::CsrMalformed(_)
         | Error::CsrSignature
         | Error::CsrKeyType(_) => (Reason::InvalidCsr, Status::invalid_argument(e.to_string())),
-        Error::ForeignIdentity { .. } => {
+        Error::CsrPolicy(_) => (Reason::CsrPolicy, Status::invalid_argument(e.to_string())),
+        Error::ForeignIdentity { .. } | Error::CsrIdentity { .. } => {
             (Reason::Identity, Status::permission_denied(e.to_string()))
         }
         Error::RootExpired { .. } => (
@@ -190,7 +229,9 @@ fn status_for(e: &Error) -> (Reason, Status) {
 
 impl Metrics {
     /// Creates the metrics and registers them: `trellis_ca_certificates_issued_total` and
-    /// `trellis_ca_requests_failed_total{reason}`.
+    /// `trellis_ca_requests_failed_total{reason}`, where reason is one of
+    /// `unauthenticated`, `verifier_unavailable`, `identity`, `invalid_csr`, `csr_policy`,
+    /// `rate_limited`, `internal`.
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -221,6 +262,8 @@ impl Reason {
             Self::VerifierUnavailable => "verifier_unavailable",
             Self::Identity => "identity",
             Self::InvalidCsr => "invalid_csr",
+            Self::CsrPolicy => "csr_policy",
+            Self::RateLimited => "rate_limited",
             Self::Internal => "internal",
         }
     }
@@ -263,6 +306,20 @@ mod tests {
     fn csr_errors_are_invalid_argument_and_internals_are_hidden() {
         let (_, s) = status_for(&Error::CsrSignature);
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let (r, s) = status_for(&Error::CsrPolicy("requests CA:TRUE".into()));
+        assert_eq!(
+            (r, s.code()),
+            (Reason::CsrPolicy, tonic::Code::InvalidArgument)
+        );
+        let identity = Error::CsrIdentity {
+            requested: "\"spiffe://td/ns/a/sa/b\"".into(),
+            identity: "spiffe://td/ns/a/sa/c".into(),
+        };
+        let (r, s) = status_for(&identity);
+        assert_eq!(
+            (r, s.code()),
+            (Reason::Identity, tonic::Code::PermissionDenied)
+        );
         let (_, s) = status_for(&Error::Config("secret detail".into()));
         assert_eq!(s.code(), tonic::Code::Internal);
         assert!(!s.message().contains("secret"));

@@ -2,10 +2,10 @@
 //!
 //! The CA trusts only a [`TokenVerifier`]'s answer to "which namespace and service
 //! account is this?". In Kubernetes that answer comes from a projected ServiceAccount
-//! token (checked by TokenReview or against the cluster's OIDC JWKS). The local profile
-//! has no API server, so [`LocalIssuer`] mints tokens of exactly the same shape, and
-//! [`JwksVerifier`] checks them the way the OIDC path will: moving to Kubernetes swaps
-//! the verifier, not the CA or the proxy.
+//! token, checked against the cluster's OIDC JWKS ([`OidcVerifier`]) or, later, by
+//! TokenReview. The local profile has no API server, so [`LocalIssuer`] mints tokens of
+//! exactly the same shape, and [`JwksVerifier`] checks them with the same rules as the
+//! OIDC path: moving to Kubernetes swaps the verifier, not the CA or the proxy.
 
 use std::future::Future;
 use std::io;
@@ -15,14 +15,19 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 use trellis_identity::SpiffeError;
 
+mod https;
 mod jwks;
 mod local;
+mod oidc;
 
 pub use jwks::JwksVerifier;
 pub use local::{ISSUER_KEY_FILE, JWKS_FILE, LOCAL_ISSUER, LocalIssuer};
+pub use oidc::{
+    DEFAULT_FETCH_TIMEOUT, DEFAULT_JWKS_REFRESH, DEFAULT_MIN_REFETCH, OidcConfig, OidcVerifier,
+};
 
 /// The audience the CA expects in caller tokens (the projected-token `audience`).
-pub const DEFAULT_AUDIENCE: &str = "trellis-ca";
+pub const DEFAULT_AUDIENCE: &str = "trellis";
 /// The longest token accepted, in bytes. Kubernetes tokens are ~1 KiB; the cap bounds
 /// base64 and JSON work on hostile input.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -38,7 +43,15 @@ pub type VerifyFuture<'a> = Pin<Box<dyn Future<Output = Result<Caller, TokenErro
 /// Proves who a caller is from its bearer token.
 ///
 /// The future is boxed so the trait is dyn-compatible (`Arc<dyn TokenVerifier>`) and an
-/// implementation may await I/O, such as a Kubernetes TokenReview call.
+/// implementation may await I/O, such as fetching keys ([`OidcVerifier`]).
+///
+/// TokenReview plugs in here, with the Kubernetes client (a later issue; this crate must
+/// not depend on kube): a verifier in the control-plane crate creates a TokenReview with
+/// `audiences: [DEFAULT_AUDIENCE]`, maps `status.user.username`
+/// (`system:serviceaccount:<ns>:<sa>`) to a [`Caller`], `authenticated: false` to a
+/// refusal and an unreachable API server to [`TokenError::Unavailable`]. Unlike the JWKS
+/// paths it also refuses tokens of deleted pods and service accounts, at the cost of one
+/// API call per certificate.
 pub trait TokenVerifier: Send + Sync + 'static {
     /// Verifies `token`, returning the workload it was issued to.
     fn verify<'a>(&'a self, token: &'a str) -> VerifyFuture<'a>;
@@ -68,8 +81,9 @@ pub enum TokenError {
     /// The token is not a three-part JWS with JSON header and claims of the expected shape.
     #[error("token is not a well-formed service account JWT")]
     Malformed,
-    /// The token's `alg` is not ES256 (`none`, HMAC and RSA are all refused).
-    #[error("token algorithm {0:?} is not accepted; only ES256 is")]
+    /// The token's `alg` is not one the verifier accepts, or not its key's: ES256 for the
+    /// local issuer, RS256 or ES256 for a cluster's OIDC issuer (`none` and HMAC never).
+    #[error("token algorithm {0:?} is not accepted")]
     Algorithm(String),
     /// The token header has no `kid`.
     #[error("token header has no key id")]
@@ -125,6 +139,10 @@ pub enum TokenError {
     /// Signing a token failed.
     #[error("minting a token failed")]
     Mint,
+    /// A verifier's configuration cannot be used (an issuer URL that is not `https://`,
+    /// extra roots without a certificate).
+    #[error("invalid token verifier configuration: {0}")]
+    Config(String),
     /// The verifier could not reach what it needs (e.g. the TokenReview API); the token
     /// itself may be fine, so callers should retry rather than give up.
     #[error("token verifier unavailable: {0}")]

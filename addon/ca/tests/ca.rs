@@ -46,6 +46,26 @@ fn p256_csr() -> Vec<u8> {
     )
 }
 
+/// A CSR that asks for exactly what the leaf will carry (the identity as its one URI SAN,
+/// CA:FALSE, mTLS usages) plus a subject, which the CA ignores: leaves have none.
+fn modest_csr(identity: &SpiffeId) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "admin");
+    params.subject_alt_names = vec![SanType::URI(
+        Ia5String::try_from(identity.as_str()).unwrap(),
+    )];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, &params)
+}
+
 /// A CSR that asks for everything the CA must not grant.
 fn greedy_csr() -> Vec<u8> {
     let mut params = CertificateParams::default();
@@ -124,7 +144,7 @@ fn assert_leaf(leaf_der: &[u8], root_der: &[u8], identity: &SpiffeId) {
 fn leaf_carries_only_the_authorised_identity() {
     let ca = CertificateAuthority::generate(TD).unwrap();
     let identity = id("demo", "web");
-    let issued = ca.sign(&greedy_csr(), &identity, None).unwrap();
+    let issued = ca.sign(&modest_csr(&identity), &identity, None).unwrap();
     assert_eq!(issued.chain_der.len(), 1);
     assert_leaf(
         &issued.chain_der[0],
@@ -163,7 +183,8 @@ fn leaf_keeps_the_csr_public_key() {
 fn leaf_is_accepted_by_webpki_as_client_and_server() {
     // The verifier rustls uses: catches encodings x509-parser tolerates but TLS stacks don't.
     let ca = CertificateAuthority::generate(TD).unwrap();
-    let issued = ca.sign(&greedy_csr(), &id("demo", "web"), None).unwrap();
+    let identity = id("demo", "web");
+    let issued = ca.sign(&modest_csr(&identity), &identity, None).unwrap();
     let root = CertificateDer::from(ca.trust_bundle_der().remove(0));
     let anchors = [webpki::anchor_from_trusted_cert(&root).unwrap()];
     let leaf = CertificateDer::from(issued.chain_der[0].as_slice());
@@ -183,6 +204,28 @@ fn leaf_is_accepted_by_webpki_as_client_and_server() {
         )
         .unwrap();
     }
+}
+
+#[test]
+fn a_csr_asking_for_more_than_the_leaf_carries_is_refused() {
+    // The CA used to sign greedy requests and silently narrow them; now it says no, so a
+    // misconfigured or probing caller hears why instead of getting a different leaf.
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let err = ca
+        .sign(&greedy_csr(), &id("demo", "web"), None)
+        .unwrap_err();
+    assert!(matches!(err, Error::CsrPolicy(_)), "{err:?}");
+    // The proxy's own CSR (one URI SAN, its identity) is what the CA expects...
+    let proxy = trellis_identity::generate_csr(&id("demo", "web")).unwrap();
+    ca.sign(&proxy.csr_der, &id("demo", "web"), None).unwrap();
+    // ...but only for the identity it names.
+    let err = ca
+        .sign(&proxy.csr_der, &id("demo", "db"), None)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::CsrIdentity { identity, .. } if identity == "spiffe://cluster.local/ns/demo/sa/db"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -475,7 +518,7 @@ async fn service_issues_for_the_token_identity() {
         .unwrap();
     let resp = f
         .service
-        .certify(request(greedy_csr(), token, 600))
+        .certify(request(modest_csr(&id("demo", "web")), token, 600))
         .await
         .unwrap()
         .into_inner();
@@ -563,6 +606,407 @@ async fn service_refuses_bad_csrs_as_invalid_argument() {
         text.contains(r#"trellis_ca_requests_failed_total{reason="invalid_csr"} 3"#),
         "{text}"
     );
+}
+
+/// What a request in the abuse matrix carries as its token.
+enum Tok {
+    /// A valid token for demo/`sa`.
+    For(&'static str),
+    /// Valid but for `exp`, an hour ago.
+    Expired,
+    /// Valid but for `aud`.
+    WrongAudience,
+    /// Signed by another key under the trusted key id.
+    OtherKey,
+    /// Minted by another issuer (its own key id).
+    OtherIssuer,
+    /// 64 KiB of token.
+    Oversized,
+}
+
+/// A service whose issuer key is on disk, so tests can forge tokens with arbitrary claims.
+struct Forger {
+    fixture: Fixture,
+    /// A handle on the service's metrics (they share their counters).
+    metrics: Metrics,
+    key: jsonwebtoken::EncodingKey,
+    _dir: tempfile::TempDir,
+}
+
+fn forger(limit: Option<trellis_ca::RateLimit>) -> Forger {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = LocalIssuer::load_or_generate(dir.path()).unwrap();
+    let pem = std::fs::read_to_string(dir.path().join(ISSUER_KEY_FILE)).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ec_der(pem::parse(pem).unwrap().contents());
+    let ca = Arc::new(CertificateAuthority::generate(TD).unwrap());
+    let verifier: Arc<dyn TokenVerifier> = Arc::new(issuer.verifier(DEFAULT_AUDIENCE).unwrap());
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let mut service = IdentityService::new(ca.clone(), verifier, metrics.clone());
+    if let Some(limit) = limit {
+        service = service.with_rate_limit(limit);
+    }
+    Forger {
+        fixture: Fixture {
+            service,
+            issuer,
+            ca,
+            registry,
+        },
+        metrics,
+        key,
+        _dir: dir,
+    }
+}
+
+impl Forger {
+    fn token(&self, tok: &Tok) -> String {
+        let issuer = &self.fixture.issuer;
+        match tok {
+            Tok::For(sa) => issuer.mint("demo", sa, DEFAULT_AUDIENCE, HOUR).unwrap(),
+            Tok::Expired => self.forge(issuer.key_id(), -3600, DEFAULT_AUDIENCE),
+            Tok::WrongAudience => issuer.mint("demo", "web", "kubernetes", HOUR).unwrap(),
+            Tok::OtherKey => {
+                let other = forger(None);
+                other.forge(issuer.key_id(), 3600, DEFAULT_AUDIENCE)
+            }
+            Tok::OtherIssuer => LocalIssuer::generate()
+                .unwrap()
+                .mint("demo", "web", DEFAULT_AUDIENCE, HOUR)
+                .unwrap(),
+            Tok::Oversized => "e".repeat(64 * 1024),
+        }
+    }
+
+    /// A demo/web token under `kid`, expiring `exp_in` seconds from now.
+    fn forge(&self, kid: &str, exp_in: i64, audience: &str) -> String {
+        let now = now();
+        let claims = serde_json::json!({
+            "iss": trellis_ca::LOCAL_ISSUER,
+            "sub": "system:serviceaccount:demo:web",
+            "aud": [audience],
+            "iat": now - 7200,
+            "nbf": now - 7200,
+            "exp": now + exp_in,
+            "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "web", "uid": "u"}},
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+fn csr_asking(tweak: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    tweak(&mut params);
+    csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, &params)
+}
+
+fn uri_san(s: &str) -> SanType {
+    SanType::URI(Ia5String::try_from(s).unwrap())
+}
+
+/// Every way a caller might try to get more than its token proves, through the service,
+/// each paired with what must still work. Refused requests never move the issued counter;
+/// a bad token is refused before its (equally bad) CSR is looked at.
+#[tokio::test]
+async fn abuse_matrix() {
+    let f = forger(None);
+    let web = "spiffe://cluster.local/ns/demo/sa/web";
+    let greedy = greedy_csr();
+    type Row = (&'static str, Tok, Vec<u8>, Result<(), (Code, &'static str)>);
+    let rows: Vec<Row> = vec![
+        (
+            "CSR names another service account",
+            Tok::For("web"),
+            csr_asking(|p| {
+                p.subject_alt_names = vec![uri_san("spiffe://cluster.local/ns/demo/sa/admin")]
+            }),
+            Err((
+                Code::PermissionDenied,
+                "csr asks for identity \"spiffe://cluster.local/ns/demo/sa/admin\", but the token proves spiffe://cluster.local/ns/demo/sa/web",
+            )),
+        ),
+        (
+            "two URI SANs, the first ours",
+            Tok::For("web"),
+            csr_asking(|p| {
+                p.subject_alt_names = vec![
+                    uri_san(web),
+                    uri_san("spiffe://cluster.local/ns/demo/sa/admin"),
+                ]
+            }),
+            Err((
+                Code::InvalidArgument,
+                "csr refused: requests 2 URI SANs; at most one is allowed",
+            )),
+        ),
+        (
+            "DNS SAN",
+            Tok::For("web"),
+            csr_asking(|p| {
+                p.subject_alt_names = vec![
+                    uri_san(web),
+                    SanType::DnsName(Ia5String::try_from("web.demo.svc").unwrap()),
+                ]
+            }),
+            Err((
+                Code::InvalidArgument,
+                "csr refused: requests DNS SAN \"web.demo.svc\"",
+            )),
+        ),
+        (
+            "IP SAN",
+            Tok::For("web"),
+            csr_asking(|p| {
+                p.subject_alt_names = vec![SanType::IpAddress("10.0.0.1".parse().unwrap())]
+            }),
+            Err((
+                Code::InvalidArgument,
+                "csr refused: requests IP address SAN 10.0.0.1",
+            )),
+        ),
+        (
+            "CA:TRUE",
+            Tok::For("web"),
+            csr_asking(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+            Err((
+                Code::InvalidArgument,
+                "csr refused: requests basicConstraints CA:TRUE",
+            )),
+        ),
+        (
+            "keyCertSign",
+            Tok::For("web"),
+            csr_asking(|p| {
+                p.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                ]
+            }),
+            Err((
+                Code::InvalidArgument,
+                "csr refused: requests key usage keyCertSign",
+            )),
+        ),
+        (
+            "1 MiB CSR",
+            Tok::For("web"),
+            vec![0x30; 1024 * 1024],
+            Err((
+                Code::InvalidArgument,
+                "csr is 1048576 bytes, more than the 16384 allowed",
+            )),
+        ),
+        (
+            "garbage DER",
+            Tok::For("web"),
+            b"\x30\x03\x02\x01\xff garbage".to_vec(),
+            Err((Code::InvalidArgument, "csr is not a valid PKCS#10 request")),
+        ),
+        (
+            "expired token",
+            Tok::Expired,
+            greedy.clone(),
+            Err((Code::Unauthenticated, "token has expired")),
+        ),
+        (
+            "wrong audience",
+            Tok::WrongAudience,
+            greedy.clone(),
+            Err((
+                Code::Unauthenticated,
+                "token audience does not include \"trellis\"",
+            )),
+        ),
+        (
+            "signed by another key under our key id",
+            Tok::OtherKey,
+            greedy.clone(),
+            Err((Code::Unauthenticated, "token signature does not verify")),
+        ),
+        (
+            "another issuer's key",
+            Tok::OtherIssuer,
+            greedy.clone(),
+            Err((
+                Code::Unauthenticated,
+                "token key id is not in the trusted key set",
+            )),
+        ),
+        (
+            "oversized token",
+            Tok::Oversized,
+            greedy,
+            Err((Code::Unauthenticated, "token is longer than 8192 bytes")),
+        ),
+        // What must keep working.
+        (
+            "the proxy's CSR",
+            Tok::For("web"),
+            trellis_identity::generate_csr(&id("demo", "web"))
+                .unwrap()
+                .csr_der,
+            Ok(()),
+        ),
+        (
+            "a CSR without extensions",
+            Tok::For("web"),
+            p256_csr(),
+            Ok(()),
+        ),
+        (
+            "CA:FALSE, mTLS usages and a subject",
+            Tok::For("web"),
+            modest_csr(&id("demo", "web")),
+            Ok(()),
+        ),
+    ];
+    for (name, tok, csr, expected) in rows {
+        let token = f.token(&tok);
+        let before = f.metrics.issued();
+        let result = f
+            .fixture
+            .service
+            .certify(request(csr, token.clone(), 0))
+            .await;
+        let after = f.metrics.issued();
+        match (result, expected) {
+            (Ok(resp), Ok(())) => {
+                let resp = resp.into_inner();
+                assert_eq!(resp.identity, web, "{name}");
+                assert_leaf(
+                    &resp.chain_der[0],
+                    f.fixture.ca.trust_bundle_der()[0].as_slice(),
+                    &id("demo", "web"),
+                );
+                assert_eq!(after, before + 1, "{name}: issued counter");
+            }
+            (Err(status), Err((code, message))) => {
+                assert_eq!(status.code(), code, "{name}: {status:?}");
+                assert!(
+                    status.message().contains(message),
+                    "{name}: {:?} does not contain {message:?}",
+                    status.message()
+                );
+                assert!(
+                    !status
+                        .message()
+                        .contains(&token[token.len().saturating_sub(16)..]),
+                    "{name}: token echoed"
+                );
+                assert_eq!(after, before, "{name}: issued counter moved");
+            }
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+    let text = metrics_text(&f.fixture.registry);
+    for line in [
+        r#"trellis_ca_requests_failed_total{reason="identity"} 1"#,
+        r#"trellis_ca_requests_failed_total{reason="csr_policy"} 5"#,
+        r#"trellis_ca_requests_failed_total{reason="invalid_csr"} 2"#,
+        r#"trellis_ca_requests_failed_total{reason="unauthenticated"} 5"#,
+        "trellis_ca_certificates_issued_total 3",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_identity_is_rate_limited_after_its_token_and_before_its_csr() {
+    let f = forger(Some(trellis_ca::RateLimit::new(3, 1.0).unwrap()));
+    let web = f.token(&Tok::For("web"));
+    for _ in 0..3 {
+        f.fixture
+            .service
+            .certify(request(p256_csr(), web.clone(), 0))
+            .await
+            .unwrap();
+    }
+    // A bad token is refused as such and spends nothing.
+    let status = f
+        .fixture
+        .service
+        .certify(request(p256_csr(), f.token(&Tok::Expired), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // The fourth request is refused before its CSR (garbage here) is parsed.
+    for csr in [p256_csr(), b"garbage".to_vec()] {
+        let status = f
+            .fixture
+            .service
+            .certify(request(csr, web.clone(), 0))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().starts_with(
+                "certificate request rate limit exceeded for spiffe://cluster.local/ns/demo/sa/web (burst 3, 1 per second); retry in "
+            ),
+            "{}",
+            status.message()
+        );
+    }
+    // Another identity has its own budget.
+    f.fixture
+        .service
+        .certify(request(p256_csr(), f.token(&Tok::For("db")), 0))
+        .await
+        .unwrap();
+    // One request's worth of refill later, one more request goes through.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    f.fixture
+        .service
+        .certify(request(p256_csr(), web.clone(), 0))
+        .await
+        .unwrap();
+    let status = f
+        .fixture
+        .service
+        .certify(request(p256_csr(), web, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let text = metrics_text(&f.fixture.registry);
+    for line in [
+        r#"trellis_ca_requests_failed_total{reason="rate_limited"} 3"#,
+        r#"trellis_ca_requests_failed_total{reason="unauthenticated"} 1"#,
+        "trellis_ca_certificates_issued_total 5",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    assert!(!text.contains(r#"reason="invalid_csr""#), "{text}");
+}
+
+/// The paired positive: at a CA generation change every replica of a Deployment
+/// re-issues within ~2 s under one service account. 200 at once all get through with the
+/// default limit.
+#[tokio::test]
+async fn a_burst_of_200_for_one_identity_is_served_by_default() {
+    let f = fixture();
+    let token = f
+        .issuer
+        .mint("demo", "web", DEFAULT_AUDIENCE, HOUR)
+        .unwrap();
+    let csr = trellis_identity::generate_csr(&id("demo", "web"))
+        .unwrap()
+        .csr_der;
+    let calls = (0..200).map(|_| f.service.certify(request(csr.clone(), token.clone(), 0)));
+    let results = futures_util::future::join_all(calls).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let text = metrics_text(&f.registry);
+    assert!(
+        text.contains("trellis_ca_certificates_issued_total 200"),
+        "{text}"
+    );
+    assert!(!text.contains("rate_limited"), "{text}");
 }
 
 #[tokio::test]

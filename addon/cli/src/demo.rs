@@ -117,6 +117,10 @@ async fn run_in(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     std::fs::write(config.join("mesh.yaml"), render_mesh(args.port_base))?;
+    // The trellis-config ConfigMap, outside the object directory: the demo edits its `ca`
+    // key halfway to switch the running mesh to a plug-in CA.
+    let mesh_config = state.join("trellis-config.yaml");
+    std::fs::write(&mesh_config, render_mesh_config("source: self-signed"))?;
     let http = HttpClient::new();
     let mut procs = Processes {
         children: Vec::new(),
@@ -133,7 +137,9 @@ async fn run_in(
     cmd.args(["run", "--config-dir"])
         .arg(&config)
         .arg("--state-dir")
-        .arg(state);
+        .arg(state)
+        .arg("--mesh-config")
+        .arg(&mesh_config);
     cmd.args([
         "--grpc-addr",
         &grpc.to_string(),
@@ -225,6 +231,9 @@ async fn run_in(
     let started = Instant::now();
     let mut served: BTreeMap<String, u64> = BTreeMap::new();
     let (mut ok, mut failed) = (0u64, 0u64);
+    // The CA switch: (requests ok, failed) when it started, until every proxy re-issued.
+    let mut switch: Option<(u64, u64)> = None;
+    let mut switched = false;
     let mut ticker = tokio::time::interval(args.interval);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -237,6 +246,20 @@ async fn run_in(
             break;
         }
         procs.check_alive(&logs)?;
+        if n == CA_SWITCH_AT {
+            start_ca_switch(state, &mesh_config)?;
+            switch = Some((ok, failed));
+        }
+        if let (Some((ok0, failed0)), false) = (switch, switched)
+            && let Some(roots) = all_reissued(&http, workloads).await
+        {
+            switched = true;
+            say(&format!(
+                "CA switched: every proxy now holds a certificate from the plug-in CA (generation 2, trust root {roots}); {} requests during the switch, {} failed",
+                ok - ok0 + failed - failed0,
+                failed - failed0
+            ));
+        }
         match http
             .get(client.outbound, "web.demo", &format!("/hello?n={n}"))
             .await
@@ -272,6 +295,10 @@ async fn run_in(
         }
     }
 
+    if switch.is_some() && !switched {
+        say("CA switch still in progress when the demo stopped (run longer to see it finish)");
+    }
+
     // 4. Summary.
     let spread: Vec<String> = served.iter().map(|(k, v)| format!("{k}={v}")).collect();
     say(&format!(
@@ -303,6 +330,55 @@ async fn run_in(
         bail!("no request succeeded; see the logs above");
     }
     Ok(())
+}
+
+/// The request before which the demo switches the mesh to a plug-in CA.
+const CA_SWITCH_AT: u64 = 4;
+
+fn render_mesh_config(ca: &str) -> String {
+    let indented: String = ca.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata:\n  ca: |\n{indented}"
+    )
+}
+
+/// What `trellis ca create-plugin --dir` does, then the config edit an operator makes.
+fn start_ca_switch(state: &Path, mesh_config: &Path) -> anyhow::Result<()> {
+    let dir = state.join("cacerts");
+    let day = Duration::from_secs(24 * 3600);
+    let pems = trellis_ca::generate_pems("cluster.local", "Trellis demo", 3650 * day, 365 * day)?;
+    trellis_ca::source::write_dir(&dir, &pems)?;
+    std::fs::write(
+        mesh_config,
+        render_mesh_config(&format!(
+            "source: secret\nsecret: {{path: {}}}\nreloadInterval: 1s\npropagation: 1s",
+            dir.display()
+        )),
+    )?;
+    say(&format!(
+        "switching the CA of the running mesh to a plug-in CA in {} (Istio cacerts layout; `trellis ca create-plugin --dir` makes one): new root pushed to every proxy first, then the new CA signs and proxies re-issue, then the old root retires",
+        dir.display()
+    ));
+    Ok(())
+}
+
+/// The new root's fingerprint once every proxy holds a generation-2 certificate.
+async fn all_reissued(http: &HttpClient, workloads: &[Workload]) -> Option<String> {
+    let mut roots = None;
+    for w in workloads {
+        let cfg = http.get(w.admin, "localhost", "/config").await.ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&cfg.body).ok()?;
+        if doc["certificate"]["ca_generation"].as_u64() != Some(2) {
+            return None;
+        }
+        // After the switch the signing CA's root comes first in the bundle.
+        roots = doc["certificate"]["trust_root_fingerprints"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|f| f.as_str())
+            .map(str::to_owned);
+    }
+    roots
 }
 
 // === impl Processes ===

@@ -168,6 +168,8 @@ impl LocalIssuer {
             crv: Some("P-256".to_owned()),
             x: Some(x),
             y: Some(y),
+            n: None,
+            e: None,
             kid: Some(kid.clone()),
             alg: Some("ES256".to_owned()),
             use_: Some("sig".to_owned()),
