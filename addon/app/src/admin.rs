@@ -1,6 +1,7 @@
 //! Control-plane admin endpoints on loopback: `/live`, `/ready`, `/metrics`,
 //! `/debug/proxies` (who is connected and which version each acked), `/debug/snapshot`
-//! (the mesh as the control plane sees it) and `/debug/source` (config reload status).
+//! (the mesh as the control plane sees it), `/debug/source` (config reload status) and
+//! `/debug/ca` (CA source, generation, expiry, trust bundle).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub(crate) struct Admin {
     pub(crate) source: watch::Receiver<SourceStatus>,
     pub(crate) discovery: DiscoveryService,
     pub(crate) registry: Registry,
+    pub(crate) ca: Arc<trellis_ca::CertificateAuthority>,
 }
 
 // === impl Admin ===
@@ -87,6 +89,7 @@ impl Admin {
                     &serde_json::json!({ "version": snap.version, "trust_domain": snap.trust_domain, "services": services }),
                 )
             }
+            "/debug/ca" => json(&self.ca.status()),
             "/debug/source" => {
                 let s = self.source.borrow().clone();
                 json(&serde_json::json!({
@@ -99,7 +102,7 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "endpoints: /live /ready /metrics /debug/proxies /debug/snapshot /debug/source\n"
+                "endpoints: /live /ready /metrics /debug/proxies /debug/snapshot /debug/source /debug/ca\n"
                     .into(),
             ),
         }

@@ -278,6 +278,7 @@ async fn run(
         source: status_rx,
         discovery: discovery.clone(),
         registry,
+        ca: ca.clone(),
     });
 
     info!(

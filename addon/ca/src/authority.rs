@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::info;
 use trellis_identity::{SpiffeError, SpiffeId};
+use x509_parser::prelude::FromDer;
 
 use crate::CaPems;
 use crate::csr;
@@ -199,6 +200,36 @@ pub struct TrustState {
     pub roots_der: Vec<Vec<u8>>,
     /// Goes up by one each time a different CA starts signing.
     pub generation: u64,
+}
+
+/// The CA as `/debug/ca` and `trellis check` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaStatus {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Generation of the signing CA.
+    pub generation: u64,
+    /// Where the signing material came from.
+    pub source: String,
+    /// When the signing chain expires (Unix seconds): no leaf lives past it.
+    pub signing_not_after_unix: u64,
+    /// A staged CA that does not sign yet, by source.
+    pub pending: Option<String>,
+    /// Every root in the bundle.
+    pub roots: Vec<RootStatus>,
+}
+
+/// One root of the trust bundle.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RootStatus {
+    /// First 8 bytes of the SHA-256 of the DER, hex (as proxies show it).
+    pub fingerprint: String,
+    /// Subject, RFC 4514.
+    pub subject: String,
+    /// Expiry, Unix seconds.
+    pub not_after_unix: u64,
+    /// Leaving the bundle at this time (Unix seconds): a root of an earlier CA.
+    pub retiring_at_unix: Option<u64>,
 }
 
 /// What [`CertificateAuthority::stage`] did with new material.
@@ -424,6 +455,53 @@ impl CertificateAuthority {
             self.publish(&state);
         }
         gone
+    }
+
+    /// The CA's state for operators: source, generation, expiry, every root.
+    pub fn status(&self) -> CaStatus {
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        };
+        let state = self.read();
+        let trust = trust_of(&state);
+        let roots = trust
+            .roots_der
+            .iter()
+            .map(|der| {
+                let digest = ring::digest::digest(&ring::digest::SHA256, der);
+                let (subject, not_after) =
+                    match x509_parser::prelude::X509Certificate::from_der(der) {
+                        Ok((_, x)) => (
+                            x.subject().to_string(),
+                            u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0),
+                        ),
+                        Err(_) => ("?".to_owned(), 0),
+                    };
+                RootStatus {
+                    fingerprint: digest.as_ref()[..8]
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                    subject,
+                    not_after_unix: not_after,
+                    retiring_at_unix: state
+                        .retiring
+                        .iter()
+                        .find(|(r, _)| r == der)
+                        .map(|(_, t)| unix(*t)),
+                }
+            })
+            .collect();
+        CaStatus {
+            trust_domain: self.trust_domain.clone(),
+            generation: state.generation,
+            source: state.signing.label().to_owned(),
+            signing_not_after_unix: unix(state.signing.not_after()),
+            pending: state.pending.as_ref().map(|m| m.label().to_owned()),
+            roots,
+        }
     }
 
     /// The next time [`CertificateAuthority::retire_expired`] has work, if any.

@@ -90,10 +90,10 @@ struct VaultArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[group(required = false, multiple = false)]
+#[group(skip)]
 struct Target {
     /// Key Vault URL, `https://<name>.vault.azure.net/`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dir")]
     vault: Option<String>,
     /// A directory in the `cacerts` layout.
     #[arg(long)]

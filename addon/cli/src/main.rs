@@ -3,11 +3,12 @@
 //! Owns the user-facing commands. Today: `trellis demo` (the local profile: the whole
 //! mesh as processes on this machine) and the small demo app it runs, and `trellis ca`
 //! (CA material in Key Vault or a `cacerts` directory, through `trellis-azure` and
-//! `trellis-ca`). `check`, `inject`, `stat`/`top`/`tap` and `dashboard` come with later
-//! issues. Talks to the running binaries only through their command lines and HTTP
+//! `trellis-ca`), and `trellis check` (the running mesh: CA expiry, proxies in sync).
+//! `inject`, `stat`/`top`/`tap` and `dashboard` come with later issues. Talks to the running binaries only through their command lines and HTTP
 //! endpoints.
 
 mod ca;
+mod check;
 mod demo;
 mod demo_app;
 mod http;
@@ -33,6 +34,8 @@ enum Command {
     /// CA material: create it in Key Vault or as a `cacerts` directory, show a chain and
     /// check expiry.
     Ca(ca::Args),
+    /// Checks a running mesh: control plane, CA expiry, proxies on the latest config.
+    Check(check::Args),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Ca(args) => ca::run(args).await,
+            Command::Check(args) => check::run(args).await,
             Command::DemoApp {
                 name,
                 listen,

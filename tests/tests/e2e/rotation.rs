@@ -215,6 +215,37 @@ async fn switch_under_load(
         .await
         .unwrap();
     assert!(issued >= 10.0, "only {issued} certificates issued");
+
+    // `trellis check` sees the new CA, one root, and every proxy in sync; with a warning
+    // window longer than the chain's life it fails.
+    let check = |window: &str| {
+        std::process::Command::new(trellis_e2e::mesh::bin("trellis"))
+            .args([
+                "check",
+                "--admin",
+                &cp.admin.to_string(),
+                "--warn-within",
+                window,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = check("1d");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ok   CA: ") && text.contains("generation 2"),
+        "{text}"
+    );
+    assert_eq!(text.matches("trust root ").count(), 1, "{text}");
+    assert!(
+        text.contains("proxies connected, all on the latest configuration"),
+        "{text}"
+    );
+    let out = check("36500d");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("FAIL CA: "), "{text}");
     cp
 }
 
@@ -258,28 +289,35 @@ async fn switching_to_a_plugin_ca_under_load_fails_nothing() {
 /// with workload identity (federated token exchange) and has Key Vault sign one
 /// intermediate. Entra ID and Key Vault are the HTTPS stand-ins of `trellis-azure`; the
 /// control plane and the CLI reach them through the real SDK clients.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_to_a_key_vault_root_key_under_load_fails_nothing() {
+/// The Entra ID and Key Vault stand-ins, and the environment that points the real SDK
+/// clients in the binaries at them: what the AKS workload identity webhook injects, plus
+/// the stand-ins' CA and address.
+struct Azure {
+    stand_in: trellis_azure::stand_in::AzureStandIn,
+    env: Vec<(String, String)>,
+    _files: tempfile::TempDir,
+}
+
+async fn azure() -> Azure {
     use trellis_azure::stand_in::{AzureStandIn, CLIENT_ID, TENANT_ID, VAULT_HOST};
-    let azure = AzureStandIn::start().await.unwrap();
+    let stand_in = AzureStandIn::start().await.unwrap();
     let files = tempfile::tempdir().unwrap();
     let token = files.path().join("azure-identity-token");
-    std::fs::write(&token, azure.federated_token()).unwrap();
+    std::fs::write(&token, stand_in.federated_token()).unwrap();
     let roots = files.path().join("stand-in-ca.pem");
-    std::fs::write(&roots, azure.ca_pem()).unwrap();
-    let vault_port = azure
-        .vault_url()
+    std::fs::write(&roots, stand_in.ca_pem()).unwrap();
+    let url = stand_in.vault_url();
+    let vault_port = url
         .rsplit(':')
         .next()
         .unwrap()
         .trim_end_matches('/')
         .to_owned();
-    // What the AKS workload identity webhook injects, plus where the stand-ins live.
-    let env: Vec<(String, String)> = [
+    let env = [
         ("AZURE_TENANT_ID", TENANT_ID.to_owned()),
         ("AZURE_CLIENT_ID", CLIENT_ID.to_owned()),
         ("AZURE_FEDERATED_TOKEN_FILE", token.display().to_string()),
-        ("AZURE_AUTHORITY_HOST", azure.authority_host()),
+        ("AZURE_AUTHORITY_HOST", stand_in.authority_host()),
         (trellis_azure::EXTRA_ROOTS_ENV, roots.display().to_string()),
         (
             trellis_azure::RESOLVE_ENV,
@@ -289,8 +327,23 @@ async fn switching_to_a_key_vault_root_key_under_load_fails_nothing() {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let vault = azure.vault_url();
-    let cp = switch_under_load(env, |_, env| {
+    Azure {
+        stand_in,
+        env,
+        _files: files,
+    }
+}
+
+/// The operator creates a non-exportable root key in Key Vault with `trellis ca
+/// create-root` and switches the mesh to `keyvault-key`: the control plane authenticates
+/// with workload identity (federated token exchange) and has Key Vault sign one
+/// intermediate. Entra ID and Key Vault are the HTTPS stand-ins of `trellis-azure`; the
+/// control plane and the CLI reach them through the real SDK clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_a_key_vault_root_key_under_load_fails_nothing() {
+    let az = azure().await;
+    let vault = az.stand_in.vault_url();
+    let cp = switch_under_load(az.env.clone(), |_, env| {
         let root = trellis_ca(
             &["create-root", "--vault", &vault, "--credential", "workload-identity"],
             env,
@@ -303,11 +356,45 @@ async fn switching_to_a_key_vault_root_key_under_load_fails_nothing() {
     .await;
     // The bundle proxies trust is now exactly the Key Vault root.
     let bundle = std::fs::read_to_string(cp.state_dir().join("trust-bundle.pem")).unwrap();
-    let kv_root = azure.secret("trellis-root-cert").unwrap();
+    let kv_root = az.stand_in.secret("trellis-root-cert").unwrap();
     assert_eq!(pem_ders(&bundle), pem_ders(&kv_root));
     // Two signs in all: the root certificate and one intermediate, whatever the number of
     // leaves issued and source reads (every second) in between.
-    assert_eq!(azure.calls_to("keys.sign"), 2, "{:?}", azure.calls());
+    assert_eq!(
+        az.stand_in.calls_to("keys.sign"),
+        2,
+        "{:?}",
+        az.stand_in.calls()
+    );
+}
+
+/// The AKS Istio add-on's layout: `trellis ca create-plugin --vault` uploads the four
+/// secrets and the mesh switches to `keyvault-secret`, re-reading them every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_key_vault_plugin_secrets_under_load_fails_nothing() {
+    let az = azure().await;
+    let vault = az.stand_in.vault_url();
+    let cp = switch_under_load(az.env.clone(), |_, env| {
+        trellis_ca(
+            &["create-plugin", "--vault", &vault, "--credential", "workload-identity"],
+            env,
+        );
+        let shown = trellis_ca(
+            &["show", "--vault", &vault, "--credential", "workload-identity"],
+            env,
+        );
+        assert!(shown.contains("ca-cert"), "{shown}");
+        format!(
+            "source: keyvault-secret\nkeyvault: {{url: \"{vault}\", credential: workload-identity}}\nreloadInterval: 1s\npropagation: 3s"
+        )
+    })
+    .await;
+    let bundle = std::fs::read_to_string(cp.state_dir().join("trust-bundle.pem")).unwrap();
+    let root = az.stand_in.secret("root-cert").unwrap();
+    assert_eq!(pem_ders(&bundle), pem_ders(&root));
+    // Re-read every second: the reads scale with time, not with pods or leaves.
+    assert!(az.stand_in.calls_to("secrets.get") >= 4 * 10);
+    assert_eq!(az.stand_in.calls_to("keys.sign"), 0);
 }
 
 fn pem_ders(text: &str) -> Vec<Vec<u8>> {
