@@ -231,7 +231,8 @@ impl Inbound {
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         if req.method() == http::Method::CONNECT {
-            return self.tunnel(req, peer, orig).await;
+            // Boxed: tunnels are rare and their future is large; see Pool::get.
+            return Box::pin(self.tunnel(req, peer, orig)).await;
         }
         let start = Instant::now();
         let app = self.app_addr(orig, None);
@@ -368,6 +369,32 @@ struct AppH2Pool {
 // === impl AppH2Pool ===
 
 impl AppH2Pool {
+    /// A new connection to the app, pooled. Called boxed: the handshake future is large
+    /// and rare, and inline it would grow every request's future.
+    async fn connect(
+        &self,
+        app: SocketAddr,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, Error> {
+        let tcp = tokio::net::TcpStream::connect(app)
+            .await
+            .map_err(|source| Error::Connect { addr: app, source })?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| Error::Upstream(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                debug!(%error, %app, "app connection ended");
+            }
+        });
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|_, s| !s.is_closed());
+        conns.insert(app, sender.clone());
+        Ok(sender)
+    }
+
     async fn send(&self, app: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, Error> {
         let pooled = {
             let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -375,26 +402,7 @@ impl AppH2Pool {
         };
         let mut sender = match pooled {
             Some(s) => s,
-            None => {
-                let tcp = tokio::net::TcpStream::connect(app)
-                    .await
-                    .map_err(|source| Error::Connect { addr: app, source })?;
-                let _ = tcp.set_nodelay(true);
-                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| Error::Upstream(Box::new(e)))?;
-                tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        debug!(%error, %app, "app connection ended");
-                    }
-                });
-                let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-                conns.retain(|_, s| !s.is_closed());
-                conns.insert(app, sender.clone());
-                sender
-            }
+            None => Box::pin(self.connect(app)).await?,
         };
         sender
             .send_request(req)

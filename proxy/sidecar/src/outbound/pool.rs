@@ -52,7 +52,9 @@ impl Pool {
                 return Ok(e.sender.clone());
             }
         }
-        let sender = connect(addr, tls, metrics).await?;
+        // Boxed: the TCP + TLS + h2 handshake future is large and rare; inline it would
+        // grow every request's future (and the memmove of it per request, ~4% of a hop).
+        let sender = Box::pin(connect(addr, tls, metrics)).await?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|_, e| !e.sender.is_closed());
         conns.insert(
