@@ -24,5 +24,5 @@ pub mod netns;
 
 pub use app::{EchoServer, Recorded};
 pub use mesh::{
-    ControlPlane, Launch, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until,
+    ControlPlane, Launch, Load, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until,
 };

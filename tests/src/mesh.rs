@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -380,4 +381,62 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(())
+}
+
+/// Requests sent back to back from `concurrency` loops until [`Load::finish`], counting
+/// every answer that is not a 200 as a failure: the "under load" of the scenarios.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `concurrency` loops of GET `/load/<loop>/<n>` to `addr` with `Host: host`.
+    pub fn start(addr: SocketAddr, host: &str, concurrency: usize) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..concurrency)
+            .map(|c| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                let host = host.to_owned();
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        match http_get(addr, &host, &format!("/load/{c}/{i}")).await {
+                            Ok((200, _, _)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((s, _, b)) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{s} {}", String::from_utf8_lossy(&b))),
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Stops the loops; returns the successes and the failures (one line each).
+    pub async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), failures)
+    }
 }

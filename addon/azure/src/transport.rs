@@ -135,13 +135,10 @@ pub(crate) fn build_transport(
 }
 
 fn parse_certificates(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let blocks =
-        pem::parse_many(pem_text).map_err(|e| Error::Transport(format!("trusted roots: {e}")))?;
-    let certs: Vec<_> = blocks
-        .into_iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(|b| CertificateDer::from(b.into_contents()))
-        .collect();
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem_text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Transport(format!("trusted roots: {e}")))?;
     if certs.is_empty() {
         return Err(Error::Transport(
             "trusted roots: no CERTIFICATE block".to_owned(),

@@ -10,6 +10,7 @@ mod apps;
 mod bad_config;
 mod capture;
 mod control_plane_down;
+mod endpoints;
 mod generated;
 mod limits;
 mod mtls;

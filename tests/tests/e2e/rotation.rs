@@ -3,11 +3,9 @@
 //! 20-second leaves renewing all along. No request may fail; proxies started before,
 //! during and after the switch all talk to each other.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use trellis_e2e::{ControlPlane, EchoServer, Launch, Proxy, free_port, http_get, wait_until};
+use trellis_e2e::{ControlPlane, EchoServer, Launch, Load, Proxy, free_port, http_get, wait_until};
 
 use crate::request_path::{loopback, two_workloads};
 
@@ -25,37 +23,6 @@ async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
     String::from_utf8_lossy(&body).lines().find_map(|l| {
         let (name, value) = l.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok())?
-    })
-}
-
-/// Sends requests back to back from `client` to `web.demo` until `stop`, counting
-/// successes and failures.
-fn load(
-    client: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            i += 1;
-            match http_get(client, "web.demo", &format!("/load/{i}")).await {
-                Ok((200, _, _)) => {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-                other => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    let what = match other {
-                        Ok((s, _, b)) => format!("{s} {}", String::from_utf8_lossy(&b)),
-                        Err(e) => e.to_string(),
-                    };
-                    failures.lock().unwrap().push(what);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     })
 }
 
@@ -100,16 +67,7 @@ async fn switch_under_load(
     assert_eq!(metric(cp.admin, "trellis_ca_generation").await, Some(1.0));
     assert_eq!(metric(cp.admin, "trellis_ca_trust_roots").await, Some(1.0));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let loader = load(
-        client.outbound,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-        failures.clone(),
-    );
+    let load = Load::start(client.outbound, "web.demo", 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let ca_yaml = prepare(cp.dir.path(), &env);
@@ -198,16 +156,12 @@ async fn switch_under_load(
         200
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    loader.await.unwrap();
-
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed: {:?}",
-        ok + failed,
-        failures.lock().unwrap()
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        ok + failures.len() as u64
     );
     assert!(ok > 500, "only {ok} requests ran");
     // Leaves renewed several times under load (20 s leaves over ~45 s).

@@ -165,13 +165,10 @@ async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
 }
 
 fn parse_certificates(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, TokenError> {
-    let blocks =
-        pem::parse_many(pem_text).map_err(|e| TokenError::Config(format!("extra roots: {e}")))?;
-    let certs: Vec<_> = blocks
-        .into_iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(|b| CertificateDer::from(b.into_contents()))
-        .collect();
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem_text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TokenError::Config(format!("extra roots: {e}")))?;
     if certs.is_empty() {
         return Err(TokenError::Config(
             "extra roots: no CERTIFICATE block".to_owned(),
