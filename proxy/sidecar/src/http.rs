@@ -119,7 +119,36 @@ impl Access<'_> {
                 direction: self.direction,
             })
             .observe(elapsed.as_secs_f64());
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
         let error = error.map(ToString::to_string).unwrap_or_default();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        // Same fields, order and quoting as the tracing event below (str fields Debug,
+        // `%` fields Display), so log pipelines see one format either way.
+        let direct = crate::logging::write_access(|line| {
+            use std::io::Write as _;
+            write!(
+                line,
+                "request direction={:?} protocol={:?} src={:?} dst={:?} service={} endpoint={} \
+                 method={} authority={} path={:?} status={} duration_ms={:?} mtls=true error={}",
+                self.direction,
+                self.protocol,
+                self.src,
+                self.dst,
+                self.service,
+                self.endpoint,
+                self.method,
+                self.authority,
+                self.path,
+                status.as_u16(),
+                duration_ms,
+                error
+            )
+        });
+        if direct {
+            return;
+        }
         info!(
             target: "access",
             direction = self.direction,
@@ -132,7 +161,7 @@ impl Access<'_> {
             authority = %self.authority,
             path = self.path,
             status = status.as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            duration_ms = duration_ms,
             mtls = true,
             error = %error,
             "request"

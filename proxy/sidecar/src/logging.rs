@@ -159,6 +159,45 @@ impl Drop for FlushGuard {
     }
 }
 
+/// The batch the binary's log output goes to, for lines written without tracing's
+/// formatter (the per-request access log). Unset in library users and tests of other
+/// crates, where the access log goes through `tracing` as before.
+static DIRECT: std::sync::OnceLock<BatchWriter> = std::sync::OnceLock::new();
+
+/// Makes `writer` the target of [`write_access`] (the binary calls this once).
+pub fn install_direct(writer: BatchWriter) {
+    let _ = DIRECT.set(writer);
+}
+
+/// Writes one access-log line straight into the batch, in the same text format the
+/// `tracing` formatter produces (`<rfc3339 µs>  INFO access: <message> <fields>`), and
+/// returns true; returns false when no batch is installed, so the caller falls back to
+/// a `tracing` event. Why: tracing's per-field formatting was most of what the access log
+/// still cost per request (BENCHMARKS.md); the fields here are fixed.
+pub fn write_access(fields: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool {
+    let Some(writer) = DIRECT.get() else {
+        return false;
+    };
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        let written = write!(
+            line,
+            "{}  INFO access: ",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )
+        .and_then(|()| fields(&mut line))
+        .and_then(|()| line.write_all(b"\n"));
+        if written.is_ok() {
+            let _ = writer.clone().write(&line);
+        }
+    });
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

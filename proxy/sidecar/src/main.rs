@@ -140,6 +140,7 @@ fn init_tracing() -> Option<trellis_proxy::logging::FlushGuard> {
         trellis_proxy::logging::BATCH_LIMIT,
     ) {
         Ok((writer, guard)) => {
+            trellis_proxy::logging::install_direct(writer.clone());
             builder.with_writer(writer).init();
             Some(guard)
         }
