@@ -221,7 +221,7 @@ pub struct RootKeyStatus {
 /// What a vault's CA layout holds: every certificate, and for `keyvault-key` the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainReport {
-    /// The vault URL.
+    /// The vault URL; for [`report_from_pems`], the label it was given.
     pub vault: String,
     /// Certificates in secret order (root first), several per secret if it holds several.
     pub certs: Vec<CertSummary>,
@@ -297,7 +297,11 @@ impl ChainReport {
 
     /// A human-readable listing as of `now`, one certificate per line.
     pub fn render(&self, now: SystemTime) -> String {
-        let mut out = format!("vault {}\n", self.vault);
+        let mut out = if self.vault.starts_with("https://") {
+            format!("vault {}\n", self.vault)
+        } else {
+            format!("{}\n", self.vault)
+        };
         for cert in &self.certs {
             let _ = writeln!(
                 out,

@@ -220,12 +220,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     }
                     let files: Vec<(&str, &str)> =
                         files.iter().map(|(n, t)| (*n, t.as_str())).collect();
-                    trellis_azure::report_from_pems(&dir.display().to_string(), &files)?
+                    trellis_azure::report_from_pems(
+                        &format!("cacerts directory {}", dir.display()),
+                        &files,
+                    )?
                 }
                 (None, None, Some(file)) => {
                     let text = std::fs::read_to_string(&file)
                         .with_context(|| format!("reading {}", file.display()))?;
-                    let name = file.display().to_string();
+                    let name = format!("trust bundle {}", file.display());
                     trellis_azure::report_from_pems(&name, &[("bundle", &text)])?
                 }
                 _ => anyhow::bail!("give exactly one of --vault, --dir or --bundle"),
