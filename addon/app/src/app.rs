@@ -184,11 +184,12 @@ async fn run(
         .context("configuring the CA")?;
     let ca = Arc::new(ca);
     let bundle_file = args.state_dir.join(crate::ca::TRUST_BUNDLE_FILE);
-    crate::ca::write_atomic(&bundle_file, ca.trust_bundle_pem().as_bytes())
+    let trust_changes = ca.subscribe();
+    ca.write_trust_bundle(&bundle_file)
         .with_context(|| format!("writing {}", bundle_file.display()))?;
     tokio::spawn(crate::ca::write_bundle_file(
         ca.clone(),
-        ca.subscribe(),
+        trust_changes,
         bundle_file,
     ));
     tokio::spawn(crate::ca::supervise(
@@ -251,11 +252,7 @@ async fn run(
     // The first snapshot already carries the bundle, so join_trust's first send is not a
     // change at the same version.
     let mut joined = initial;
-    let trust = ca.subscribe().borrow().clone();
-    joined.trust = trellis_api::Trust {
-        roots_der: trust.roots_der,
-        generation: trust.generation,
-    };
+    joined.trust = ca.trust();
     let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
     let (status_tx, status_rx) = watch::channel(SourceStatus::default());
     let stop = shutdown.clone();
@@ -329,7 +326,7 @@ fn own_server_config(
 /// able to connect, and after a switch the control plane's chain must lead to the new root.
 async fn rotate_own(
     ca: Arc<CertificateAuthority>,
-    mut trust: watch::Receiver<trellis_ca::TrustState>,
+    mut trust: watch::Receiver<trellis_api::Trust>,
     me: SpiffeId,
     tx: watch::Sender<Arc<rustls::ServerConfig>>,
     mut not_before: SystemTime,

@@ -16,7 +16,7 @@ use trellis_api::{MeshSnapshot, Trust};
 use trellis_ca::source::{
     self, CaSource, DirSource, RotationPolicy, SelfSignedSource, SourceMetrics,
 };
-use trellis_ca::{CaMaterial, CertificateAuthority, TrustState};
+use trellis_ca::{CaMaterial, CertificateAuthority};
 
 use crate::mesh_config::{self, CaSettings, CaSourceKind, MeshConfig};
 
@@ -181,11 +181,11 @@ pub(crate) async fn supervise(
 /// (what `/debug/source` shows) until the CA first changes.
 pub(crate) async fn join_trust(
     mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
-    mut trust: watch::Receiver<TrustState>,
+    mut trust: watch::Receiver<Trust>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
 ) {
     let mut trust_changes = 0u64;
-    let mut last_trust: Option<TrustState> = None;
+    let mut last_trust: Option<Trust> = None;
     loop {
         let mut next = (**snapshots.borrow_and_update()).clone();
         let t = trust.borrow_and_update().clone();
@@ -193,10 +193,7 @@ pub(crate) async fn join_trust(
             trust_changes += 1;
         }
         next.version += trust_changes;
-        next.trust = Trust {
-            roots_der: t.roots_der.clone(),
-            generation: t.generation,
-        };
+        next.trust = t.clone();
         last_trust = Some(t);
         if tx.send(Arc::new(next)).is_err() {
             return;
@@ -212,28 +209,19 @@ pub(crate) async fn join_trust(
 /// bootstrap from with `--ca-roots`. On a cluster the same bundle goes into a ConfigMap.
 pub(crate) const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 
-/// Keeps `<state>/trust-bundle.pem` equal to the CA's bundle, so a proxy started during
-/// or after a CA switch trusts the control plane's new certificate.
+/// Keeps `<state>/trust-bundle.pem` equal to the CA's bundle after every change (the
+/// caller writes it once before serving), so a proxy started during or after a CA switch
+/// trusts the control plane's new certificate. `trust` must be subscribed when that first
+/// write is made, so no change in between is missed.
 pub(crate) async fn write_bundle_file(
     ca: Arc<CertificateAuthority>,
-    mut trust: watch::Receiver<TrustState>,
+    mut trust: watch::Receiver<Trust>,
     path: PathBuf,
 ) {
-    loop {
+    while trust.changed().await.is_ok() {
         trust.borrow_and_update();
-        let pem = ca.trust_bundle_pem();
-        if let Err(e) = write_atomic(&path, pem.as_bytes()) {
+        if let Err(e) = ca.write_trust_bundle(&path) {
             error!(path = %path.display(), error = %e, "writing the trust bundle file failed");
         }
-        if trust.changed().await.is_err() {
-            return;
-        }
     }
-}
-
-/// Writes through a temporary file and a rename, so a reader never sees half a bundle.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

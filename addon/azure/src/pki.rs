@@ -14,7 +14,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 use trellis_identity::SpiffeId;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::Error;
 
@@ -153,7 +153,7 @@ fn parse_der_cert(der: Vec<u8>) -> Result<ParsedCert, String> {
         is_ca: x509.is_ca(),
         not_before: x509.validity().not_before.to_datetime().into(),
         not_after: x509.validity().not_after.to_datetime(),
-        trust_domain: spiffe_trust_domain(&x509),
+        trust_domain: trellis_ca::spiffe_trust_domain(&x509),
     })
 }
 
@@ -168,16 +168,6 @@ pub(crate) fn verify_signed_by(cert_der: &[u8], issuer_der: Option<&[u8]>) -> Re
         }
     };
     result.map_err(|e| e.to_string())
-}
-
-fn spiffe_trust_domain(x509: &X509Certificate<'_>) -> Option<String> {
-    let san = x509.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri
-            .strip_prefix("spiffe://")
-            .map(|td| td.trim_end_matches('/').to_owned()),
-        _ => None,
-    })
 }
 
 #[cfg(test)]

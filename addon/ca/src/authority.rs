@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::info;
+use trellis_api::Trust;
 use trellis_identity::{SpiffeError, SpiffeId};
 use x509_parser::prelude::FromDer;
 
@@ -31,7 +32,7 @@ use crate::fs::{KEY_MODE, PUBLIC_MODE, ensure_dir, write_atomic};
 mod material;
 mod root;
 
-pub use material::CaMaterial;
+pub use material::{CaMaterial, spiffe_trust_domain};
 use root::{CLOCK_SKEW, Root};
 
 /// File name of the persisted root certificate (PEM).
@@ -190,16 +191,8 @@ pub struct CertificateAuthority {
     trust_domain: String,
     config: CaConfig,
     state: RwLock<State>,
-    trust: watch::Sender<TrustState>,
-}
-
-/// The bundle and CA generation proxies must know, published on every change.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TrustState {
-    /// Every root a peer certificate may chain to, DER, deduplicated.
-    pub roots_der: Vec<Vec<u8>>,
-    /// Goes up by one each time a different CA starts signing.
-    pub generation: u64,
+    /// The bundle and generation proxies must know (discovery's `Trust`), on every change.
+    trust: watch::Sender<Trust>,
 }
 
 /// The CA as `/debug/ca` and `trellis check` show it.
@@ -379,13 +372,25 @@ impl CertificateAuthority {
             .collect()
     }
 
-    /// The current CA generation (see [`TrustState`]).
+    /// Writes [`CertificateAuthority::trust_bundle_pem`] to `path` atomically (mode
+    /// 0644): the file proxies bootstrap from, so a reader never sees half a bundle.
+    pub fn write_trust_bundle(&self, path: &Path) -> io::Result<()> {
+        write_atomic(path, self.trust_bundle_pem().as_bytes(), PUBLIC_MODE)
+    }
+
+    /// The current CA generation: goes up by one each time a different CA starts signing.
     pub fn generation(&self) -> u64 {
         self.read().generation
     }
 
+    /// Bundle (every root a peer certificate may chain to, DER, deduplicated) and
+    /// generation, now.
+    pub fn trust(&self) -> Trust {
+        self.trust.borrow().clone()
+    }
+
     /// Bundle and generation now and on every change.
-    pub fn subscribe(&self) -> watch::Receiver<TrustState> {
+    pub fn subscribe(&self) -> watch::Receiver<Trust> {
         self.trust.subscribe()
     }
 
@@ -605,7 +610,7 @@ impl fmt::Debug for CertificateAuthority {
 }
 
 /// The bundle: signing roots first, then a pending CA's, then retiring ones.
-fn trust_of(state: &State) -> TrustState {
+fn trust_of(state: &State) -> Trust {
     let mut roots: Vec<Vec<u8>> = Vec::new();
     let pending = state.pending.iter().flat_map(|m| m.roots_der().iter());
     let retiring = state.retiring.iter().map(|(r, _)| r);
@@ -620,7 +625,7 @@ fn trust_of(state: &State) -> TrustState {
             roots.push(root.clone());
         }
     }
-    TrustState {
+    Trust {
         roots_der: roots,
         generation: state.generation,
     }

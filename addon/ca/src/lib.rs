@@ -25,8 +25,8 @@ mod token;
 
 pub use authority::{
     CaConfig, CaMaterial, CaStatus, CertificateAuthority, DEFAULT_MAX_TTL, DEFAULT_TTL, Error,
-    Issued, ROOT_CERT_FILE, ROOT_KEY_FILE, RootStatus, Staged, TrustState, generate_pems,
-    load_or_generate_self_signed,
+    Issued, ROOT_CERT_FILE, ROOT_KEY_FILE, RootStatus, Staged, generate_pems,
+    load_or_generate_self_signed, spiffe_trust_domain,
 };
 pub use csr::MAX_CSR_LEN;
 pub use pems::{CA_CERT_PEM, CA_KEY_PEM, CERT_CHAIN_PEM, CaPems, ROOT_CERT_PEM};

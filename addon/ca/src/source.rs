@@ -159,7 +159,7 @@ impl SourceMetrics {
     }
 
     fn observe(&self, ca: &CertificateAuthority) {
-        let trust = ca.subscribe().borrow().clone();
+        let trust = ca.trust();
         self.generation
             .set(i64::try_from(trust.generation).unwrap_or(i64::MAX));
         self.roots

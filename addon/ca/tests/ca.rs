@@ -1216,7 +1216,7 @@ fn switching_ca_overlaps_roots_then_retires_the_old_one() {
         1,
         "still the self-signed root signing"
     );
-    // Staging the same material again changes nothing.
+    // Another new CA while one is pending replaces the pending one.
     assert_eq!(
         ca.stage(CaMaterial::from_pems(&plugin("kv"), TD, "other").unwrap()),
         Staged::Pending,

@@ -108,16 +108,8 @@ fn flush_loop<W: Write>(shared: &Shared, mut out: W, interval: Duration) {
 }
 
 impl BatchWriter {
-    /// Lines dropped since the last flush because the batch was full.
-    pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
-    }
-}
-
-impl Write for BatchWriter {
-    /// tracing-subscriber formats a whole event and then writes it with one call, so a
-    /// line is either kept whole or dropped whole.
-    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+    /// Appends one whole line to the batch, or drops and counts it when the batch is full.
+    pub fn append(&self, line: &[u8]) {
         let mut state = self
             .shared
             .state
@@ -129,6 +121,19 @@ impl Write for BatchWriter {
         } else {
             state.buf.extend_from_slice(line);
         }
+    }
+
+    /// Lines dropped since the last flush because the batch was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Write for BatchWriter {
+    /// tracing-subscriber formats a whole event and then writes it with one call, so a
+    /// line is either kept whole or dropped whole.
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.append(line);
         Ok(line.len())
     }
 
@@ -192,7 +197,7 @@ pub fn write_access(fields: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool
         .and_then(|()| fields(&mut line))
         .and_then(|()| line.write_all(b"\n"));
         if written.is_ok() {
-            let _ = writer.clone().write(&line);
+            writer.append(&line);
         }
     });
     true

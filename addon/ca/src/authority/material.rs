@@ -308,7 +308,7 @@ fn parse_certs(text: &str) -> Result<Vec<Cert>, String> {
 }
 
 /// The trust domain of a CA's `spiffe://<td>` URI SAN, if it has one.
-pub(super) fn spiffe_trust_domain(x509: &X509Certificate<'_>) -> Option<String> {
+pub fn spiffe_trust_domain(x509: &X509Certificate<'_>) -> Option<String> {
     let san = x509.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|name| match name {
         GeneralName::URI(uri) => uri
