@@ -1,9 +1,18 @@
 //! The Trellis controller's mesh sources: objects in, versioned [`MeshSnapshot`]s out.
 //!
-//! Today there is one source, a directory of YAML ([`FileSource`]) for the local profile;
-//! the Kubernetes watchers will produce the same [`Objects`] and share [`translate`].
+//! Two sources produce the same [`Objects`] and share [`translate`]:
 //!
-//! - [`objects`]: the accepted kinds (`v1` Service, `local.trellis.dev/v1alpha1` Workload).
+//! - a directory of YAML ([`FileSource`]) for the local profile: Services and Workloads,
+//!   endpoints by selector ([`EndpointSource::Selectors`]);
+//! - a Kubernetes cluster (crate `trellis-kube`, which depends on this one and not the
+//!   other way round): Namespaces, Services, EndpointSlices and Pods (as Workloads),
+//!   endpoints from the slices ([`EndpointSource::EndpointSlices`]).
+//!
+//! Entry points:
+//!
+//! - [`objects`]: the object types (`v1` Service, `local.trellis.dev/v1alpha1` Workload,
+//!   and the Kubernetes-only Namespace and EndpointSlice), and the per-object checks both
+//!   sources apply ([`objects::Service::problems`], [`objects::Workload::problems`]).
 //! - [`load_dir`]: reads and validates a directory, reporting every problem at once.
 //! - [`translate`]: the pure objects-to-snapshot function.
 //! - [`FileSource`]: polls the directory and publishes changed snapshots, keeping the last
@@ -27,6 +36,6 @@ mod validate;
 pub use error::{ConfigError, EXIT_CONFIG, Error, Position, Problem};
 pub use files::{MAX_DOCUMENTS, MAX_FILE_BYTES, MAX_FILES, load_dir};
 pub use metrics::Metrics;
-pub use objects::{ObjectKey, Objects};
+pub use objects::{EndpointSource, ObjectKey, Objects};
 pub use source::{FileSource, SourceStatus};
 pub use translate::translate;

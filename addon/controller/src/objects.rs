@@ -1,6 +1,19 @@
-//! The object kinds the file source accepts, as typed values.
+//! The objects the controller translates, as typed values, from either source.
 //!
-//! Two kinds, written exactly as they would be applied to Kubernetes:
+//! Two sources fill [`Objects`]:
+//!
+//! - **The file source** (local profile, [`crate::load_dir`]): Services and Workloads
+//!   written as YAML. Endpoints come from selectors ([`EndpointSource::Selectors`]).
+//! - **The Kubernetes source** (crate `trellis-kube`): Namespaces, Services,
+//!   `discovery.k8s.io/v1` EndpointSlices (as [`EndpointSlice`]) and Pods (as [`Workload`]s
+//!   with `address` = the pod IP and the pod's service account). Endpoints come from the
+//!   slices ([`EndpointSource::EndpointSlices`]); a Workload only gives an endpoint its
+//!   identity and labels. It converts its objects into these types and checks Services and
+//!   Workloads with [`Service::problems`] and [`Workload::problems`], the file source's
+//!   rules, so an object one source refuses the other refuses too.
+//!
+//! The file source accepts two kinds, written exactly as they would be applied to
+//! Kubernetes:
 //!
 //! - `v1` **Service**: the subset of the Kubernetes Service the mesh uses. `metadata` takes
 //!   `name`, `namespace` (default `default`), `labels` and `annotations`; `spec` takes
@@ -54,7 +67,9 @@
 //! ```
 //!
 //! The types deserialize with `deny_unknown_fields`; checks that serde cannot express
-//! (ranges, name syntax, duplicates) live in `validate` and `files`.
+//! (ranges, name syntax, duplicates) live in `validate` and `files`. The Kubernetes-only
+//! types ([`Namespace`], [`EndpointSlice`]) are built by that source's conversion, never
+//! parsed from YAML.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,13 +85,92 @@ pub const WORKLOAD_API_VERSION: &str = "local.trellis.dev/v1alpha1";
 /// Service annotation listing extra host names, comma-separated.
 pub const HOSTNAMES_ANNOTATION: &str = "trellis.dev/hostnames";
 
-/// Every object of a directory (or, later, of a cluster), keyed by namespace and name.
+/// Label of an EndpointSlice naming the Service it belongs to (same namespace).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Endpoint label carrying an EndpointSlice endpoint's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Every object of a directory or of a cluster, keyed by namespace and name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Objects {
     /// Services by namespace and name.
     pub services: BTreeMap<ObjectKey, Service>,
-    /// Workloads by namespace and name.
+    /// Workloads (file source) or Pods (Kubernetes) by namespace and name.
     pub workloads: BTreeMap<ObjectKey, Workload>,
+    /// Namespaces by name, with their labels (Kubernetes only; empty for the file source).
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// EndpointSlices by namespace and name (Kubernetes only; empty for the file source).
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Where Services' endpoints come from.
+    pub endpoint_source: EndpointSource,
+}
+
+/// Where the translator takes a Service's endpoints from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// The Workloads its selector matches (the file source, where nothing else computes
+    /// endpoints).
+    #[default]
+    Selectors,
+    /// The EndpointSlices labelled [`SERVICE_NAME_LABEL`] = its name (Kubernetes, whose
+    /// endpoint controller already applied selectors, readiness and named target ports).
+    EndpointSlices,
+}
+
+/// A Namespace: its name and labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The part of a `discovery.k8s.io/v1` EndpointSlice the mesh uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace (that of its Service too).
+    pub namespace: String,
+    /// Name of the slice itself.
+    pub name: String,
+    /// The Service it belongs to: its [`SERVICE_NAME_LABEL`] label.
+    pub service_name: Option<String>,
+    /// Ports every endpoint of the slice serves.
+    pub ports: Vec<EndpointPort>,
+    /// The endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// The Service port's name; `None` and `""` both mean the unnamed port.
+    pub name: Option<String>,
+    /// The port the endpoints listen on (the Service's target port, resolved).
+    pub port: Option<i32>,
+    /// Transport protocol (`TCP`, `UDP`, `SCTP`).
+    pub protocol: Option<String>,
+    /// Application protocol.
+    pub app_protocol: Option<String>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// Its addresses (one per family the slice holds, in practice one).
+    pub addresses: Vec<IpAddr>,
+    /// Ready for traffic; `None` means ready (Kubernetes semantics).
+    pub ready: Option<bool>,
+    /// Serving (may be terminating).
+    pub serving: Option<bool>,
+    /// Terminating.
+    pub terminating: Option<bool>,
+    /// The Pod behind it: `targetRef.name` when `targetRef.kind` is `Pod`.
+    pub target_pod: Option<String>,
+    /// Zone, from `zone`.
+    pub zone: Option<String>,
+    /// Node, from `nodeName`.
+    pub node: Option<String>,
 }
 
 /// Namespace and name of an object.
@@ -271,12 +365,58 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+// === impl EndpointSlice ===
+
+impl EndpointSlice {
+    /// The slice's key.
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::new(&self.namespace, &self.name)
+    }
+}
+
+// === impl SliceEndpoint ===
+
+impl SliceEndpoint {
+    /// Whether it takes traffic: `ready` is not `false` (unset means ready).
+    pub fn is_ready(&self) -> bool {
+        self.ready != Some(false)
+    }
+}
+
 // === impl ObjectMeta ===
 
 impl ObjectMeta {
     /// The object's key.
     pub fn key(&self) -> ObjectKey {
         ObjectKey::new(&self.namespace, &self.name)
+    }
+}
+
+// === impl Service ===
+
+impl Service {
+    /// What the file source would refuse in this Service, one `field: message` line per
+    /// problem; empty when it is acceptable. Checks the object alone, not conflicts with
+    /// others.
+    pub fn problems(&self) -> Vec<String> {
+        crate::validate::service(self)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// What the file source would refuse in this Workload, one `field: message` line per
+    /// problem; empty when it is acceptable. Checks the object alone, not conflicts with
+    /// others.
+    pub fn problems(&self) -> Vec<String> {
+        crate::validate::workload(self)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
     }
 }
 
@@ -360,6 +500,74 @@ impl From<WorkloadDocument> for Workload {
         Self {
             metadata: doc.metadata,
             spec: doc.spec,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            namespace: "demo".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn problems_are_the_file_source_checks_as_lines() {
+        let svc = Service {
+            metadata: meta("Web"),
+            spec: ServiceSpec {
+                ports: vec![ServicePort {
+                    name: None,
+                    port: 80,
+                    target_port: None,
+                    protocol: Some("UDP".into()),
+                    app_protocol: None,
+                }],
+                ..ServiceSpec::default()
+            },
+        };
+        assert_eq!(
+            svc.problems(),
+            [
+                "metadata.name: invalid name \"Web\": use lowercase letters, digits and '-', \
+                 starting and ending with a letter or digit (a DNS-1123 label)",
+                "spec.ports[0].protocol: protocol UDP is not supported: the mesh carries TCP only",
+            ]
+        );
+        let ok = Workload {
+            metadata: meta("web-1"),
+            spec: WorkloadSpec {
+                service_account: "web".into(),
+                mesh_address: None,
+                address: Some(IpAddr::from([10, 0, 0, 1])),
+            },
+        };
+        assert_eq!(ok.problems(), Vec::<String>::new());
+        let bad = Workload {
+            spec: WorkloadSpec {
+                service_account: "Web".into(),
+                ..ok.spec.clone()
+            },
+            ..ok
+        };
+        assert_eq!(bad.problems().len(), 1, "{:?}", bad.problems());
+        assert!(bad.problems()[0].starts_with("spec.serviceAccount: "));
+    }
+
+    #[test]
+    fn slice_endpoints_are_ready_unless_ready_is_false() {
+        for (ready, want) in [(None, true), (Some(true), true), (Some(false), false)] {
+            let ep = SliceEndpoint {
+                ready,
+                ..SliceEndpoint::default()
+            };
+            assert_eq!(ep.is_ready(), want, "ready {ready:?}");
         }
     }
 }

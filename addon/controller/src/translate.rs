@@ -1,18 +1,32 @@
 //! Objects to snapshot: a pure function, shared by every source.
 //!
-//! The file source feeds it a directory's [`Objects`]; the Kubernetes watchers will feed
-//! it the same type. Nothing here reads files, clocks or globals, so the same objects
-//! always give the same snapshot.
+//! The file source feeds it a directory's [`Objects`]; the Kubernetes source (crate
+//! `trellis-kube`) feeds it a cluster's. Nothing here reads files, clocks or globals, so
+//! the same objects always give the same snapshot.
 //!
 //! Rules:
-//! - A Service's endpoints are the Workloads in its namespace whose labels contain its
-//!   (non-empty) selector; a Service without a selector has none. Every port gets one
-//!   endpoint per selected Workload, with identity
-//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`, at the Workload's
-//!   `meshAddress`, or for a Workload with `address` (transparent capture) at
-//!   `<address>:<targetPort>` (`port` when `targetPort` is absent; a named `targetPort`
-//!   cannot be resolved without Pod container ports, so that endpoint is left out).
-//!   Endpoints are sorted by workload name, then address.
+//! - Endpoints depend on [`Objects::endpoint_source`]:
+//!   - [`EndpointSource::Selectors`] (the file source): a Service's endpoints are the
+//!     Workloads in its namespace whose labels contain its (non-empty) selector; a Service
+//!     without a selector has none. Every port gets one endpoint per selected Workload, at
+//!     the Workload's `meshAddress`, or for a Workload with `address` (transparent capture)
+//!     at `<address>:<targetPort>` (`port` when `targetPort` is absent; a named
+//!     `targetPort` cannot be resolved without Pod container ports, so that endpoint is
+//!     left out).
+//!   - [`EndpointSource::EndpointSlices`] (Kubernetes): a Service's endpoints come only
+//!     from the EndpointSlices in its namespace labelled `kubernetes.io/service-name` =
+//!     its name. For each Service port, a slice's port of the same name (unset and `""`
+//!     are the same) gives the target port, so named `targetPort`s work: Kubernetes
+//!     resolved them. Every ready endpoint (`ready` unset or `true`) yields one endpoint
+//!     per address at `<address>:<slice port>`; its identity and labels are those of the
+//!     Workload (the Pod) its `targetRef` names in the same namespace, plus
+//!     `topology.kubernetes.io/zone` when the slice gives a zone. An endpoint whose Pod is
+//!     unknown is left out with a warning: without an identity it cannot be verified. The
+//!     same address in two slices counts once. Selectors are not looked at.
+//!
+//!   Either way an endpoint's identity is
+//!   `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>` of its Workload, and a
+//!   port's endpoints are sorted by workload name, then address.
 //! - A Service's addresses are its `clusterIPs`, or else its `clusterIP`, in written order
 //!   without duplicates; `None` (headless) gives none.
 //! - A port's protocol comes from `appProtocol` when set, else from the port name's prefix
@@ -24,26 +38,51 @@
 //! - Extra host names come from the `trellis.dev/hostnames` annotation, in written order,
 //!   without duplicates.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use trellis_api::{Endpoint, MeshSnapshot, Protocol, ServiceKey};
 use trellis_identity::SpiffeId;
 
-use crate::objects::{HOSTNAMES_ANNOTATION, IntOrString, Objects, Service, ServicePort, Workload};
+use crate::objects::{
+    EndpointSlice, EndpointSource, HOSTNAMES_ANNOTATION, IntOrString, ObjectKey, Objects, Service,
+    ServicePort, Workload, ZONE_LABEL,
+};
 use crate::validate::split_hostnames;
 
 /// Builds the snapshot for `objects` at `version`.
 ///
 /// Objects are expected to be validated (as [`crate::load_dir`] does); anything that still
 /// cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
-/// under an invalid trust domain, a pod address with a named targetPort) is left out with a
-/// warning rather than failing.
+/// under an invalid trust domain, a pod address with a named targetPort, a slice endpoint
+/// whose Pod is unknown) is left out with a warning rather than failing.
 pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSnapshot {
+    // Slices by the Service they name, built once rather than scanned per Service.
+    let mut slices: HashMap<ObjectKey, Vec<&EndpointSlice>> = HashMap::new();
+    if objects.endpoint_source == EndpointSource::EndpointSlices {
+        for slice in objects.endpoint_slices.values() {
+            if let Some(service) = &slice.service_name {
+                slices
+                    .entry(ObjectKey::new(&slice.namespace, service))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+    }
     let services = objects
         .services
         .values()
         .map(|svc| {
-            let service = service(svc, objects, trust_domain);
+            let service = match objects.endpoint_source {
+                EndpointSource::Selectors => service(svc, objects, trust_domain),
+                EndpointSource::EndpointSlices => {
+                    let own = slices
+                        .get(&svc.metadata.key())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    sliced_service(svc, own, objects, trust_domain)
+                }
+            };
             (service.key.clone(), service)
         })
         .collect();
@@ -94,6 +133,142 @@ fn service(svc: &Service, objects: &Objects, trust_domain: &str) -> trellis_api:
             })
         })
         .collect();
+    assemble(key, svc, ports)
+}
+
+/// A Service's endpoints from its EndpointSlices (see the module docs).
+fn sliced_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    objects: &Objects,
+    trust_domain: &str,
+) -> trellis_api::Service {
+    let key = ServiceKey::new(&svc.metadata.namespace, &svc.metadata.name);
+    // Each slice's ready endpoints resolved to a Workload once (one warning per unknown
+    // Pod), then placed at each port's number in that slice.
+    let members: Vec<(&EndpointSlice, Vec<SliceMember<'_>>)> = slices
+        .iter()
+        .map(|slice| (*slice, slice_members(&key, slice, objects, trust_domain)))
+        .collect();
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let Some(number) = u16::try_from(port.port).ok().filter(|n| *n != 0) else {
+                tracing::warn!(service = %key, port = port.port, "skipping out-of-range port");
+                return None;
+            };
+            let name = port.name.as_deref().unwrap_or_default();
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            for (slice, members) in &members {
+                let Some(slice_port) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name.as_deref().unwrap_or_default() == name)
+                else {
+                    continue;
+                };
+                let Some(target) = slice_port
+                    .port
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n != 0)
+                else {
+                    tracing::warn!(
+                        service = %key,
+                        slice = %slice.key(),
+                        port = ?slice_port.port,
+                        "skipping slice port: no port number in 1..=65535"
+                    );
+                    continue;
+                };
+                for member in members {
+                    endpoints.extend(member.addresses.iter().map(|ip| Endpoint {
+                        address: SocketAddr::new(*ip, target),
+                        identity: member.identity.clone(),
+                        workload: member.workload.metadata.name.clone(),
+                        labels: member.labels.clone(),
+                    }));
+                }
+            }
+            endpoints.sort_by(|a, b| (&a.workload, a.address).cmp(&(&b.workload, b.address)));
+            // One endpoint per address: a Pod listed by two slices (as during a slice
+            // handover) is still one backend.
+            let mut seen = BTreeSet::new();
+            endpoints.retain(|e| seen.insert(e.address));
+            Some(trellis_api::ServicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol: port_protocol(port),
+                endpoints,
+            })
+        })
+        .collect();
+    assemble(key, svc, ports)
+}
+
+/// A ready slice endpoint with the Workload that gives it identity and labels.
+struct SliceMember<'a> {
+    workload: &'a Workload,
+    identity: String,
+    labels: BTreeMap<String, String>,
+    addresses: &'a [IpAddr],
+}
+
+/// The ready endpoints of `slice` whose Pod is known and has a valid identity.
+fn slice_members<'a>(
+    key: &ServiceKey,
+    slice: &'a EndpointSlice,
+    objects: &'a Objects,
+    trust_domain: &str,
+) -> Vec<SliceMember<'a>> {
+    slice
+        .endpoints
+        .iter()
+        .filter(|ep| ep.is_ready())
+        .filter_map(|ep| {
+            let Some(pod) = &ep.target_pod else {
+                tracing::warn!(
+                    service = %key,
+                    slice = %slice.key(),
+                    addresses = ?ep.addresses,
+                    "skipping endpoint: no Pod targetRef, so no identity"
+                );
+                return None;
+            };
+            let Some(workload) = objects
+                .workloads
+                .get(&ObjectKey::new(&slice.namespace, pod))
+            else {
+                tracing::warn!(
+                    service = %key,
+                    slice = %slice.key(),
+                    %pod,
+                    "skipping endpoint: unknown Pod, so no identity"
+                );
+                return None;
+            };
+            let identity = identity(workload, trust_domain)?;
+            let mut labels = workload.metadata.labels.clone();
+            if let Some(zone) = &ep.zone {
+                labels.insert(ZONE_LABEL.to_owned(), zone.clone());
+            }
+            Some(SliceMember {
+                workload,
+                identity,
+                labels,
+                addresses: &ep.addresses,
+            })
+        })
+        .collect()
+}
+
+/// The Service with its `ports`, addresses and host names.
+fn assemble(
+    key: ServiceKey,
+    svc: &Service,
+    ports: Vec<trellis_api::ServicePort>,
+) -> trellis_api::Service {
     let mut addresses: Vec<IpAddr> = Vec::new();
     for (_, ip) in svc.spec.addresses() {
         if !addresses
@@ -264,6 +439,7 @@ mod tests {
                 .into_iter()
                 .map(|w| (w.metadata.key(), w))
                 .collect(),
+            ..Objects::default()
         }
     }
 
@@ -514,5 +690,389 @@ mod tests {
                 .hostnames
                 .is_empty()
         );
+    }
+
+    mod slices {
+        //! `EndpointSource::EndpointSlices`: one table of cluster states, each with the
+        //! endpoints every port of `demo/api` should get.
+
+        use super::*;
+        use crate::objects::{EndpointPort, SliceEndpoint};
+
+        /// A Pod: a Workload with a pod address and service account `api`.
+        fn pod(ns: &str, name: &str, ip: &str) -> Workload {
+            Workload {
+                metadata: meta(ns, name, &[("app", "api")]),
+                spec: WorkloadSpec {
+                    service_account: "api".into(),
+                    mesh_address: None,
+                    address: Some(ip.parse().unwrap()),
+                },
+            }
+        }
+
+        fn slice_port(name: Option<&str>, port: i32) -> EndpointPort {
+            EndpointPort {
+                name: name.map(Into::into),
+                port: Some(port),
+                protocol: Some("TCP".into()),
+                app_protocol: None,
+            }
+        }
+
+        fn ep(ips: &[&str], ready: Option<bool>, pod: &str) -> SliceEndpoint {
+            SliceEndpoint {
+                addresses: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+                ready,
+                target_pod: Some(pod.into()),
+                ..SliceEndpoint::default()
+            }
+        }
+
+        fn slice(
+            ns: &str,
+            name: &str,
+            service: &str,
+            ports: Vec<EndpointPort>,
+            endpoints: Vec<SliceEndpoint>,
+        ) -> EndpointSlice {
+            EndpointSlice {
+                namespace: ns.into(),
+                name: name.into(),
+                service_name: Some(service.into()),
+                ports,
+                endpoints,
+            }
+        }
+
+        /// `demo/api` with ports `http` 80 and `metrics` 9100; its selector matches every
+        /// pod, which must not matter.
+        fn api() -> Service {
+            let mut s = svc("demo", "api", &[("app", "api")]);
+            let mut metrics = port(Some("metrics"), None);
+            metrics.port = 9100;
+            metrics.target_port = Some(IntOrString::String("metrics".into()));
+            s.spec.ports.push(metrics);
+            s
+        }
+
+        fn cluster(
+            services: Vec<Service>,
+            pods: Vec<Workload>,
+            slices: Vec<EndpointSlice>,
+        ) -> Objects {
+            let mut objs = objects(services, pods);
+            objs.endpoint_source = EndpointSource::EndpointSlices;
+            objs.endpoint_slices = slices.into_iter().map(|s| (s.key(), s)).collect();
+            objs
+        }
+
+        /// `(port, [(workload, address)])` of every port of `demo/api`.
+        type Ports = Vec<(u16, Vec<(String, String)>)>;
+
+        fn endpoints(snap: &MeshSnapshot) -> Ports {
+            snap.services[&ServiceKey::new("demo", "api")]
+                .ports
+                .iter()
+                .map(|p| {
+                    let eps = p
+                        .endpoints
+                        .iter()
+                        .map(|e| (e.workload.clone(), e.address.to_string()))
+                        .collect();
+                    (p.port, eps)
+                })
+                .collect()
+        }
+
+        fn want(http: &[(&str, &str)], metrics: &[(&str, &str)]) -> Ports {
+            let list = |eps: &[(&str, &str)]| {
+                eps.iter()
+                    .map(|(w, a)| ((*w).to_owned(), (*a).to_owned()))
+                    .collect()
+            };
+            vec![(80, list(http)), (9100, list(metrics))]
+        }
+
+        #[test]
+        fn endpoints_come_from_ready_slice_endpoints_of_known_pods() {
+            let pods = || {
+                vec![
+                    pod("demo", "api-1", "10.0.0.1"),
+                    pod("demo", "api-2", "10.0.0.2"),
+                    pod("demo", "api-3", "fd00::3"),
+                    pod("other", "api-9", "10.0.0.9"),
+                ]
+            };
+            let both = || {
+                vec![
+                    slice_port(Some("http"), 8080),
+                    slice_port(Some("metrics"), 9090),
+                ]
+            };
+            let cases: Vec<(&str, Vec<EndpointSlice>, Ports)> = vec![
+                (
+                    "service with no slices has no endpoints",
+                    vec![],
+                    want(&[], &[]),
+                ),
+                (
+                    "ready, nil (ready) and not ready",
+                    vec![slice(
+                        "demo",
+                        "api-a",
+                        "api",
+                        both(),
+                        vec![
+                            ep(&["10.0.0.1"], Some(true), "api-1"),
+                            ep(&["10.0.0.2"], None, "api-2"),
+                            ep(&["fd00::3"], Some(false), "api-3"),
+                        ],
+                    )],
+                    want(
+                        &[("api-1", "10.0.0.1:8080"), ("api-2", "10.0.0.2:8080")],
+                        &[("api-1", "10.0.0.1:9090"), ("api-2", "10.0.0.2:9090")],
+                    ),
+                ),
+                (
+                    "unknown pod (or one in another namespace) is left out",
+                    vec![slice(
+                        "demo",
+                        "api-a",
+                        "api",
+                        both(),
+                        vec![
+                            ep(&["10.0.0.1"], None, "api-1"),
+                            ep(&["10.0.0.7"], None, "api-7"),
+                            ep(&["10.0.0.9"], None, "api-9"),
+                            SliceEndpoint {
+                                target_pod: None,
+                                ..ep(&["10.0.0.8"], None, "")
+                            },
+                        ],
+                    )],
+                    want(&[("api-1", "10.0.0.1:8080")], &[("api-1", "10.0.0.1:9090")]),
+                ),
+                (
+                    "two slices for one service, each with its own target ports",
+                    vec![
+                        slice(
+                            "demo",
+                            "api-a",
+                            "api",
+                            both(),
+                            vec![ep(&["10.0.0.2"], None, "api-2")],
+                        ),
+                        slice(
+                            "demo",
+                            "api-b",
+                            "api",
+                            vec![
+                                slice_port(Some("metrics"), 9191),
+                                slice_port(Some("http"), 8181),
+                            ],
+                            vec![ep(&["10.0.0.1"], None, "api-1")],
+                        ),
+                    ],
+                    want(
+                        &[("api-1", "10.0.0.1:8181"), ("api-2", "10.0.0.2:8080")],
+                        &[("api-1", "10.0.0.1:9191"), ("api-2", "10.0.0.2:9090")],
+                    ),
+                ),
+                (
+                    "ports match by name: a slice without a port's name gives it nothing",
+                    vec![slice(
+                        "demo",
+                        "api-a",
+                        "api",
+                        vec![slice_port(Some("metrics"), 9090), slice_port(None, 7070)],
+                        vec![ep(&["10.0.0.1"], None, "api-1")],
+                    )],
+                    want(&[], &[("api-1", "10.0.0.1:9090")]),
+                ),
+                (
+                    "ipv6 addresses",
+                    vec![slice(
+                        "demo",
+                        "api-v6",
+                        "api",
+                        both(),
+                        vec![ep(&["fd00::3"], None, "api-3")],
+                    )],
+                    want(
+                        &[("api-3", "[fd00::3]:8080")],
+                        &[("api-3", "[fd00::3]:9090")],
+                    ),
+                ),
+                (
+                    "the same address in two slices counts once",
+                    vec![
+                        slice(
+                            "demo",
+                            "api-a",
+                            "api",
+                            both(),
+                            vec![ep(&["10.0.0.1"], None, "api-1")],
+                        ),
+                        slice(
+                            "demo",
+                            "api-b",
+                            "api",
+                            both(),
+                            vec![ep(&["10.0.0.1"], Some(true), "api-1")],
+                        ),
+                    ],
+                    want(&[("api-1", "10.0.0.1:8080")], &[("api-1", "10.0.0.1:9090")]),
+                ),
+                (
+                    "slices of other services and namespaces are not this service's",
+                    vec![
+                        slice(
+                            "demo",
+                            "web-a",
+                            "web",
+                            both(),
+                            vec![ep(&["10.0.0.1"], None, "api-1")],
+                        ),
+                        slice(
+                            "other",
+                            "api-a",
+                            "api",
+                            both(),
+                            vec![ep(&["10.0.0.9"], None, "api-9")],
+                        ),
+                        EndpointSlice {
+                            service_name: None,
+                            ..slice(
+                                "demo",
+                                "orphan",
+                                "api",
+                                both(),
+                                vec![ep(&["10.0.0.2"], None, "api-2")],
+                            )
+                        },
+                    ],
+                    want(&[], &[]),
+                ),
+                (
+                    "a slice port without a number gives nothing",
+                    vec![slice(
+                        "demo",
+                        "api-a",
+                        "api",
+                        vec![
+                            EndpointPort {
+                                port: None,
+                                ..slice_port(Some("http"), 0)
+                            },
+                            slice_port(Some("metrics"), 9090),
+                        ],
+                        vec![ep(&["10.0.0.1"], None, "api-1")],
+                    )],
+                    want(&[], &[("api-1", "10.0.0.1:9090")]),
+                ),
+            ];
+            for (case, slices, expected) in cases {
+                let snap = translate(&cluster(vec![api()], pods(), slices), "cluster.local", 1);
+                assert_eq!(endpoints(&snap), expected, "{case}");
+            }
+        }
+
+        #[test]
+        fn unnamed_service_port_matches_unset_or_empty_slice_port_name() {
+            for slice_name in [None, Some("")] {
+                let mut s = svc("demo", "api", &[]);
+                s.spec.ports[0].name = None;
+                let objs = cluster(
+                    vec![s],
+                    vec![pod("demo", "api-1", "10.0.0.1")],
+                    vec![slice(
+                        "demo",
+                        "api-a",
+                        "api",
+                        vec![slice_port(slice_name, 8080)],
+                        vec![ep(&["10.0.0.1"], None, "api-1")],
+                    )],
+                );
+                let snap = translate(&objs, "cluster.local", 1);
+                assert_eq!(
+                    backends(&snap, "demo", "api"),
+                    ["api-1"],
+                    "slice port name {slice_name:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn slice_endpoints_carry_pod_identity_labels_and_zone() {
+            let mut api_1 = pod("demo", "api-1", "10.0.0.1");
+            api_1.spec.service_account = "api-sa".into();
+            let zoned = SliceEndpoint {
+                zone: Some("zone-a".into()),
+                node: Some("node-1".into()),
+                ..ep(&["10.0.0.1"], None, "api-1")
+            };
+            let objs = cluster(
+                vec![api()],
+                vec![api_1, pod("demo", "api-2", "10.0.0.2")],
+                vec![slice(
+                    "demo",
+                    "api-a",
+                    "api",
+                    vec![slice_port(Some("http"), 8080)],
+                    vec![zoned, ep(&["10.0.0.2"], None, "api-2")],
+                )],
+            );
+            let snap = translate(&objs, "mesh.example", 3);
+            let eps = &snap.services[&ServiceKey::new("demo", "api")].ports[0].endpoints;
+            let got: Vec<(&str, &str, &BTreeMap<String, String>)> = eps
+                .iter()
+                .map(|e| (e.workload.as_str(), e.identity.as_str(), &e.labels))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (
+                        "api-1",
+                        "spiffe://mesh.example/ns/demo/sa/api-sa",
+                        &labels(&[("app", "api"), (ZONE_LABEL, "zone-a")])
+                    ),
+                    (
+                        "api-2",
+                        "spiffe://mesh.example/ns/demo/sa/api",
+                        &labels(&[("app", "api")])
+                    ),
+                ]
+            );
+        }
+
+        #[test]
+        fn selectors_are_ignored_and_slices_unused_by_the_file_source() {
+            let slices = vec![slice(
+                "demo",
+                "api-a",
+                "api",
+                vec![slice_port(Some("http"), 8080)],
+                vec![ep(&["10.0.0.1"], None, "api-1")],
+            )];
+            // The slice lists only api-1 although the selector matches api-2 as well.
+            let objs = cluster(
+                vec![api()],
+                vec![
+                    pod("demo", "api-1", "10.0.0.1"),
+                    pod("demo", "api-2", "10.0.0.2"),
+                ],
+                slices,
+            );
+            let snap = translate(&objs, "cluster.local", 1);
+            assert_eq!(backends(&snap, "demo", "api"), ["api-1"]);
+            // The same objects under the selector rule ignore the slices.
+            let objs = Objects {
+                endpoint_source: EndpointSource::Selectors,
+                ..objs
+            };
+            let snap = translate(&objs, "cluster.local", 1);
+            assert_eq!(backends(&snap, "demo", "api"), ["api-1", "api-2"]);
+        }
     }
 }

@@ -1,0 +1,79 @@
+//! The Kubernetes edge of the control plane: kube-rs watchers turned into the
+//! controller's [`trellis_controller::Objects`], translated by the same
+//! [`trellis_controller::translate`] as the file source.
+//!
+//! - [`KubeSource`]: one watcher and reflector (in-memory store) per kind: Namespaces,
+//!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, and the mesh ConfigMap
+//!   (`trellis-system/trellis-config` by default). It publishes a [`MeshSnapshot`] once
+//!   every kind has been listed, then after each change (coalesced over a debounce
+//!   interval) when the services changed. The ConfigMap's `data` goes out raw on its own
+//!   channel ([`KubeHandle::config`]); parsing and keeping the last good config is the
+//!   app's job.
+//! - [`convert`]: pure functions from the `k8s-openapi` types to the controller's objects.
+//!   An object the controller would refuse is skipped on its own (with a warning), never
+//!   the whole snapshot.
+//! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`.
+//!
+//! Owns: talking to the Kubernetes API (list/watch, restarts with backoff), what is kept
+//! of each object in memory, snapshot versioning for the Kubernetes source.
+//!
+//! Must not depend on: azure, or the proxy crate.
+//!
+//! [`MeshSnapshot`]: trellis_api::MeshSnapshot
+
+use std::fmt;
+
+pub mod convert;
+mod metrics;
+mod source;
+
+pub use metrics::Metrics;
+pub use source::{
+    DEFAULT_CONFIG_NAME, DEFAULT_CONFIG_NAMESPACE, DEFAULT_DEBOUNCE, KindStatus, KubeHandle,
+    KubeSettings, KubeSource, KubeStatus, SourceStopped,
+};
+
+/// A kind of object the source watches; the `kind` label of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `v1` Namespace.
+    Namespace,
+    /// `v1` Service.
+    Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice,
+    /// `v1` Pod.
+    Pod,
+    /// `v1` ConfigMap: the mesh configuration only.
+    ConfigMap,
+}
+
+// === impl Kind ===
+
+impl Kind {
+    /// Every kind, in the order they are reported.
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::ConfigMap,
+    ];
+
+    /// The Kubernetes kind name, e.g. `EndpointSlice`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::ConfigMap => "ConfigMap",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
