@@ -22,6 +22,7 @@ use trellis_identity::{ClientAuth, SpiffeId, Svid, TrustBundle};
 
 use crate::admin::Admin;
 use crate::cli::{EXIT_CONFIG, RunArgs, TokenIssuer};
+use crate::mesh_config::RunningTrustDomain;
 
 /// Namespace and service account of the control plane's own identity.
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
@@ -29,13 +30,28 @@ pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
 pub(crate) const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "trellis-control-plane";
 
 /// Validates the config, then runs until SIGTERM/Ctrl-C.
-pub(crate) fn main(args: RunArgs) -> ExitCode {
+pub(crate) fn main(mut args: RunArgs) -> ExitCode {
     if !args.admin_addr.ip().is_loopback() {
         eprintln!(
             "trellis-addon: --admin-addr must be a loopback address, got {}",
             args.admin_addr
         );
         return ExitCode::from(EXIT_CONFIG);
+    }
+    let mesh_config = match crate::ca::read_config(args.mesh_config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trellis-addon: invalid mesh config {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // --trust-domain and the mesh config's trustDomain: fixed here for the whole run.
+    match RunningTrustDomain::resolve(args.trust_domain_flag.as_deref(), &mesh_config) {
+        Ok(td) => args.trust_domain = td.as_str().to_owned(),
+        Err(e) => {
+            eprintln!("trellis-addon: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
     if let Err(e) = SpiffeId::new(
         &args.trust_domain,
@@ -52,14 +68,14 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mesh_config = match crate::ca::read_config(args.mesh_config.as_deref()) {
-        Ok(c) => c,
+    let mut registry = Registry::default();
+    let webhook = match crate::webhook::Webhook::from_args(&args, &mut registry) {
+        Ok(w) => w,
         Err(e) => {
-            eprintln!("trellis-addon: invalid mesh config {e}");
+            eprintln!("trellis-addon: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut registry = Registry::default();
     let source = FileSource::new(&args.config_dir, &args.trust_domain, args.poll_interval)
         .with_metrics(trellis_controller::Metrics::new(&mut registry));
     let initial = match source.load_initial() {
@@ -100,6 +116,12 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
                     signal.cancel();
                 });
             }
+        }
+        if let Some(webhook) = webhook
+            && let Err(e) = webhook.start(args.poll_interval, shutdown.clone()).await
+        {
+            eprintln!("trellis-addon: {e:#}");
+            return ExitCode::FAILURE;
         }
         match run(
             args,
@@ -278,6 +300,11 @@ async fn run(
         ca: ca.clone(),
     });
 
+    let scope = if mesh_config.discovery.scope.is_unrestricted() {
+        "every namespace"
+    } else {
+        "restricted"
+    };
     info!(
         grpc = %grpc.local_addr()?,
         admin = %admin_l.local_addr()?,
@@ -285,6 +312,9 @@ async fn run(
         ca_source = %ca_source.label(),
         token_issuer = ?args.token_issuer,
         config_dir = %args.config_dir.display(),
+        trust_domain = %args.trust_domain,
+        discovery_scope = scope,
+        proxy_log = %mesh_config.proxy.log_filter(),
         "trellis-addon serving"
     );
     tokio::spawn(admin.serve(admin_l, shutdown.clone()));
@@ -363,7 +393,8 @@ async fn rotate_own(
     }
 }
 
-async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+/// Binds `addr`, naming `flag` and the likely cause when the port is taken.
+pub(crate) async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} ({flag}): port {} is in use — is another control plane or demo running?", addr.port())
     })

@@ -22,7 +22,8 @@ pub(crate) struct Cli {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Runs the control plane: file source, discovery and CA on one gRPC port, admin.
-    Run(RunArgs),
+    // Boxed: the flags outweigh the other subcommands many times over.
+    Run(Box<RunArgs>),
     /// Validates a config directory and exits (64 with every problem listed if bad).
     CheckConfig {
         /// Directory of Service / Workload YAML.
@@ -62,8 +63,17 @@ pub(crate) struct RunArgs {
     /// Admin listener (/live /ready /metrics /debug/*); must be loopback.
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
     pub(crate) admin_addr: SocketAddr,
-    /// Trust domain of the mesh.
-    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
+    /// Trust domain of the mesh. Unset: the mesh config's `trustDomain`, else
+    /// cluster.local. Set in both places, the two must be equal (else exit 64).
+    #[arg(
+        long = "trust-domain",
+        env = "TRELLIS_TRUST_DOMAIN",
+        value_name = "TRUST_DOMAIN"
+    )]
+    pub(crate) trust_domain_flag: Option<String>,
+    /// The trust domain in force: not a flag, filled in at startup from --trust-domain and
+    /// the mesh config (`crate::mesh_config::RunningTrustDomain`) before anything reads it.
+    #[arg(skip)]
     pub(crate) trust_domain: String,
     /// How often the config directory is checked for changes.
     #[arg(long, env = "TRELLIS_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -103,6 +113,27 @@ pub(crate) struct RunArgs {
     /// requests past the limit get RESOURCE_EXHAUSTED (proxies retry with backoff).
     #[arg(long, env = "TRELLIS_CA_RATE_LIMIT_PER_SECOND", default_value_t = trellis_ca::DEFAULT_RATE_LIMIT_PER_SECOND)]
     pub(crate) ca_rate_limit_per_second: f64,
+    /// HTTPS listener of the validating admission webhook for the trellis-config
+    /// ConfigMap (`POST /validate`); off unless set (on a cluster: 0.0.0.0:9443). Needs
+    /// --webhook-cert and --webhook-key.
+    #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
+    pub(crate) webhook_listen: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) the webhook serves, e.g. the `tls.crt` of a
+    /// cert-manager Secret; re-read every --poll-interval, a bad file keeps the running one.
+    #[arg(long, env = "TRELLIS_WEBHOOK_CERT")]
+    pub(crate) webhook_cert: Option<PathBuf>,
+    /// PEM private key of --webhook-cert (PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "TRELLIS_WEBHOOK_KEY")]
+    pub(crate) webhook_key: Option<PathBuf>,
+    /// Names the API server reaches the webhook by (comma-separated); the certificate must
+    /// be valid for each, checked at startup and on every reload.
+    #[arg(
+        long,
+        env = "TRELLIS_WEBHOOK_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = crate::webhook::DEFAULT_DNS_NAME
+    )]
+    pub(crate) webhook_dns_names: Vec<String>,
 }
 
 /// Where caller tokens come from (`--token-issuer`).
@@ -120,7 +151,7 @@ impl Cli {
     /// Runs the chosen subcommand.
     pub(crate) fn run(self) -> ExitCode {
         match self.command {
-            Command::Run(args) => crate::app::main(args),
+            Command::Run(args) => crate::app::main(*args),
             Command::CheckConfig { config_dir } => {
                 match trellis_controller::load_dir(&config_dir) {
                     Ok(objects) => {

@@ -9,6 +9,7 @@ mod ca;
 mod cli;
 mod mesh_config;
 mod tls;
+mod webhook;
 
 use std::process::ExitCode;
 

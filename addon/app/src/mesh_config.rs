@@ -1,38 +1,62 @@
-//! The `trellis-config` ConfigMap, read from a file (`--mesh-config`), and its `ca` key.
+//! The `trellis-config` ConfigMap: mesh-wide settings, typed, each with a documented default
+//! (`docs/config.md` is the reference).
 //!
-//! The file is the ConfigMap exactly as it would be applied to a cluster:
+//! The file given with `--mesh-config` is the ConfigMap exactly as it would be applied to a
+//! cluster. Every value under `data` is a string holding one YAML document (a ConfigMap's
+//! data is `map[string]string`):
 //!
 //! ```yaml
 //! apiVersion: v1
 //! kind: ConfigMap
 //! metadata: {name: trellis-config, namespace: trellis-system}
 //! data:
+//!   trustDomain: cluster.local
 //!   ca: |
 //!     source: secret              # self-signed | secret | keyvault-secret | keyvault-key
 //!     secret: {path: /etc/trellis/cacerts}
-//!     reloadInterval: 60s
-//!     propagation: 15s
+//!   discovery: |
+//!     scope: {default: ["*"], namespaces: {shop: [payments]}}
+//!   proxy: |
+//!     logLevel: info
+//!     accessLog: true
 //! ```
 //!
-//! Parsing is pure and names the failing field (`data.ca: keyvault.url: …`); the caller
-//! keeps the running configuration when a new version is bad.
+//! [`parse_config_map_data`] is pure and is what both the file poller and the admission
+//! webhook (`crate::webhook`) run, so the two cannot disagree. Errors name the field
+//! (`data.ca: keyvault.url: must be https, got "http://v"`); an unknown key, or an unknown
+//! field inside a key, is an error, never ignored. The caller keeps the running
+//! configuration when a new version is bad.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use trellis_identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
 
 /// Name of the mesh ConfigMap.
 pub(crate) const CONFIG_MAP_NAME: &str = "trellis-config";
-/// Namespace of the mesh ConfigMap.
+/// Namespace of the mesh ConfigMap, and of the control plane: every proxy sees its services.
 pub(crate) const CONFIG_MAP_NAMESPACE: &str = "trellis-system";
+/// The keys of `data` this version reads, sorted as error messages list them.
+pub(crate) const KNOWN_KEYS: [&str; 4] = ["ca", "discovery", "proxy", "trustDomain"];
 
-/// The settings read from the mesh ConfigMap.
+/// The settings read from the mesh ConfigMap. `Default` is what an empty ConfigMap (or no
+/// `--mesh-config`) means.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct MeshConfig {
-    /// Where the CA's material comes from.
+    /// `ca`: where the CA's material comes from.
     pub(crate) ca: CaSettings,
+    /// `trustDomain`, validated; `None` when the ConfigMap does not set it, so that
+    /// `--trust-domain` alone may choose ([`RunningTrustDomain::resolve`]; both unset:
+    /// `cluster.local`).
+    pub(crate) trust_domain: Option<String>,
+    /// `discovery`: what each proxy is sent.
+    pub(crate) discovery: DiscoverySettings,
+    /// `proxy`: what the injector and `trellis demo` pass to proxies.
+    pub(crate) proxy: ProxySettings,
 }
 
 /// The `ca` key.
@@ -102,21 +126,139 @@ pub(crate) struct KeyVaultSettings {
     pub(crate) intermediate_ttl: Option<Duration>,
 }
 
+/// The `discovery` key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct DiscoverySettings {
+    /// `discovery.scope`: which namespaces' services each proxy is sent.
+    pub(crate) scope: DiscoveryScope,
+}
+
+/// Which namespaces' services a proxy receives, by the proxy's namespace (like an Istio
+/// `Sidecar`'s egress hosts, mesh-wide). A proxy always receives its own namespace and
+/// `trellis-system`, whatever the lists say. Default: every namespace for every proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct DiscoveryScope {
+    /// For proxies in namespaces without an entry in `namespaces`.
+    default: NamespaceSet,
+    /// Per proxy namespace; replaces `default` for that namespace (not added to it).
+    namespaces: BTreeMap<String, NamespaceSet>,
+}
+
+/// A list of namespaces as written in `discovery.scope`: `["*"]` or names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum NamespaceSet {
+    /// `["*"]`: every namespace.
+    #[default]
+    All,
+    /// Exactly these namespaces (each a DNS-1123 label); may be empty.
+    Only(BTreeSet<String>),
+}
+
+/// The `proxy` key: settings handed to every proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ProxySettings {
+    /// `logLevel`: the proxy's log level (default `info`).
+    #[serde(default)]
+    pub(crate) log_level: LogLevel,
+    /// `accessLog`: one `access` line per request (default `true`), whatever `logLevel`.
+    #[serde(default = "default_access_log")]
+    pub(crate) access_log: bool,
+}
+
+/// `proxy.logLevel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// The default.
+    #[default]
+    Info,
+    /// Verbose.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// One thing wrong with a ConfigMap, naming the field.
+///
+/// Displays as `<field>: <path>: <reason>` (`data.ca: keyvault.url: must be https, ...`),
+/// or `<field>: <reason>` when the value as a whole is at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigProblem {
+    /// The ConfigMap field at fault: `data.<key>`, `binaryData.<key>`, `metadata`, ...
+    pub(crate) field: String,
+    /// Where inside that key's YAML document (`keyvault.url`, `scope.default[1]`); empty
+    /// when the value as a whole is at fault.
+    pub(crate) path: String,
+    /// Why, for a person.
+    pub(crate) reason: String,
+}
+
+/// Everything wrong with a ConfigMap: one [`ConfigProblem`] per bad key (at least one),
+/// in key order. Displays as the problems joined by `; `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigError {
+    problems: Vec<ConfigProblem>,
+}
+
+/// The trust domain the control plane runs with: chosen once at startup from
+/// `--trust-domain` and the ConfigMap's `trustDomain`, and never changed by a reload
+/// (every certificate and identity in the mesh carries it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunningTrustDomain {
+    value: String,
+    flag: Option<String>,
+}
+
+/// A problem inside one key's value, before it is tied to the key.
+#[derive(Debug)]
+struct Bad {
+    path: String,
+    reason: String,
+}
+
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConfigMapDoc {
     api_version: String,
     kind: String,
     metadata: Meta,
     #[serde(default)]
-    data: BTreeMap<String, String>,
+    data: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    binary_data: Option<BTreeMap<String, serde_yaml::Value>>,
+    // A valid ConfigMap field with nothing for trellis to act on.
+    #[serde(default, rename = "immutable")]
+    _immutable: Option<bool>,
 }
 
+// Not deny_unknown_fields: `kubectl get -o yaml` output carries uid, resourceVersion,
+// labels, annotations and more, all legitimate.
 #[derive(Debug, Deserialize)]
 struct Meta {
     name: String,
     #[serde(default)]
     namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiscoveryDoc {
+    #[serde(default)]
+    scope: ScopeDoc,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeDoc {
+    #[serde(default)]
+    default: Option<Vec<String>>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, Vec<String>>,
 }
 
 // === impl CaSettings ===
@@ -141,77 +283,453 @@ fn default_propagation() -> Duration {
     Duration::from_secs(15)
 }
 
-/// Parses the ConfigMap text. Errors name the field: `data.ca: secret.path: missing field`.
-pub(crate) fn parse(text: &str) -> Result<MeshConfig, String> {
+// === impl DiscoveryScope ===
+
+impl DiscoveryScope {
+    /// Whether a proxy in `proxy_namespace` is sent the services of `service_namespace`:
+    /// always for its own namespace and `trellis-system`, otherwise as its list says.
+    #[allow(dead_code, reason = "for the discovery server, wired separately")]
+    pub(crate) fn allows(&self, proxy_namespace: &str, service_namespace: &str) -> bool {
+        service_namespace == proxy_namespace
+            || service_namespace == CONFIG_MAP_NAMESPACE
+            || self.set_for(proxy_namespace).contains(service_namespace)
+    }
+
+    /// The list that applies to proxies in `proxy_namespace` (its own entry, else
+    /// `default`), without the two namespaces [`DiscoveryScope::allows`] always adds.
+    #[allow(dead_code, reason = "for the discovery server, wired separately")]
+    pub(crate) fn set_for(&self, proxy_namespace: &str) -> &NamespaceSet {
+        self.namespaces
+            .get(proxy_namespace)
+            .unwrap_or(&self.default)
+    }
+
+    /// True when every proxy is sent every namespace (the default), so a caller can skip
+    /// filtering altogether.
+    pub(crate) fn is_unrestricted(&self) -> bool {
+        self.default == NamespaceSet::All
+            && self.namespaces.values().all(|s| *s == NamespaceSet::All)
+    }
+}
+
+// === impl NamespaceSet ===
+
+impl NamespaceSet {
+    /// Whether `namespace` is in the set.
+    pub(crate) fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(names) => names.contains(namespace),
+        }
+    }
+}
+
+// === impl ProxySettings ===
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            log_level: LogLevel::Info,
+            access_log: default_access_log(),
+        }
+    }
+}
+
+fn default_access_log() -> bool {
+    true
+}
+
+impl ProxySettings {
+    /// The proxy's `TRELLIS_LOG` filter for these settings, e.g. `info,access=info` or
+    /// `debug,access=off`. Access lines are `info` events of target `access`, so the
+    /// second directive makes `accessLog` independent of `logLevel`.
+    pub(crate) fn log_filter(&self) -> String {
+        let access = if self.access_log { "info" } else { "off" };
+        format!("{},access={access}", self.log_level.as_str())
+    }
+}
+
+// === impl LogLevel ===
+
+impl LogLevel {
+    /// As written in the ConfigMap and understood by `TRELLIS_LOG`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+// === impl ConfigProblem ===
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.field, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.field, self.path, self.reason)
+        }
+    }
+}
+
+// === impl ConfigError ===
+
+impl ConfigError {
+    fn one(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            problems: vec![ConfigProblem {
+                field: field.into(),
+                path: String::new(),
+                reason: reason.into(),
+            }],
+        }
+    }
+
+    /// Every problem found, in key order.
+    pub(crate) fn problems(&self) -> &[ConfigProblem] {
+        &self.problems
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// === impl RunningTrustDomain ===
+
+impl RunningTrustDomain {
+    /// Chooses the trust domain at startup: the flag, else the ConfigMap's `trustDomain`,
+    /// else `cluster.local`. When both are set and differ, that is an error naming both:
+    /// silently preferring one would mint identities the other side does not expect.
+    pub(crate) fn resolve(flag: Option<&str>, config: &MeshConfig) -> Result<Self, String> {
+        if let Some(flag) = flag {
+            check_trust_domain(flag).map_err(|e| format!("--trust-domain: {e}"))?;
+        }
+        let value = match (flag, config.trust_domain.as_deref()) {
+            (Some(flag), Some(file)) if flag != file => {
+                return Err(format!(
+                    "--trust-domain {flag:?} and the mesh config's data.trustDomain {file:?} \
+                     differ: set one of them, or the same value in both"
+                ));
+            }
+            (Some(td), _) | (None, Some(td)) => td,
+            (None, None) => DEFAULT_TRUST_DOMAIN,
+        };
+        Ok(Self {
+            value: value.to_owned(),
+            flag: flag.map(str::to_owned),
+        })
+    }
+
+    /// The trust domain.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.value
+    }
+
+    /// Checks a reloaded config against the running trust domain: a different one (set,
+    /// changed, or removed so the default would apply) is refused, since certificates,
+    /// identities and the CA all carry it; the caller keeps the running config.
+    #[allow(
+        dead_code,
+        reason = "for the mesh config poller (ca.rs), wired separately"
+    )]
+    pub(crate) fn check_reload(&self, next: &MeshConfig) -> Result<(), ConfigError> {
+        let next_value = next
+            .trust_domain
+            .as_deref()
+            .or(self.flag.as_deref())
+            .unwrap_or(DEFAULT_TRUST_DOMAIN);
+        if next_value == self.value {
+            return Ok(());
+        }
+        Err(ConfigError::one(
+            "data.trustDomain",
+            format!(
+                "changing trustDomain needs a restart (running {:?}, new {next_value:?}); \
+                 keeping the running config",
+                self.value
+            ),
+        ))
+    }
+}
+
+/// Parses the ConfigMap file (`--mesh-config`): checks it is `v1/ConfigMap`
+/// `trellis-system/trellis-config`, then [`parse_config_map_data`].
+pub(crate) fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
-    let doc: ConfigMapDoc =
-        serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
-    if doc.api_version != "v1" || doc.kind != "ConfigMap" {
-        return Err(format!(
-            "expected apiVersion v1, kind ConfigMap; found {} {}",
-            doc.api_version, doc.kind
+    let doc: ConfigMapDoc = serde_path_to_error::deserialize(de).map_err(|e| {
+        let bad = serde_bad(&e);
+        if bad.path.is_empty() {
+            return ConfigError::one("document", bad.reason);
+        }
+        // `proxy: {logLevel: debug}` instead of `proxy: |` and YAML below it.
+        let hint = if bad.path.starts_with("data.") && bad.reason.contains("expected a string") {
+            " (every data value is a string holding YAML: write `key: |` with the YAML \
+             indented below it)"
+        } else {
+            ""
+        };
+        ConfigError::one(bad.path, format!("{}{hint}", bad.reason))
+    })?;
+    if doc.api_version != "v1" {
+        return Err(ConfigError::one(
+            "apiVersion",
+            format!("expected v1, found {:?}", doc.api_version),
+        ));
+    }
+    if doc.kind != "ConfigMap" {
+        return Err(ConfigError::one(
+            "kind",
+            format!("expected ConfigMap, found {:?}", doc.kind),
         ));
     }
     let namespace = doc.metadata.namespace.as_deref().unwrap_or("default");
     if doc.metadata.name != CONFIG_MAP_NAME || namespace != CONFIG_MAP_NAMESPACE {
-        return Err(format!(
-            "metadata: expected {CONFIG_MAP_NAMESPACE}/{CONFIG_MAP_NAME}, found {namespace}/{}",
-            doc.metadata.name
+        return Err(ConfigError::one(
+            "metadata",
+            format!(
+                "expected {CONFIG_MAP_NAMESPACE}/{CONFIG_MAP_NAME}, found {namespace}/{}",
+                doc.metadata.name
+            ),
         ));
     }
-    let mut config = MeshConfig::default();
-    for (key, value) in &doc.data {
-        match key.as_str() {
-            "ca" => {
-                let de = serde_yaml::Deserializer::from_str(value);
-                config.ca = serde_path_to_error::deserialize(de)
-                    .map_err(|e| format!("data.ca: {}", field_error(&e)))?;
-                validate_ca(&config.ca).map_err(|e| format!("data.ca: {e}"))?;
-            }
-            other => return Err(format!("data.{other}: unknown key (known: ca)")),
-        }
-    }
-    Ok(config)
+    let binary: Vec<&str> = doc
+        .binary_data
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    parse_config_map_data(&doc.data.unwrap_or_default(), &binary)
 }
 
-/// `<path>: <message>`; serde_yaml already puts the path in some messages.
-fn field_error(e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
+/// Parses and validates the `data` of the `trellis-config` ConfigMap; the one function
+/// behind both the file poller and the admission webhook.
+///
+/// Each value is a YAML document. Every key is checked, so one error lists every bad key;
+/// an unknown key (or any `binaryData` key, which trellis never reads) is an error that
+/// lists the known keys.
+pub(crate) fn parse_config_map_data(
+    data: &BTreeMap<String, String>,
+    binary_data_keys: &[&str],
+) -> Result<MeshConfig, ConfigError> {
+    let mut config = MeshConfig::default();
+    let mut problems = Vec::new();
+    for (key, value) in data {
+        let result = match key.as_str() {
+            "ca" => parse_ca(value).map(|ca| config.ca = ca),
+            "trustDomain" => parse_trust_domain(value).map(|td| config.trust_domain = Some(td)),
+            "discovery" => parse_discovery(value).map(|d| config.discovery = d),
+            "proxy" => parse_value::<ProxySettings>(value).map(|p| config.proxy = p),
+            _ => Err(Bad::whole(format!(
+                "unknown key (known: {})",
+                KNOWN_KEYS.join(", ")
+            ))),
+        };
+        if let Err(bad) = result {
+            problems.push(bad.at(format!("data.{key}")));
+        }
+    }
+    for key in binary_data_keys {
+        problems.push(ConfigProblem {
+            field: format!("binaryData.{key}"),
+            path: String::new(),
+            reason: format!(
+                "trellis reads only data (known keys: {})",
+                KNOWN_KEYS.join(", ")
+            ),
+        });
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+// === impl Bad ===
+
+impl Bad {
+    fn whole(reason: impl Into<String>) -> Self {
+        Self {
+            path: String::new(),
+            reason: reason.into(),
+        }
+    }
+
+    fn inside(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn at(self, field: String) -> ConfigProblem {
+        ConfigProblem {
+            field,
+            path: self.path,
+            reason: self.reason,
+        }
+    }
+}
+
+/// One key's YAML document. An empty value means an empty mapping: every default.
+fn parse_value<T: DeserializeOwned>(text: &str) -> Result<T, Bad> {
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| serde_bad(&e))
+}
+
+/// Splits a serde error into its path and message; serde_yaml already puts the path in
+/// some messages, which would then say it twice.
+fn serde_bad(e: &serde_path_to_error::Error<serde_yaml::Error>) -> Bad {
     let path = e.path().to_string();
+    let path = if path == "." { String::new() } else { path };
     let inner = e.inner().to_string();
-    let inner = match inner.split_once(": ") {
-        Some((head, rest)) if path.starts_with(head) => rest,
+    let reason = match inner.split_once(": ") {
+        Some((head, rest)) if !path.is_empty() && path.starts_with(head) => rest,
         _ => &inner,
     };
-    format!("{path}: {inner}")
+    Bad::inside(path, reason)
+}
+
+fn parse_ca(value: &str) -> Result<CaSettings, Bad> {
+    let ca: CaSettings = parse_value(value)?;
+    validate_ca(&ca)?;
+    Ok(ca)
+}
+
+fn parse_trust_domain(value: &str) -> Result<String, Bad> {
+    if value.trim().is_empty() {
+        return Err(Bad::whole(format!(
+            "must not be empty (leave the key out for {DEFAULT_TRUST_DOMAIN})"
+        )));
+    }
+    let td: String = parse_value(value)?;
+    check_trust_domain(&td).map_err(Bad::whole)?;
+    Ok(td)
+}
+
+/// A SPIFFE trust domain as `trellis_identity` accepts it (the only check it exposes is
+/// through a whole id).
+fn check_trust_domain(td: &str) -> Result<(), String> {
+    SpiffeId::new(td, CONFIG_MAP_NAMESPACE, "trellis-control-plane")
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_discovery(value: &str) -> Result<DiscoverySettings, Bad> {
+    let doc: DiscoveryDoc = parse_value(value)?;
+    let default = match &doc.scope.default {
+        Some(names) => namespace_set("scope.default", names)?,
+        None => NamespaceSet::All,
+    };
+    let mut namespaces = BTreeMap::new();
+    for (ns, names) in &doc.scope.namespaces {
+        let path = format!("scope.namespaces.{ns}");
+        if ns == "*" {
+            return Err(Bad::inside(
+                path,
+                "not a namespace; scope.default is the list for every namespace without its own",
+            ));
+        }
+        check_namespace(ns).map_err(|why| Bad::inside(path.clone(), why))?;
+        namespaces.insert(ns.clone(), namespace_set(&path, names)?);
+    }
+    Ok(DiscoverySettings {
+        scope: DiscoveryScope {
+            default,
+            namespaces,
+        },
+    })
+}
+
+fn namespace_set(path: &str, names: &[String]) -> Result<NamespaceSet, Bad> {
+    if names.iter().any(|n| n == "*") {
+        if names.len() > 1 {
+            return Err(Bad::inside(
+                path,
+                r#""*" (every namespace) must be alone in its list"#,
+            ));
+        }
+        return Ok(NamespaceSet::All);
+    }
+    let mut set = BTreeSet::new();
+    for (i, name) in names.iter().enumerate() {
+        check_namespace(name).map_err(|why| Bad::inside(format!("{path}[{i}]"), why))?;
+        set.insert(name.clone());
+    }
+    Ok(NamespaceSet::Only(set))
+}
+
+/// A Kubernetes namespace name: a DNS-1123 label.
+fn check_namespace(name: &str) -> Result<(), String> {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| alnum(b) || b == b'-')
+        && name.bytes().next().is_some_and(alnum)
+        && name.bytes().last().is_some_and(alnum);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a namespace name (DNS-1123 label: at most 63 lowercase letters, \
+             digits and '-', starting and ending with a letter or digit)"
+        ))
+    }
 }
 
 /// Cross-field rules serde cannot express.
-fn validate_ca(ca: &CaSettings) -> Result<(), String> {
+fn validate_ca(ca: &CaSettings) -> Result<(), Bad> {
     if ca.reload_interval < Duration::from_secs(1) {
-        return Err("reloadInterval: must be at least 1s".to_owned());
+        return Err(Bad::inside("reloadInterval", "must be at least 1s"));
     }
     match ca.source {
         CaSourceKind::SelfSigned => {}
         CaSourceKind::Secret => {
             if ca.secret.is_none() {
-                return Err("secret.path: required when source is secret".to_owned());
+                return Err(Bad::inside("secret.path", "required when source is secret"));
             }
         }
         CaSourceKind::KeyvaultSecret | CaSourceKind::KeyvaultKey => {
             let Some(kv) = &ca.keyvault else {
-                return Err("keyvault.url: required when source is a Key Vault".to_owned());
+                return Err(Bad::inside(
+                    "keyvault.url",
+                    "required when source is a Key Vault",
+                ));
             };
             if !kv.url.starts_with("https://") {
-                return Err(format!("keyvault.url: must be https, got {:?}", kv.url));
+                return Err(Bad::inside(
+                    "keyvault.url",
+                    format!("must be https, got {:?}", kv.url),
+                ));
             }
             if ca.source == CaSourceKind::KeyvaultKey && kv.key_name.is_none() {
-                return Err("keyvault.keyName: required when source is keyvault-key".to_owned());
+                return Err(Bad::inside(
+                    "keyvault.keyName",
+                    "required when source is keyvault-key",
+                ));
             }
             if let Some(names) = &kv.secret_names {
                 for key in names.keys() {
                     if !["rootCert", "caCert", "caKey", "certChain"].contains(&key.as_str()) {
-                        return Err(format!(
-                            "keyvault.secretNames.{key}: unknown (known: rootCert, caCert, caKey, certChain)"
+                        return Err(Bad::inside(
+                            format!("keyvault.secretNames.{key}"),
+                            "unknown (known: rootCert, caCert, caKey, certChain)",
                         ));
                     }
                 }
@@ -219,6 +737,10 @@ fn validate_ca(ca: &CaSettings) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn bad_duration(text: &str, e: &humantime::DurationError) -> String {
+    format!("invalid duration {text:?} ({e}); write e.g. 30s, 15m, 720h")
 }
 
 /// Durations written as `30s`, `15m`, `720h`.
@@ -229,7 +751,8 @@ mod humantime_serde_like {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(super::bad_duration(&s, &e)))
     }
 }
 
@@ -242,8 +765,11 @@ mod humantime_serde_like_opt {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         let s = Option::<String>::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
+        s.map(|s| {
+            humantime::parse_duration(&s)
+                .map_err(|e| serde::de::Error::custom(super::bad_duration(&s, &e)))
+        })
+        .transpose()
     }
 }
 
@@ -251,19 +777,57 @@ mod humantime_serde_like_opt {
 mod tests {
     use super::*;
 
+    const HEADER: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: trellis-config, namespace: trellis-system}\n";
+
+    /// A ConfigMap whose `data` holds `key: |` + `value` for each pair.
+    fn cm_with(pairs: &[(&str, &str)]) -> String {
+        let mut out = format!("{HEADER}data:\n");
+        for (key, value) in pairs {
+            out.push_str(&format!("  {key}: |\n"));
+            for line in value.lines() {
+                out.push_str(&format!("    {line}\n"));
+            }
+        }
+        out
+    }
+
     fn cm(ca: &str) -> String {
-        let indented: String = ca.lines().map(|l| format!("    {l}\n")).collect();
-        format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata:\n  ca: |\n{indented}"
-        )
+        cm_with(&[("ca", ca)])
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn only(names: &[&str]) -> NamespaceSet {
+        NamespaceSet::Only(names.iter().map(|n| (*n).to_owned()).collect())
     }
 
     #[test]
     fn defaults_to_self_signed() {
         let c = parse(&cm("source: self-signed")).unwrap();
         assert_eq!(c.ca, CaSettings::default());
-        let empty = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: trellis-config, namespace: trellis-system}\n";
-        assert_eq!(parse(empty).unwrap(), MeshConfig::default());
+        assert_eq!(parse(HEADER).unwrap(), MeshConfig::default());
+    }
+
+    #[test]
+    fn empty_config_means_the_documented_defaults() {
+        let c = parse(&format!("{HEADER}data: {{}}\n")).unwrap();
+        assert_eq!(c.ca.source, CaSourceKind::SelfSigned);
+        assert_eq!(c.ca.reload_interval, Duration::from_secs(60));
+        assert_eq!(c.ca.propagation, Duration::from_secs(15));
+        assert_eq!(c.trust_domain, None);
+        assert!(c.discovery.scope.is_unrestricted());
+        assert_eq!(c.discovery.scope.set_for("any"), &NamespaceSet::All);
+        assert_eq!(c.proxy.log_level, LogLevel::Info);
+        assert!(c.proxy.access_log);
+        assert_eq!(c.proxy.log_filter(), "info,access=info");
+        // An empty value is an empty mapping: all defaults for that key.
+        let c = parse(&format!("{HEADER}data: {{proxy: '', discovery: ''}}\n")).unwrap();
+        assert_eq!(c, MeshConfig::default());
     }
 
     #[test]
@@ -279,12 +843,74 @@ mod tests {
     }
 
     #[test]
+    fn every_key_parses() {
+        let text = cm_with(&[
+            ("trustDomain", "prod.example.com"),
+            ("ca", "source: secret\nsecret: {path: /etc/cacerts}"),
+            (
+                "discovery",
+                "scope:\n  default: [shared]\n  namespaces:\n    shop: [payments, shared]\n    ops: [\"*\"]\n    sandbox: []",
+            ),
+            ("proxy", "logLevel: debug\naccessLog: false"),
+        ]);
+        let c = parse(&text).unwrap();
+        assert_eq!(c.trust_domain.as_deref(), Some("prod.example.com"));
+        assert_eq!(c.ca.source, CaSourceKind::Secret);
+        let scope = &c.discovery.scope;
+        assert_eq!(scope.set_for("web"), &only(&["shared"]));
+        assert_eq!(scope.set_for("shop"), &only(&["payments", "shared"]));
+        assert_eq!(scope.set_for("ops"), &NamespaceSet::All);
+        assert_eq!(scope.set_for("sandbox"), &only(&[]));
+        assert!(!scope.is_unrestricted());
+        assert_eq!(c.proxy.log_level, LogLevel::Debug);
+        assert!(!c.proxy.access_log);
+        assert_eq!(c.proxy.log_filter(), "debug,access=off");
+    }
+
+    #[test]
+    fn discovery_scope_allows() {
+        let text = cm_with(&[(
+            "discovery",
+            "scope: {default: [shared], namespaces: {shop: [payments], ops: [\"*\"], sandbox: []}}",
+        )]);
+        let scope = parse(&text).unwrap().discovery.scope;
+        // (proxy namespace, service namespace, allowed)
+        let cases = [
+            ("web", "web", true),            // own namespace, always
+            ("web", "trellis-system", true), // control plane, always
+            ("web", "shared", true),         // default list
+            ("web", "payments", false),      // not in the default list
+            ("shop", "payments", true),      // its own entry
+            ("shop", "shared", false),       // an entry replaces the default
+            ("shop", "shop", true),          // own namespace
+            ("ops", "anything", true),       // "*"
+            ("sandbox", "shared", false),    // empty list: own + trellis-system only
+            ("sandbox", "sandbox", true),
+            ("sandbox", "trellis-system", true),
+        ];
+        for (proxy, service, allowed) in cases {
+            assert_eq!(
+                scope.allows(proxy, service),
+                allowed,
+                "proxy in {proxy} sees {service}?"
+            );
+        }
+        let all = DiscoveryScope::default();
+        assert!(all.allows("a", "b"));
+        assert!(all.is_unrestricted());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (cm("source: vault"), "data.ca: source: unknown variant `vault`"),
             (cm("source: secret"), "data.ca: secret.path: required"),
             (cm("source: secret\nsecret: {pth: /x}"), "data.ca: secret.pth: unknown field `pth`"),
-            (cm("reloadInterval: soon"), "data.ca: reloadInterval: "),
+            (
+                cm("reloadInterval: soon"),
+                "data.ca: reloadInterval: invalid duration \"soon\" (expected number at 0); \
+                 write e.g. 30s, 15m, 720h",
+            ),
             (
                 cm("source: keyvault-secret\nkeyvault: {url: http://v}"),
                 "data.ca: keyvault.url: must be https",
@@ -297,22 +923,252 @@ mod tests {
                 cm("source: keyvault-secret\nkeyvault: {url: https://v, secretNames: {root: r}}"),
                 "data.ca: keyvault.secretNames.root: unknown",
             ),
+            (cm("colour: blue"), "data.ca: colour: unknown field `colour`"),
             (
-                cm("colour: blue"),
-                "data.ca: colour: unknown field `colour`",
+                format!("{HEADER}data: {{cas: x}}\n"),
+                "data.cas: unknown key (known: ca, discovery, proxy, trustDomain)",
             ),
             (
-                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: trellis-config, namespace: trellis-system}\ndata: {cas: x}\n".to_owned(),
-                "data.cas: unknown key",
+                format!("{HEADER}data: {{tracing: 'sampling: 1'}}\n"),
+                "data.tracing: unknown key (known: ca, discovery, proxy, trustDomain)",
+            ),
+            (
+                format!("{HEADER}data: {{outboundTrafficPolicy: REGISTRY_ONLY}}\n"),
+                "data.outboundTrafficPolicy: unknown key (known: ",
+            ),
+            (
+                format!("{HEADER}binaryData: {{ca: eA==}}\n"),
+                "binaryData.ca: trellis reads only data",
             ),
             (
                 "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: other, namespace: trellis-system}\n".to_owned(),
                 "metadata: expected trellis-system/trellis-config",
             ),
+            (
+                format!("{HEADER}spec: {{}}\n"),
+                "spec: unknown field `spec`",
+            ),
+            (
+                format!("{HEADER}data:\n  proxy: {{logLevel: info}}\n"),
+                "data.proxy: invalid type: map, expected a string at line 5 column 10 (every \
+                 data value is a string holding YAML: write `key: |` with the YAML indented \
+                 below it)",
+            ),
+            (
+                cm_with(&[("trustDomain", "Example.COM")]),
+                "data.trustDomain: invalid trust domain \"Example.COM\"",
+            ),
+            (
+                cm_with(&[("trustDomain", "example.com:8443")]),
+                "data.trustDomain: invalid trust domain",
+            ),
+            (
+                format!("{HEADER}data: {{trustDomain: ''}}\n"),
+                "data.trustDomain: must not be empty",
+            ),
+            (
+                cm_with(&[("trustDomain", "[a, b]")]),
+                "data.trustDomain: invalid type: sequence, expected a string",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {default: [\"*\", web]}")]),
+                "data.discovery: scope.default: \"*\" (every namespace) must be alone",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {namespaces: {shop: [payments, Bad_NS]}}")]),
+                "data.discovery: scope.namespaces.shop[1]: \"Bad_NS\" is not a namespace name",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {namespaces: {Shop: [payments]}}")]),
+                "data.discovery: scope.namespaces.Shop: \"Shop\" is not a namespace name",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {namespaces: {\"*\": [payments]}}")]),
+                "data.discovery: scope.namespaces.*: not a namespace; scope.default",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {default: [-web]}")]),
+                "data.discovery: scope.default[0]: \"-web\" is not a namespace name",
+            ),
+            (
+                cm_with(&[("discovery", &format!("scope: {{default: [{}]}}", "a".repeat(64)))]),
+                "data.discovery: scope.default[0]: ",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {defaults: [web]}")]),
+                "data.discovery: scope.defaults: unknown field `defaults`",
+            ),
+            (
+                cm_with(&[("discovery", "egress: [web]")]),
+                "data.discovery: egress: unknown field `egress`",
+            ),
+            (
+                cm_with(&[("discovery", "scope: {default: web}")]),
+                "data.discovery: scope.default: invalid type: string \"web\", expected a sequence",
+            ),
+            (
+                cm_with(&[("proxy", "logLevel: verbose")]),
+                "data.proxy: logLevel: unknown variant `verbose`, expected one of `error`, `warn`, `info`, `debug`, `trace`",
+            ),
+            (
+                cm_with(&[("proxy", "accessLog: sometimes")]),
+                "data.proxy: accessLog: invalid type: string \"sometimes\", expected a boolean",
+            ),
+            (
+                cm_with(&[("proxy", "logLevel: info\nlogFormat: json")]),
+                "data.proxy: logFormat: unknown field `logFormat`",
+            ),
         ];
         for (text, expected) in cases {
-            let err = parse(&text).unwrap_err();
+            let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{expected:?} vs {err:?}");
         }
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once() {
+        let err = parse_config_map_data(
+            &data(&[
+                ("proxy", "logLevel: loud"),
+                ("trustDomain", "UPPER"),
+                ("ca", "source: secret"),
+                ("colour", "blue"),
+            ]),
+            &["blob"],
+        )
+        .unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "data.ca",
+                "data.colour",
+                "data.proxy",
+                "data.trustDomain",
+                "binaryData.blob"
+            ]
+        );
+        assert_eq!(err.problems()[0].path, "secret.path");
+        assert_eq!(err.problems()[2].path, "logLevel");
+        assert_eq!(err.problems()[1].path, "");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "data.ca: secret.path: required when source is secret; data.colour: unknown key"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_data_parser_is_what_the_file_parser_runs() {
+        let pairs = [
+            ("trustDomain", "example.org"),
+            ("discovery", "scope: {default: [a]}"),
+        ];
+        let from_file = parse(&cm_with(&pairs)).unwrap();
+        // The file's block scalars end in a newline; the ConfigMap API would hold the same.
+        let with_newlines: Vec<(&str, String)> =
+            pairs.iter().map(|(k, v)| (*k, format!("{v}\n"))).collect();
+        let map = with_newlines
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        assert_eq!(parse_config_map_data(&map, &[]).unwrap(), from_file);
+        assert_eq!(from_file.trust_domain.as_deref(), Some("example.org"));
+    }
+
+    #[test]
+    fn trust_domain_from_flag_or_config() {
+        let with = |td: Option<&str>| MeshConfig {
+            trust_domain: td.map(str::to_owned),
+            ..MeshConfig::default()
+        };
+        let ok = |flag: Option<&str>, file: Option<&str>| {
+            RunningTrustDomain::resolve(flag, &with(file))
+                .unwrap()
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(ok(None, None), "cluster.local");
+        assert_eq!(ok(Some("a.example"), None), "a.example");
+        assert_eq!(ok(None, Some("b.example")), "b.example");
+        assert_eq!(
+            ok(Some("same.example"), Some("same.example")),
+            "same.example"
+        );
+        let err =
+            RunningTrustDomain::resolve(Some("a.example"), &with(Some("b.example"))).unwrap_err();
+        assert_eq!(
+            err,
+            "--trust-domain \"a.example\" and the mesh config's data.trustDomain \"b.example\" \
+             differ: set one of them, or the same value in both"
+        );
+        let err = RunningTrustDomain::resolve(Some("Bad"), &with(None)).unwrap_err();
+        assert!(
+            err.starts_with("--trust-domain: invalid trust domain \"Bad\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn changing_the_trust_domain_at_runtime_is_refused() {
+        let with = |td: Option<&str>| MeshConfig {
+            trust_domain: td.map(str::to_owned),
+            ..MeshConfig::default()
+        };
+        // Running from the config file alone.
+        let running = RunningTrustDomain::resolve(None, &with(Some("a.example"))).unwrap();
+        assert_eq!(running.check_reload(&with(Some("a.example"))), Ok(()));
+        let err = running.check_reload(&with(Some("b.example"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data.trustDomain: changing trustDomain needs a restart (running \"a.example\", \
+             new \"b.example\"); keeping the running config"
+        );
+        // Removing the key would fall back to the default: also a change.
+        let err = running.check_reload(&with(None)).unwrap_err();
+        assert!(err.to_string().contains("new \"cluster.local\""), "{err}");
+        // Running from the flag: the file may leave it out, or repeat it, not change it.
+        let running = RunningTrustDomain::resolve(Some("f.example"), &with(None)).unwrap();
+        assert_eq!(running.check_reload(&with(None)), Ok(()));
+        assert_eq!(running.check_reload(&with(Some("f.example"))), Ok(()));
+        assert!(running.check_reload(&with(Some("g.example"))).is_err());
+        // Nothing set anywhere: the default stays the default.
+        let running = RunningTrustDomain::resolve(None, &with(None)).unwrap();
+        assert_eq!(running.check_reload(&with(None)), Ok(()));
+        assert_eq!(running.check_reload(&with(Some("cluster.local"))), Ok(()));
+    }
+
+    #[test]
+    fn proxy_log_filter() {
+        let cases = [
+            (LogLevel::Error, true, "error,access=info"),
+            (LogLevel::Warn, false, "warn,access=off"),
+            (LogLevel::Trace, true, "trace,access=info"),
+        ];
+        for (log_level, access_log, filter) in cases {
+            let p = ProxySettings {
+                log_level,
+                access_log,
+            };
+            assert_eq!(p.log_filter(), filter);
+        }
+    }
+
+    /// The example ConfigMap in docs/config.md is a valid config, so the docs stay true.
+    #[test]
+    fn docs_example_parses() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc
+            .find("```yaml\napiVersion: v1\nkind: ConfigMap\n")
+            .expect("docs/config.md has an example ConfigMap");
+        let rest = &doc[start + "```yaml\n".len()..];
+        let example = &rest[..rest.find("```").expect("closed code block")];
+        let c = parse(example).unwrap();
+        assert_eq!(c.trust_domain.as_deref(), Some("cluster.local"));
+        assert_eq!(c.proxy, ProxySettings::default());
+        assert!(c.discovery.scope.allows("shop", "payments"));
+        assert!(!c.discovery.scope.allows("shop", "web"));
     }
 }
