@@ -2,10 +2,11 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// The discovery server's metrics. Cheap to clone: clones share the same series.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Metrics {
     /// `trellis_discovery_connected_proxies`: streams past their Hello, right now.
     pub(crate) connected_proxies: Gauge,
@@ -15,6 +16,27 @@ pub struct Metrics {
     pub(crate) acks: Counter,
     /// `trellis_discovery_nacks_total`: versions proxies refused.
     pub(crate) nacks: Counter,
+    /// `trellis_discovery_full_pushes_total`: of the pushes, full views.
+    pub(crate) full_pushes: Counter,
+    /// `trellis_discovery_pushed_bytes_total`: encoded size of every push.
+    pub(crate) pushed_bytes: Counter,
+    /// `trellis_discovery_ack_latency_seconds`: from a push to the proxy's ack of it.
+    pub(crate) ack_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connected_proxies: Gauge::default(),
+            pushes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            full_pushes: Counter::default(),
+            pushed_bytes: Counter::default(),
+            // 1 ms .. ~16 s: loopback acks to proxies on a struggling node.
+            ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
 }
 
 // === impl Metrics ===
@@ -44,6 +66,21 @@ impl Metrics {
             "trellis_discovery_nacks",
             "Config versions refused by proxies",
             metrics.nacks.clone(),
+        );
+        registry.register(
+            "trellis_discovery_full_pushes",
+            "Discovery responses sent as full views",
+            metrics.full_pushes.clone(),
+        );
+        registry.register(
+            "trellis_discovery_pushed_bytes",
+            "Encoded bytes of discovery responses sent",
+            metrics.pushed_bytes.clone(),
+        );
+        registry.register(
+            "trellis_discovery_ack_latency_seconds",
+            "Time from sending a discovery response to the proxy's ack of it",
+            metrics.ack_latency.clone(),
         );
         metrics
     }

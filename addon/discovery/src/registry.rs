@@ -24,10 +24,16 @@ pub struct ProxyStatus {
     pub connected_since: SystemTime,
     /// Version of the last response sent on the stream (0 before the first).
     pub sent_version: u64,
+    /// The version whose view the proxy holds once it acks `sent_version`: later than
+    /// `sent_version` when changes since touched nothing the proxy sees.
+    pub view_version: u64,
     /// The last version the proxy acked, if any.
     pub acked_version: Option<u64>,
     /// The last version the proxy refused, and why.
     pub last_nack: Option<(u64, String)>,
+    /// Filled in by [`DiscoveryService::proxies`](crate::DiscoveryService::proxies): the
+    /// proxy acked all it was sent, refused none of it, and holds the current view.
+    pub synced: bool,
 }
 
 /// Shared table of connected proxies, keyed by a per-stream id so that two streams from
@@ -112,8 +118,10 @@ mod tests {
             remote: None,
             connected_since: SystemTime::UNIX_EPOCH,
             sent_version: 0,
+            view_version: 0,
             acked_version: None,
             last_nack: None,
+            synced: false,
         }
     }
 

@@ -114,6 +114,7 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         trust_domain: new.trust_domain.clone(),
         trust_roots_der,
         ca_generation,
+        more: false,
     }
 }
 
@@ -128,6 +129,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         trust_domain: snapshot.trust_domain.clone(),
         trust_roots_der: snapshot.trust.roots_der.clone(),
         ca_generation: snapshot.trust.generation,
+        more: false,
     }
 }
 

@@ -12,11 +12,13 @@
 pub mod convert;
 pub mod delta;
 pub mod lookup;
+pub mod parts;
 pub mod snapshot;
 
 pub use convert::ConvertError;
 pub use delta::{apply, diff, full, same_view};
 pub use lookup::{AddressIndex, Destination};
+pub use parts::{Parts, PartsError, split};
 pub use snapshot::{
     Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, Trust, fingerprint,
 };

@@ -177,6 +177,7 @@ fn diff_carries_only_changes() {
             trust_domain: "cluster.local".into(),
             trust_roots_der: Vec::new(),
             ca_generation: 0,
+            more: false,
         }
     );
     assert!(trellis_api::same_view(
@@ -291,6 +292,7 @@ fn full_carries_the_bundle_and_generation() {
             trust_domain: "cluster.local".into(),
             trust_roots_der: vec![b"root-old".to_vec(), b"root-new".to_vec()],
             ca_generation: 3,
+            more: false,
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -385,6 +387,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 trust_domain: "cluster.local".into(),
                 trust_roots_der: new_trust.roots_der.clone(),
                 ca_generation: new_trust.generation,
+                more: false,
             },
             "{case}"
         );

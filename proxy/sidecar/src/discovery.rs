@@ -72,7 +72,26 @@ async fn stream_once(
     // After a Nack the server resends a full view; increments built on the refused
     // version may still be in flight and must not be applied on top of ours.
     let mut needs_full = true;
-    while let Some(resp) = responses.message().await? {
+    // Large versions arrive in parts (see `more` in discovery.proto); nothing is applied
+    // or acked until the last part.
+    let mut parts = trellis_api::Parts::default();
+    while let Some(part) = responses.message().await? {
+        let version = part.version;
+        let resp = match parts.push(part) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => continue,
+            Err(error) => {
+                warn!(%error, version, "discovery update refused; keeping the previous view");
+                metrics.discovery_nacks.inc();
+                needs_full = true;
+                let nack = Kind::Nack(Nack {
+                    version,
+                    error: error.to_string(),
+                });
+                tx.send(DiscoveryRequest { kind: Some(nack) }).await?;
+                continue;
+            }
+        };
         let current = view_tx.borrow().snapshot.clone();
         // A full view replaces everything, whatever its version: a restarted control
         // plane counts again from 1. Increments only move forward from our version.

@@ -86,6 +86,15 @@ pub struct DiscoveryResponse {
     /// number its CA generations.
     #[prost(uint64, tag = "7")]
     pub ca_generation: u64,
+    /// true: this response is one part of a version, and the next response on the stream
+    /// continues it (same version, full = false, more upserts and removals). The proxy
+    /// applies nothing until the part with more = false arrives, then applies all parts of
+    /// the version at once and acks (or nacks) that version once. The control plane splits
+    /// large responses (a full view of a big mesh) this way so that no single message, and
+    /// no per-stream encode or decode buffer, grows with the size of the mesh. Only the
+    /// first part carries `full`, the trust domain and the trust bundle.
+    #[prost(bool, tag = "16")]
+    pub more: bool,
 }
 /// A service in the mesh and where its endpoints are.
 #[derive(Clone, PartialEq, ::prost::Message)]
