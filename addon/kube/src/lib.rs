@@ -2,6 +2,13 @@
 //! controller's [`trellis_controller::Objects`], translated by the same
 //! [`trellis_controller::translate`] as the file source.
 //!
+//! Replicas: any number of controller replicas serve discovery at once, each from its own
+//! watches; reading needs no coordination. The few writes of status to the cluster (Events
+//! about a rejected mesh ConfigMap) come from one replica only, the holder of a
+//! `coordination.k8s.io` Lease ([`leader`]), so they are not repeated per replica; a
+//! replica that loses the Lease, or cannot renew it within the renew deadline, stops
+//! writing before another can take over.
+//!
 //! - [`KubeSource`]: one watcher and reflector (in-memory store) per kind: Namespaces,
 //!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, and the mesh ConfigMap
 //!   (`trellis-system/trellis-config` by default). It publishes a [`MeshSnapshot`] once
@@ -13,9 +20,16 @@
 //!   An object the controller would refuse is skipped on its own (with a warning), never
 //!   the whole snapshot.
 //! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`.
+//! - [`leader`]: a Lease-based leader elector (client-go's semantics and timings: 15 s
+//!   lease, 10 s renew deadline, 2 s retry), publishing leadership on a `watch` channel;
+//!   `trellis_kube_leader`, `trellis_kube_leader_transitions_total`.
+//! - [`events`]: `Warning` `InvalidConfig` / `Normal` `ConfigApplied` Events on the mesh
+//!   ConfigMap, written by the leader only, never blocking the caller;
+//!   `trellis_kube_event_write_errors_total`.
 //!
-//! Owns: talking to the Kubernetes API (list/watch, restarts with backoff), what is kept
-//! of each object in memory, snapshot versioning for the Kubernetes source.
+//! Owns: talking to the Kubernetes API (list/watch, restarts with backoff; the Lease; the
+//! Events), what is kept of each object in memory, snapshot versioning for the Kubernetes
+//! source.
 //!
 //! Must not depend on: azure, or the proxy crate.
 //!
@@ -24,6 +38,8 @@
 use std::fmt;
 
 pub mod convert;
+pub mod events;
+pub mod leader;
 mod metrics;
 mod source;
 

@@ -1,5 +1,6 @@
 //! A fake Kubernetes API server: a `tower::Service` over an in-memory store that answers
-//! LIST and WATCH the way kube-rs's watcher uses them.
+//! LIST and WATCH the way kube-rs's watcher uses them, and GET/POST/PUT of single objects
+//! the way the leader elector and the Event recorder use them.
 //!
 //! - LIST `GET /api/v1/pods?limit=500`: every object of the resource (filtered by the
 //!   path's namespace and a `metadata.name=` field selector), with the list's
@@ -8,10 +9,17 @@
 //!   `{"type":"ADDED|MODIFIED|DELETED|ERROR","object":...}` events: first every recorded
 //!   change after `N`, then changes as they happen. A version older than the last
 //!   [`FakeApi::expire_watches`] gets `ERROR` 410 Gone, as from a compacted etcd.
+//! - GET `.../leases/<name>`: the object, or 404 NotFound.
+//! - POST `.../leases` (or `events`): creates the object from the body (its `uid` is
+//!   `uid-<rv>`), 201; 409 AlreadyExists if the name is taken.
+//! - PUT `.../leases/<name>`: replaces the object; 409 Conflict when the body's
+//!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT is
+//!   recorded with its body and answer ([`FakeApi::writes`]).
 //!
 //! Every write bumps one global resource version, as in etcd. Tests inject failures:
-//! HTTP errors for the next requests of a resource, 410 Gone on open watches, closed
-//! watches, and lists held back until released.
+//! HTTP errors for the next requests of a resource (or all of them, for an outage), 410
+//! Gone on open watches, closed watches, requests held back until released, and another
+//! client's write landing just before the next write of a resource.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -21,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Frame};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -51,10 +59,30 @@ struct State {
     watches: Vec<OpenWatch>,
     /// Per resource: status codes for its next requests.
     failures: BTreeMap<String, VecDeque<u16>>,
-    /// Per resource: `false` while lists are held back.
+    /// Per resource: the status code of every request while it is out.
+    outages: BTreeMap<String, u16>,
+    /// Per resource: `false` while requests other than watches are held back.
     gates: BTreeMap<String, watch::Sender<bool>>,
-    /// `(resource, is_watch)` of every request, in order.
-    requests: Vec<(String, bool)>,
+    /// Per resource: objects stored, as by another client, just before its next writes
+    /// (one per write).
+    interpose: BTreeMap<String, VecDeque<Value>>,
+    /// `(resource, is_collection_get, is_watch)` of every request, in order.
+    requests: Vec<(String, bool, bool)>,
+    /// Every POST and PUT, in order.
+    writes: Vec<Write>,
+}
+
+/// A POST or PUT the server received, and its answer.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub method: Method,
+    pub resource: String,
+    /// The path's namespace.
+    pub namespace: Option<String>,
+    /// HTTP status of the answer.
+    pub code: u16,
+    /// The request body, as JSON.
+    pub body: Value,
 }
 
 struct Change {
@@ -77,6 +105,8 @@ struct Route {
     resource: String,
     /// The path's namespace, `None` for all namespaces (or a cluster-scoped kind).
     namespace: Option<String>,
+    /// The path's object name, for a GET or PUT of one object.
+    object: Option<String>,
     /// From a `metadata.name=` field selector.
     name: Option<String>,
     watch: bool,
@@ -93,38 +123,10 @@ impl FakeApi {
 
     /// Creates or replaces `obj` (ADDED or MODIFIED), returning its resource version.
     pub fn apply<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) -> u64 {
-        let mut object = serde_json::to_value(obj).unwrap_or_default();
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let object = serde_json::to_value(obj).unwrap_or_default();
         let mut state = self.lock();
-        state.rv += 1;
-        let rv = state.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let previous = state
-            .objects
-            .entry(K::URL_PATH_SEGMENT.to_owned())
-            .or_default()
-            .insert((namespace.clone(), name.clone()), object.clone());
-        let event = if previous.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        state.record(Change {
-            rv,
-            resource: K::URL_PATH_SEGMENT.to_owned(),
-            namespace,
-            name,
-            event,
-            object,
-        });
-        rv
+        state.store(K::URL_PATH_SEGMENT, object);
+        state.rv
     }
 
     /// Deletes an object (DELETED); `namespace` is `""` for a cluster-scoped kind.
@@ -154,14 +156,52 @@ impl FakeApi {
         });
     }
 
-    /// The next `count` requests (list or watch) for `resource` fail with HTTP `code`.
+    /// The next `count` requests (of any kind) for `resource` fail with HTTP `code`.
     pub fn fail_next(&self, resource: &str, count: usize, code: u16) {
         let mut state = self.lock();
         let queue = state.failures.entry(resource.to_owned()).or_default();
         queue.extend(std::iter::repeat_n(code, count));
     }
 
-    /// Holds LIST requests for `resource` until [`release_lists`](Self::release_lists).
+    /// Every request for `resource` fails with HTTP `code` from now on (`None`: until now).
+    pub fn outage(&self, resource: &str, code: Option<u16>) {
+        let mut state = self.lock();
+        match code {
+            Some(code) => state.outages.insert(resource.to_owned(), code),
+            None => state.outages.remove(resource),
+        };
+    }
+
+    /// Just before the next POST or PUT of a `K` (after those already interposed), stores
+    /// `obj` as another client would (bumping its resource version), so that write loses
+    /// the race.
+    pub fn interpose_next_write<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) {
+        let object = serde_json::to_value(obj).unwrap_or_default();
+        self.lock()
+            .interpose
+            .entry(K::URL_PATH_SEGMENT.to_owned())
+            .or_default()
+            .push_back(object);
+    }
+
+    /// The stored object, if any.
+    pub fn object<K: k8s_openapi::Resource>(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(K::URL_PATH_SEGMENT)?
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every POST and PUT for `resource` so far, in order.
+    pub fn writes(&self, resource: &str) -> Vec<Write> {
+        let state = self.lock();
+        let writes = state.writes.iter().filter(|w| w.resource == resource);
+        writes.cloned().collect()
+    }
+
+    /// Holds LIST requests (and any other request but a watch) for `resource` until
+    /// [`release_lists`](Self::release_lists).
     pub fn hold_lists(&self, resource: &str) {
         let (tx, _) = watch::channel(false);
         self.lock().gates.insert(resource.to_owned(), tx);
@@ -203,7 +243,7 @@ impl FakeApi {
             state
                 .requests
                 .iter()
-                .filter(|(r, w)| r == resource && *w == watch)
+                .filter(|(r, list, w)| r == resource && *list && *w == watch)
                 .count()
         };
         (of(false), of(true))
@@ -213,9 +253,9 @@ impl FakeApi {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn serve(self, uri: Uri) -> Response<FakeBody> {
+    async fn serve(self, method: Method, uri: Uri, body: Bytes) -> Response<FakeBody> {
         let Some(route) = Route::parse(&uri) else {
-            return status_response(404, &format!("no route for {uri}"));
+            return status_response(404, "NotFound", &format!("no route for {uri}"));
         };
         if !route.watch {
             // Held outside the lock: other resources keep being served.
@@ -229,19 +269,42 @@ impl FakeApi {
             }
         }
         let mut state = self.lock();
-        state.requests.push((route.resource.clone(), route.watch));
+        let collection_get = method == Method::GET && route.object.is_none();
+        state
+            .requests
+            .push((route.resource.clone(), collection_get, route.watch));
         let failure = state
             .failures
             .get_mut(&route.resource)
-            .and_then(VecDeque::pop_front);
-        if let Some(code) = failure {
-            return status_response(code, "injected failure");
+            .and_then(VecDeque::pop_front)
+            .or_else(|| state.outages.get(&route.resource).copied());
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let is_write = method == Method::POST || method == Method::PUT;
+        let (code, response) = match failure {
+            Some(code) => (
+                code,
+                status_response(code, "InternalError", "injected failure"),
+            ),
+            None => {
+                let other = (state.interpose.get_mut(&route.resource))
+                    .filter(|_| is_write)
+                    .and_then(VecDeque::pop_front);
+                if let Some(other) = other {
+                    state.store(&route.resource, other);
+                }
+                state.answer(&method, route.clone(), &body)
+            }
+        };
+        if is_write {
+            state.writes.push(Write {
+                method,
+                resource: route.resource,
+                namespace: route.namespace,
+                code,
+                body,
+            });
         }
-        if route.watch {
-            state.watch(route)
-        } else {
-            state.list(&route)
-        }
+        response
     }
 }
 
@@ -256,14 +319,110 @@ impl tower::Service<Request<kube::client::Body>> for FakeApi {
 
     fn call(&mut self, req: Request<kube::client::Body>) -> Self::Future {
         let api = self.clone();
-        let uri = req.uri().clone();
-        Box::pin(async move { Ok(api.serve(uri).await) })
+        let (parts, body) = req.into_parts();
+        Box::pin(async move { Ok(api.serve(parts.method, parts.uri, read(body).await).await) })
     }
 }
 
 // === impl State ===
 
 impl State {
+    /// Answers a request that is not failed: `(status code, response)`.
+    fn answer(&mut self, method: &Method, route: Route, body: &Value) -> (u16, Response<FakeBody>) {
+        let not_allowed = || (405, status_response(405, "MethodNotAllowed", "not faked"));
+        match (method.as_str(), route.object.clone()) {
+            ("GET", None) if route.watch => (200, self.watch(route)),
+            ("GET", None) => (200, self.list(&route)),
+            ("GET", Some(name)) => {
+                let key = (route.namespace.clone().unwrap_or_default(), name.clone());
+                match self.objects.get(&route.resource).and_then(|o| o.get(&key)) {
+                    Some(object) => (200, object_response(200, object)),
+                    None => (
+                        404,
+                        status_response(404, "NotFound", &format!("{name} not found")),
+                    ),
+                }
+            }
+            ("POST", None) => self.create(&route, body.clone()),
+            ("PUT", Some(name)) => self.replace(&route, &name, body.clone()),
+            _ => not_allowed(),
+        }
+    }
+
+    fn create(&mut self, route: &Route, mut object: Value) -> (u16, Response<FakeBody>) {
+        if let Some(ns) = &route.namespace {
+            object["metadata"]["namespace"] = json!(ns);
+        }
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let key = (route.namespace.clone().unwrap_or_default(), name.clone());
+        let exists = self
+            .objects
+            .get(&route.resource)
+            .is_some_and(|o| o.contains_key(&key));
+        if exists {
+            let message = format!("{} {name:?} already exists", route.resource);
+            return (409, status_response(409, "AlreadyExists", &message));
+        }
+        object["metadata"]["uid"] = json!(format!("uid-{}", self.rv + 1));
+        let stored = self.store(&route.resource, object);
+        (201, object_response(201, &stored))
+    }
+
+    fn replace(&mut self, route: &Route, name: &str, object: Value) -> (u16, Response<FakeBody>) {
+        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
+        let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
+            return (
+                404,
+                status_response(404, "NotFound", &format!("{name} not found")),
+            );
+        };
+        let sent = &object["metadata"]["resourceVersion"];
+        if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
+            let message = format!("the object has been modified; sent version {sent}");
+            return (409, status_response(409, "Conflict", &message));
+        }
+        let stored = self.store(&route.resource, object);
+        (200, object_response(200, &stored))
+    }
+
+    /// Stores `object` at a new resource version and records the change; returns it as
+    /// stored.
+    fn store(&mut self, resource: &str, mut object: Value) -> Value {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let previous = self
+            .objects
+            .entry(resource.to_owned())
+            .or_default()
+            .insert((namespace.clone(), name.clone()), object.clone());
+        let event = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(Change {
+            rv,
+            resource: resource.to_owned(),
+            namespace,
+            name,
+            event,
+            object: object.clone(),
+        });
+        object
+    }
+
     fn record(&mut self, change: Change) {
         let line = event_line(change.event, &change.object);
         self.watches
@@ -319,9 +478,13 @@ impl Route {
         else {
             return None;
         };
-        let (namespace, resource) = match rest {
-            [resource] => (None, *resource),
-            ["namespaces", ns, resource] => (Some((*ns).to_owned()), *resource),
+        let (namespace, resource, object) = match rest {
+            [resource] => (None, *resource, None),
+            ["namespaces", ns, resource] => (Some((*ns).to_owned()), *resource, None),
+            ["namespaces", ns, resource, name] => {
+                (Some((*ns).to_owned()), *resource, Some((*name).to_owned()))
+            }
+            [resource, name] => (None, *resource, Some((*name).to_owned())),
             _ => return None,
         };
         let query: BTreeMap<String, String> = uri
@@ -340,6 +503,7 @@ impl Route {
         Some(Route {
             resource: resource.to_owned(),
             namespace,
+            object,
             name,
             watch: query.get("watch").is_some_and(|w| w == "true"),
             resource_version: query.get("resourceVersion").and_then(|v| v.parse().ok()),
@@ -377,6 +541,18 @@ impl Body for FakeBody {
     }
 }
 
+/// A request body, whole.
+async fn read(body: kube::client::Body) -> Bytes {
+    let mut body = std::pin::pin!(body);
+    let mut bytes = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if let Ok(data) = frame.expect("request body").into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Bytes::from(bytes)
+}
+
 fn ok(body: FakeBody) -> Response<FakeBody> {
     let mut response = Response::new(body);
     response.headers_mut().insert(
@@ -387,13 +563,18 @@ fn ok(body: FakeBody) -> Response<FakeBody> {
 }
 
 /// An error response with a `Status` body, as the API server sends.
-fn status_response(code: u16, message: &str) -> Response<FakeBody> {
+fn status_response(code: u16, reason: &str, message: &str) -> Response<FakeBody> {
     let status = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": "InternalError", "code": code,
+        "status": "Failure", "message": message, "reason": reason, "code": code,
     });
+    object_response(code, &status)
+}
+
+/// `object` as the whole body, with HTTP status `code`.
+fn object_response(code: u16, object: &Value) -> Response<FakeBody> {
     let (tx, body) = FakeBody::channel();
-    let _ = tx.send(Bytes::from(status.to_string()));
+    let _ = tx.send(Bytes::from(object.to_string()));
     let mut response = ok(body);
     *response.status_mut() =
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -1,13 +1,17 @@
 //! `trellis-kube` against a Kubernetes API that lives in the test process (there is no
-//! cluster here): `fake` is an in-memory API server answering LIST and WATCH per kind,
-//! `mock` scripts the ConfigMap's requests one by one over `tower_test::mock`.
+//! cluster here): `fake` is an in-memory API server answering LIST and WATCH per kind (and
+//! GET/POST/PUT of Leases and Events), `mock` scripts the ConfigMap's requests one by one
+//! over `tower_test::mock`. `leader` and `events` cover leader election and the config
+//! Events written by the leader.
 //!
 //! One binary, so the kube-rs stack is built and linked once.
 
 // A failed expectation in a test should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod events;
 mod fake;
+mod leader;
 mod mock;
 mod scenarios;
 mod support;

@@ -248,3 +248,18 @@ pub fn ep(address: &str, ns: &str, sa: &str) -> (String, String) {
 pub fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
+
+/// Polls `probe` every 10 ms until it gives a value; fails after [`PATIENCE`] with `what`.
+pub async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
