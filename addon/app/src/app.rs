@@ -22,7 +22,8 @@ use trellis_identity::{ClientAuth, SpiffeId, Svid, TrustBundle};
 
 use crate::admin::Admin;
 use crate::cli::{EXIT_CONFIG, RunArgs, TokenIssuer};
-use crate::mesh_config::RunningTrustDomain;
+use crate::config_watch::{Applier, watch_config_map, watch_file};
+use crate::mesh_config::{MeshConfig, RunningTrustDomain};
 
 /// Namespace and service account of the control plane's own identity.
 pub(crate) const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
@@ -36,29 +37,6 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
             "trellis-addon: --admin-addr must be a loopback address, got {}",
             args.admin_addr
         );
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let mesh_config = match crate::ca::read_config(args.mesh_config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("trellis-addon: invalid mesh config {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    // --trust-domain and the mesh config's trustDomain: fixed here for the whole run.
-    match RunningTrustDomain::resolve(args.trust_domain_flag.as_deref(), &mesh_config) {
-        Ok(td) => args.trust_domain = td.as_str().to_owned(),
-        Err(e) => {
-            eprintln!("trellis-addon: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
-    if let Err(e) = SpiffeId::new(
-        &args.trust_domain,
-        CONTROL_PLANE_NAMESPACE,
-        CONTROL_PLANE_SERVICE_ACCOUNT,
-    ) {
-        eprintln!("trellis-addon: invalid --trust-domain: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
     let callers = match CallerPolicy::from_args(&args) {
@@ -76,17 +54,17 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let source = FileSource::new(&args.config_dir, &args.trust_domain, args.poll_interval)
-        .with_metrics(trellis_controller::Metrics::new(&mut registry));
-    let initial = match source.load_initial() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!(
-                "trellis-addon: invalid configuration in {}:\n{e}",
-                args.config_dir.display()
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    // The local profile's inputs are files, checked before anything starts; on a cluster
+    // they are read once the runtime (and the API client) exist.
+    let files = match args.config_dir.clone() {
+        Some(dir) if !args.kubernetes => match prepare_files(&mut args, &dir, &mut registry) {
+            Ok(files) => Some(files),
+            Err(e) => {
+                eprintln!("trellis-addon: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -123,17 +101,17 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
             eprintln!("trellis-addon: {e:#}");
             return ExitCode::FAILURE;
         }
-        match run(
-            args,
-            mesh_config,
-            callers,
-            source,
-            initial,
-            registry,
-            shutdown,
-        )
-        .await
-        {
+        let (config, mesh) = match files {
+            Some((config, mesh)) => (config, mesh),
+            None => match prepare_cluster(&mut args, &mut registry, shutdown.clone()).await {
+                Ok(prepared) => prepared,
+                Err((code, e)) => {
+                    eprintln!("trellis-addon: {e:#}");
+                    return code;
+                }
+            },
+        };
+        match run(args, config, callers, mesh, registry, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trellis-addon: {e:#}");
@@ -141,6 +119,75 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Where the mesh comes from.
+enum Mesh {
+    /// A directory of YAML (the local profile), loaded once already.
+    Files {
+        source: FileSource,
+        initial: trellis_api::MeshSnapshot,
+    },
+    /// The Kubernetes API, watched and listed once already.
+    Cluster(crate::cluster::Cluster),
+}
+
+/// The mesh config in force at startup, and the trust domain fixed from it and the flag.
+type StartupConfig = (MeshConfig, RunningTrustDomain);
+
+/// Fixes the trust domain for the whole run from `--trust-domain` and the mesh config's
+/// `trustDomain`, and checks that it makes valid identities.
+fn resolve_trust_domain(
+    args: &mut RunArgs,
+    config: &MeshConfig,
+) -> Result<RunningTrustDomain, String> {
+    let trust_domain = RunningTrustDomain::resolve(args.trust_domain_flag.as_deref(), config)?;
+    SpiffeId::new(
+        trust_domain.as_str(),
+        CONTROL_PLANE_NAMESPACE,
+        CONTROL_PLANE_SERVICE_ACCOUNT,
+    )
+    .map_err(|e| format!("invalid --trust-domain: {e}"))?;
+    args.trust_domain = trust_domain.as_str().to_owned();
+    Ok(trust_domain)
+}
+
+/// The local profile: the mesh config file and the config directory, validated.
+fn prepare_files(
+    args: &mut RunArgs,
+    dir: &std::path::Path,
+    registry: &mut Registry,
+) -> Result<(StartupConfig, Mesh), String> {
+    let config = crate::ca::read_config(args.mesh_config.as_deref())
+        .map_err(|e| format!("invalid mesh config {e}"))?;
+    let trust_domain = resolve_trust_domain(args, &config)?;
+    let source = FileSource::new(dir, &args.trust_domain, args.poll_interval)
+        .with_metrics(trellis_controller::Metrics::new(registry));
+    let initial = source
+        .load_initial()
+        .map_err(|e| format!("invalid configuration in {}:\n{e}", dir.display()))?;
+    Ok(((config, trust_domain), Mesh::Files { source, initial }))
+}
+
+/// On a cluster: the ConfigMap as it is now, then the watchers, listed once. A ConfigMap
+/// that does not parse stops the start (exit 64): starting on defaults instead could switch
+/// the CA under a running mesh; replicas already running keep their last good config.
+async fn prepare_cluster(
+    args: &mut RunArgs,
+    registry: &mut Registry,
+    shutdown: CancellationToken,
+) -> Result<(StartupConfig, Mesh), (ExitCode, anyhow::Error)> {
+    let failure = |e: anyhow::Error| (ExitCode::FAILURE, e);
+    let client = crate::cluster::connect().await.map_err(failure)?;
+    let config = crate::cluster::startup_config(&client)
+        .await
+        .map_err(|e| (ExitCode::from(EXIT_CONFIG), e))?;
+    let trust_domain = resolve_trust_domain(args, &config)
+        .map_err(|e| (ExitCode::from(EXIT_CONFIG), anyhow::anyhow!(e)))?;
+    let cluster = crate::cluster::start(client, &args.trust_domain, registry, shutdown)
+        .await
+        .map_err(failure)?;
+    Ok(((config, trust_domain), Mesh::Cluster(cluster)))
 }
 
 /// How the CA treats callers: who verifies their tokens, and how often each may ask.
@@ -185,13 +232,16 @@ impl CallerPolicy {
 
 async fn run(
     args: RunArgs,
-    mesh_config: crate::mesh_config::MeshConfig,
+    (mesh_config, trust_domain): StartupConfig,
     callers: CallerPolicy,
-    source: FileSource,
-    initial: trellis_api::MeshSnapshot,
+    mut mesh: Mesh,
     mut registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let elector = match &mut mesh {
+        Mesh::Cluster(cluster) => cluster.elector.take(),
+        Mesh::Files { .. } => None,
+    };
     create_private_dir(&args.state_dir)?;
     let ca_source = crate::ca::build_source(&mesh_config.ca, &args.state_dir, &args.trust_domain)
         .map_err(|e| anyhow::anyhow!("CA source: {e}"))?;
@@ -214,16 +264,33 @@ async fn run(
         trust_changes,
         bundle_file,
     ));
+    let config_metrics = crate::ca::ConfigMetrics::new(&mut registry);
+    let (applier, ca_settings, scope) =
+        Applier::new(mesh_config.clone(), trust_domain, config_metrics.clone());
+    match (&mesh, args.mesh_config.clone()) {
+        (Mesh::Cluster(cluster), _) => {
+            let data = cluster.handle.config();
+            let applier = applier.with_events(cluster.config_events());
+            tokio::spawn(watch_config_map(data, applier, shutdown.clone()));
+        }
+        (Mesh::Files { .. }, Some(path)) => {
+            tokio::spawn(watch_file(
+                path,
+                args.poll_interval,
+                applier,
+                shutdown.clone(),
+            ));
+        }
+        (Mesh::Files { .. }, None) => {}
+    }
     tokio::spawn(crate::ca::supervise(
         ca.clone(),
-        mesh_config.ca.clone(),
         ca_source.clone(),
-        args.mesh_config.clone(),
+        ca_settings,
         args.state_dir.clone(),
-        args.poll_interval,
         (
             trellis_ca::source::SourceMetrics::new(&mut registry),
-            crate::ca::ConfigMetrics::new(&mut registry),
+            config_metrics,
         ),
         shutdown.clone(),
     ));
@@ -270,22 +337,29 @@ async fn run(
         not_after,
     ));
 
-    let (source_tx, source_rx) = watch::channel(Arc::new(initial.clone()));
+    let (source_rx, status_rx) = match mesh {
+        Mesh::Files { source, initial } => {
+            let (source_tx, source_rx) = watch::channel(Arc::new(initial));
+            let (status_tx, status_rx) = watch::channel(SourceStatus::default());
+            let stop = shutdown.clone();
+            tokio::spawn(source.run(source_tx, status_tx, async move { stop.cancelled().await }));
+            (source_rx, status_rx)
+        }
+        Mesh::Cluster(cluster) => (cluster.snapshots, cluster.status),
+    };
     // The first snapshot already carries the bundle, so join_trust's first send is not a
     // change at the same version.
-    let mut joined = initial;
+    let mut joined = (**source_rx.borrow()).clone();
     joined.trust = ca.trust();
     let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
-    let (status_tx, status_rx) = watch::channel(SourceStatus::default());
-    let stop = shutdown.clone();
-    tokio::spawn(source.run(source_tx, status_tx, async move { stop.cancelled().await }));
     // Discovery pushes the sources' view joined with the CA's trust bundle.
     tokio::spawn(crate::ca::join_trust(source_rx, ca.subscribe(), snap_tx));
 
     let discovery = DiscoveryService::new(
         snap_rx.clone(),
         trellis_discovery::Metrics::new(&mut registry),
-    );
+    )
+    .with_scope_updates(scope);
     let identity = IdentityService::new(
         ca.clone(),
         verifier,
@@ -300,7 +374,7 @@ async fn run(
         ca: ca.clone(),
     });
 
-    let scope = if mesh_config.discovery.scope.is_unrestricted() {
+    let scope = if mesh_config.discovery.scope.is_all() {
         "every namespace"
     } else {
         "restricted"
@@ -311,7 +385,7 @@ async fn run(
         identity = %me,
         ca_source = %ca_source.label(),
         token_issuer = ?args.token_issuer,
-        config_dir = %args.config_dir.display(),
+        source = if args.kubernetes { "kubernetes" } else { "files" },
         trust_domain = %args.trust_domain,
         discovery_scope = scope,
         proxy_log = %mesh_config.proxy.log_filter(),
@@ -328,6 +402,11 @@ async fn run(
         })
         .await
         .context("serving gRPC")?;
+    if let Some(elector) = elector {
+        // Releasing the Lease lets another replica take over at once instead of after
+        // the lease expires; a hung API must not hold the exit up for long.
+        let _ = tokio::time::timeout(Duration::from_secs(3), elector).await;
+    }
     info!("trellis-addon stopped");
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -41,6 +40,14 @@ impl ConfigMetrics {
             m.rejected.clone(),
         );
         m
+    }
+
+    /// Records a version refused (`true`, counted) or one in force (`false`).
+    pub(crate) fn set_invalid(&self, invalid: bool) {
+        self.invalid.set(i64::from(invalid));
+        if invalid {
+            self.rejected.inc();
+        }
     }
 }
 
@@ -89,16 +96,14 @@ pub(crate) async fn initial_material(
 }
 
 /// Runs the CA source loop for the configured source, and restarts it on another source
-/// when the mesh config file changes. A bad file, or a source that cannot be built, keeps
-/// the running one.
-#[allow(clippy::too_many_arguments)]
+/// when the mesh config's `ca` settings change (`settings_rx`, fed by
+/// `config_watch::Applier`). Settings naming a source that cannot be built keep the
+/// running one.
 pub(crate) async fn supervise(
     ca: Arc<CertificateAuthority>,
-    mut settings: CaSettings,
     mut source: Arc<dyn CaSource>,
-    config_path: Option<PathBuf>,
+    mut settings_rx: watch::Receiver<CaSettings>,
     state_dir: PathBuf,
-    poll: Duration,
     metrics: (SourceMetrics, ConfigMetrics),
     shutdown: CancellationToken,
 ) {
@@ -120,55 +125,32 @@ pub(crate) async fn supervise(
             ));
             (task, stop)
         };
+    let mut settings = settings_rx.borrow_and_update().clone();
     let mut running = spawn(source.clone(), &settings);
-    let Some(path) = config_path else {
-        shutdown.cancelled().await;
-        return;
-    };
-    let mut last_text = std::fs::read_to_string(&path).ok();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(poll) => {}
+            changed = settings_rx.changed() => if changed.is_err() {
+                // Nobody can change the settings any more: keep running this source.
+                shutdown.cancelled().await;
+                return;
+            },
         }
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                if last_text.is_some() {
-                    error!(path = %path.display(), error = %e, "mesh config unreadable; keeping the running config");
-                    last_text = None;
-                }
-                continue;
-            }
-        };
-        if last_text.as_deref() == Some(text.as_str()) {
+        let next = settings_rx.borrow_and_update().clone();
+        if next == settings {
             continue;
         }
-        last_text = Some(text.clone());
-        let next = match mesh_config::parse(&text) {
-            Ok(c) => c,
-            Err(e) => {
-                config_metrics.invalid.set(1);
-                config_metrics.rejected.inc();
-                error!(path = %path.display(), error = %e, "mesh config rejected; keeping the running config");
-                continue;
-            }
-        };
-        config_metrics.invalid.set(0);
-        if next.ca == settings {
-            continue;
-        }
-        match build_source(&next.ca, &state_dir, ca.trust_domain()) {
+        match build_source(&next, &state_dir, ca.trust_domain()) {
             Ok(s) => {
                 info!(from = %source.label(), to = %s.label(), "CA source changed in the mesh config");
                 running.1.cancel();
                 let _ = (&mut running.0).await;
                 source = s;
-                settings = next.ca;
+                settings = next;
                 running = spawn(source.clone(), &settings);
             }
             Err(e) => {
-                config_metrics.invalid.set(1);
+                config_metrics.set_invalid(true);
                 error!(error = %e, "CA source in the mesh config cannot be used; keeping the running one");
             }
         }

@@ -51,9 +51,20 @@ enum Command {
 /// Flags of `trellis-addon run`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RunArgs {
-    /// Directory of Service / Workload YAML, watched for changes.
-    #[arg(long, env = "TRELLIS_CONFIG_DIR")]
-    pub(crate) config_dir: PathBuf,
+    /// Directory of Service / Workload YAML, watched for changes (the local profile).
+    #[arg(
+        long,
+        env = "TRELLIS_CONFIG_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub(crate) config_dir: Option<PathBuf>,
+    /// Take the mesh from the Kubernetes API (Namespaces, Services, EndpointSlices, Pods)
+    /// and the mesh config from ConfigMap trellis-system/trellis-config, instead of
+    /// --config-dir and --mesh-config. Connects with the pod's service account, or
+    /// KUBECONFIG outside a cluster.
+    #[arg(long, env = "TRELLIS_KUBERNETES", conflicts_with = "mesh_config")]
+    pub(crate) kubernetes: bool,
     /// Where the CA root, issuer key and JWKS live (created 0700 if missing).
     #[arg(long, env = "TRELLIS_STATE_DIR")]
     pub(crate) state_dir: PathBuf,

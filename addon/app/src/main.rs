@@ -7,6 +7,8 @@ mod app;
 mod azure;
 mod ca;
 mod cli;
+mod cluster;
+mod config_watch;
 mod mesh_config;
 mod tls;
 mod webhook;

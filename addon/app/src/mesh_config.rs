@@ -134,25 +134,10 @@ pub(crate) struct DiscoverySettings {
 }
 
 /// Which namespaces' services a proxy receives, by the proxy's namespace (like an Istio
-/// `Sidecar`'s egress hosts, mesh-wide). A proxy always receives its own namespace and
-/// `trellis-system`, whatever the lists say. Default: every namespace for every proxy.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct DiscoveryScope {
-    /// For proxies in namespaces without an entry in `namespaces`.
-    default: NamespaceSet,
-    /// Per proxy namespace; replaces `default` for that namespace (not added to it).
-    namespaces: BTreeMap<String, NamespaceSet>,
-}
-
-/// A list of namespaces as written in `discovery.scope`: `["*"]` or names.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) enum NamespaceSet {
-    /// `["*"]`: every namespace.
-    #[default]
-    All,
-    /// Exactly these namespaces (each a DNS-1123 label); may be empty.
-    Only(BTreeSet<String>),
-}
+/// `Sidecar`'s egress hosts, mesh-wide): the discovery server's own type, so what is
+/// validated here is exactly what it applies. A proxy always receives its own namespace and
+/// `trellis-system`. Default: every namespace for every proxy.
+pub(crate) use trellis_discovery::{NamespaceSet, Scope as DiscoveryScope};
 
 /// The `proxy` key: settings handed to every proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -283,47 +268,6 @@ fn default_propagation() -> Duration {
     Duration::from_secs(15)
 }
 
-// === impl DiscoveryScope ===
-
-impl DiscoveryScope {
-    /// Whether a proxy in `proxy_namespace` is sent the services of `service_namespace`:
-    /// always for its own namespace and `trellis-system`, otherwise as its list says.
-    #[allow(dead_code, reason = "for the discovery server, wired separately")]
-    pub(crate) fn allows(&self, proxy_namespace: &str, service_namespace: &str) -> bool {
-        service_namespace == proxy_namespace
-            || service_namespace == CONFIG_MAP_NAMESPACE
-            || self.set_for(proxy_namespace).contains(service_namespace)
-    }
-
-    /// The list that applies to proxies in `proxy_namespace` (its own entry, else
-    /// `default`), without the two namespaces [`DiscoveryScope::allows`] always adds.
-    #[allow(dead_code, reason = "for the discovery server, wired separately")]
-    pub(crate) fn set_for(&self, proxy_namespace: &str) -> &NamespaceSet {
-        self.namespaces
-            .get(proxy_namespace)
-            .unwrap_or(&self.default)
-    }
-
-    /// True when every proxy is sent every namespace (the default), so a caller can skip
-    /// filtering altogether.
-    pub(crate) fn is_unrestricted(&self) -> bool {
-        self.default == NamespaceSet::All
-            && self.namespaces.values().all(|s| *s == NamespaceSet::All)
-    }
-}
-
-// === impl NamespaceSet ===
-
-impl NamespaceSet {
-    /// Whether `namespace` is in the set.
-    pub(crate) fn contains(&self, namespace: &str) -> bool {
-        match self {
-            Self::All => true,
-            Self::Only(names) => names.contains(namespace),
-        }
-    }
-}
-
 // === impl ProxySettings ===
 
 impl Default for ProxySettings {
@@ -443,10 +387,6 @@ impl RunningTrustDomain {
     /// Checks a reloaded config against the running trust domain: a different one (set,
     /// changed, or removed so the default would apply) is refused, since certificates,
     /// identities and the CA all carry it; the caller keeps the running config.
-    #[allow(
-        dead_code,
-        reason = "for the mesh config poller (ca.rs), wired separately"
-    )]
     pub(crate) fn check_reload(&self, next: &MeshConfig) -> Result<(), ConfigError> {
         let next_value = next
             .trust_domain
@@ -650,10 +590,7 @@ fn parse_discovery(value: &str) -> Result<DiscoverySettings, Bad> {
         namespaces.insert(ns.clone(), namespace_set(&path, names)?);
     }
     Ok(DiscoverySettings {
-        scope: DiscoveryScope {
-            default,
-            namespaces,
-        },
+        scope: DiscoveryScope::new(default, namespaces),
     })
 }
 
@@ -820,7 +757,7 @@ mod tests {
         assert_eq!(c.ca.reload_interval, Duration::from_secs(60));
         assert_eq!(c.ca.propagation, Duration::from_secs(15));
         assert_eq!(c.trust_domain, None);
-        assert!(c.discovery.scope.is_unrestricted());
+        assert!(c.discovery.scope.is_all());
         assert_eq!(c.discovery.scope.set_for("any"), &NamespaceSet::All);
         assert_eq!(c.proxy.log_level, LogLevel::Info);
         assert!(c.proxy.access_log);
@@ -861,7 +798,7 @@ mod tests {
         assert_eq!(scope.set_for("shop"), &only(&["payments", "shared"]));
         assert_eq!(scope.set_for("ops"), &NamespaceSet::All);
         assert_eq!(scope.set_for("sandbox"), &only(&[]));
-        assert!(!scope.is_unrestricted());
+        assert!(!scope.is_all());
         assert_eq!(c.proxy.log_level, LogLevel::Debug);
         assert!(!c.proxy.access_log);
         assert_eq!(c.proxy.log_filter(), "debug,access=off");
@@ -897,7 +834,7 @@ mod tests {
         }
         let all = DiscoveryScope::default();
         assert!(all.allows("a", "b"));
-        assert!(all.is_unrestricted());
+        assert!(all.is_all());
     }
 
     #[test]

@@ -55,23 +55,36 @@ impl Scope {
         if service_namespace == proxy_namespace || service_namespace == CONTROL_PLANE_NAMESPACE {
             return true;
         }
-        match self
-            .namespaces
-            .get(proxy_namespace)
-            .unwrap_or(&self.default)
-        {
-            NamespaceSet::All => true,
-            NamespaceSet::Only(set) => set.contains(service_namespace),
-        }
+        self.set_for(proxy_namespace).contains(service_namespace)
     }
 
-    /// True when every proxy sees everything, so checks can be skipped.
-    pub(crate) fn is_all(&self) -> bool {
+    /// The list that applies to proxies in `proxy_namespace` (its own entry, else the
+    /// default), without the two namespaces [`Scope::allows`] always adds.
+    pub fn set_for(&self, proxy_namespace: &str) -> &NamespaceSet {
+        self.namespaces
+            .get(proxy_namespace)
+            .unwrap_or(&self.default)
+    }
+
+    /// True when every proxy sees everything (the default), so checks can be skipped.
+    pub fn is_all(&self) -> bool {
         self.default == NamespaceSet::All
             && self
                 .namespaces
                 .values()
                 .all(|set| *set == NamespaceSet::All)
+    }
+}
+
+// === impl NamespaceSet ===
+
+impl NamespaceSet {
+    /// Whether `namespace` is in the set.
+    pub fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(names) => names.contains(namespace),
+        }
     }
 }
 

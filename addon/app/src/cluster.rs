@@ -1,0 +1,153 @@
+//! Running on a cluster (`trellis-addon run --kubernetes`): the mesh and the mesh config
+//! come from the Kubernetes API through `trellis-kube`, instead of a directory and a file.
+//!
+//! The trust domain must be known before the first snapshot (every endpoint's identity
+//! carries it), and it may be set in the ConfigMap, so the ConfigMap is read once, directly,
+//! before the watchers start; after that its changes arrive through the watcher like every
+//! other object.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::ConfigMap;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use trellis_api::MeshSnapshot;
+use trellis_controller::SourceStatus;
+use trellis_kube::events::{ConfigEvents, EventSettings};
+use trellis_kube::leader::{self, LeaderElector, LeaseSettings};
+use trellis_kube::{KubeHandle, KubeSettings, KubeSource, KubeStatus};
+
+use crate::mesh_config::{self, MeshConfig};
+
+/// The cluster connection, from the pod's service account or `KUBECONFIG`.
+pub(crate) async fn connect() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)")
+}
+
+/// The `trellis-config` ConfigMap as it is now; absent means every default.
+pub(crate) async fn startup_config(client: &kube::Client) -> anyhow::Result<MeshConfig> {
+    let api =
+        kube::Api::<ConfigMap>::namespaced(client.clone(), trellis_kube::DEFAULT_CONFIG_NAMESPACE);
+    let found = api
+        .get_opt(trellis_kube::DEFAULT_CONFIG_NAME)
+        .await
+        .context("reading ConfigMap trellis-system/trellis-config")?;
+    let Some(cm) = found else {
+        info!("ConfigMap trellis-system/trellis-config not found; using the defaults");
+        return Ok(MeshConfig::default());
+    };
+    let binary: Vec<&str> = cm
+        .binary_data
+        .as_ref()
+        .map(|b| b.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let data: BTreeMap<String, String> = cm.data.clone().unwrap_or_default();
+    mesh_config::parse_config_map_data(&data, &binary)
+        .map_err(|e| anyhow::anyhow!("ConfigMap trellis-system/trellis-config: {e}"))
+}
+
+/// The running source: its handle, the snapshots it publishes (the first one complete),
+/// its status in the shape `/debug/source` shows for the file source, and the Event
+/// writer for the mesh config (leader-only).
+pub(crate) struct Cluster {
+    pub(crate) handle: KubeHandle,
+    pub(crate) snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    pub(crate) status: watch::Receiver<SourceStatus>,
+    pub(crate) events: ConfigEvents,
+    /// The leader elector; awaited at shutdown, which is when it releases the Lease.
+    pub(crate) elector: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Reports mesh config rejections as Kubernetes Events on the ConfigMap.
+struct KubeConfigEvents(ConfigEvents);
+
+impl crate::config_watch::ConfigEvents for KubeConfigEvents {
+    fn rejected(&mut self, error: &str) {
+        self.0.rejected(error);
+    }
+    fn applied(&mut self, summary: &str) {
+        self.0.applied(summary);
+    }
+}
+
+impl Cluster {
+    /// The Event sink for `config_watch::Applier`.
+    pub(crate) fn config_events(&self) -> Box<dyn crate::config_watch::ConfigEvents> {
+        Box::new(KubeConfigEvents(self.events.clone()))
+    }
+}
+
+/// Starts the watchers and waits until every kind is listed once.
+pub(crate) async fn start(
+    client: kube::Client,
+    trust_domain: &str,
+    registry: &mut Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Cluster> {
+    // Replicas serve discovery side by side; only status writes (Events) need one writer,
+    // chosen through the Lease. The elector releases the Lease when `shutdown` fires.
+    let id = leader::default_identity().unwrap_or_else(|| "trellis-controller".to_owned());
+    let elector = LeaderElector::new(client.clone(), LeaseSettings::new(&id))
+        .map_err(|e| anyhow::anyhow!("leader election settings: {e}"))?;
+    elector.register_metrics(registry);
+    let events = ConfigEvents::new(client.clone(), EventSettings::new(&id), elector.subscribe());
+    events.register_metrics(registry);
+    let stop = shutdown.clone();
+    let elector = tokio::spawn(elector.run(async move { stop.cancelled().await }));
+
+    let source = KubeSource::new(client, KubeSettings::new(trust_domain))
+        .with_metrics(trellis_kube::Metrics::register(registry));
+    let handle = source.handle();
+    let (tx, snapshots) = watch::channel(Arc::new(source.empty_snapshot()));
+    let stop = shutdown.clone();
+    tokio::spawn(source.run(tx, async move { stop.cancelled().await }));
+    info!("waiting for the first list of every watched kind");
+    let first = handle
+        .ready_snapshot(&snapshots)
+        .await
+        .context("the Kubernetes source stopped before its first snapshot")?;
+    info!(
+        version = first.version,
+        services = first.services.len(),
+        "first snapshot from the cluster"
+    );
+    let (status_tx, status) = watch::channel(source_status(&handle.status()));
+    let mut changes = handle.status_changes();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let next = source_status(&changes.borrow_and_update());
+            if status_tx.send(next).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Cluster {
+        handle,
+        snapshots,
+        status,
+        events,
+        elector: Some(elector),
+    })
+}
+
+/// The watchers' state as `/debug/source` shows it: the served version, and the newest
+/// error of each kind whose watch is failing.
+fn source_status(status: &KubeStatus) -> SourceStatus {
+    let errors: Vec<String> = status
+        .kinds
+        .iter()
+        .filter_map(|(kind, k)| Some(format!("{kind}: {}", k.last_error.as_ref()?)))
+        .collect();
+    SourceStatus {
+        last_error: (!errors.is_empty()).then(|| errors.join("\n")),
+        last_good_version: status.snapshot_version,
+        reloads_ok: 0,
+        reloads_failed: status.kinds.values().map(|k| k.errors).sum(),
+    }
+}

@@ -1,0 +1,282 @@
+//! The mesh config while running: one path from a new `trellis-config` to what it
+//! changes, whether it came from a file (local profile) or the ConfigMap (Kubernetes).
+//!
+//! A new version is parsed by the same function as the admission webhook, checked against
+//! the running trust domain, and then either applied (the CA settings and the discovery
+//! scope go out on their watch channels; `ca::supervise` and the discovery server react)
+//! or rejected: the running config stays, the error naming the field is logged, the
+//! `trellis_mesh_config_*` metrics move, and the rejection is handed to the event sink
+//! (a Kubernetes Event on the ConfigMap when running on a cluster).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use trellis_discovery::Scope;
+
+use crate::ca::ConfigMetrics;
+use crate::mesh_config::{self, CaSettings, ConfigError, MeshConfig, RunningTrustDomain};
+
+/// Where rejections and recoveries are reported besides the log and the metrics.
+pub(crate) trait ConfigEvents: Send {
+    /// A new version was refused; `error` names the field.
+    fn rejected(&mut self, error: &str);
+    /// A version was applied after a rejection.
+    fn applied(&mut self, summary: &str);
+}
+
+/// Applies accepted versions of the mesh config, keeping the last good one.
+pub(crate) struct Applier {
+    running: MeshConfig,
+    trust_domain: RunningTrustDomain,
+    ca: watch::Sender<CaSettings>,
+    scope: watch::Sender<Arc<Scope>>,
+    metrics: ConfigMetrics,
+    events: Option<Box<dyn ConfigEvents>>,
+    /// Set while the newest version seen is refused, so recovery can be reported.
+    rejecting: bool,
+}
+
+impl Applier {
+    /// Starts from the config in force at startup; the receivers of the two channels are
+    /// what `ca::supervise` and the discovery server read.
+    pub(crate) fn new(
+        running: MeshConfig,
+        trust_domain: RunningTrustDomain,
+        metrics: ConfigMetrics,
+    ) -> (
+        Self,
+        watch::Receiver<CaSettings>,
+        watch::Receiver<Arc<Scope>>,
+    ) {
+        let (ca, ca_rx) = watch::channel(running.ca.clone());
+        let (scope, scope_rx) = watch::channel(Arc::new(running.discovery.scope.clone()));
+        let applier = Self {
+            running,
+            trust_domain,
+            ca,
+            scope,
+            metrics,
+            events: None,
+            rejecting: false,
+        };
+        (applier, ca_rx, scope_rx)
+    }
+
+    /// Also reports rejections and recoveries to `events`.
+    pub(crate) fn with_events(mut self, events: Box<dyn ConfigEvents>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Takes a new version (`origin` names where it came from, for the log).
+    pub(crate) fn offer(&mut self, parsed: Result<MeshConfig, ConfigError>, origin: &str) {
+        let checked = parsed.and_then(|next| {
+            self.trust_domain.check_reload(&next)?;
+            Ok(next)
+        });
+        let next = match checked {
+            Ok(next) => next,
+            Err(e) => {
+                self.metrics.set_invalid(true);
+                error!(origin, error = %e, "mesh config rejected; keeping the running config");
+                if let Some(events) = &mut self.events {
+                    events.rejected(&e.to_string());
+                }
+                self.rejecting = true;
+                return;
+            }
+        };
+        self.metrics.set_invalid(false);
+        if std::mem::take(&mut self.rejecting)
+            && let Some(events) = &mut self.events
+        {
+            events.applied("the mesh config is valid again and in force");
+        }
+        if next == self.running {
+            return;
+        }
+        info!(origin, "mesh config changed");
+        self.ca.send_if_modified(|ca| {
+            let changed = *ca != next.ca;
+            *ca = next.ca.clone();
+            changed
+        });
+        let scope = next.discovery.scope.clone();
+        self.scope.send_if_modified(|running| {
+            let changed = **running != scope;
+            if changed {
+                info!(
+                    unrestricted = scope.is_all(),
+                    "discovery scope changed; proxies get full views"
+                );
+                *running = Arc::new(scope);
+            }
+            changed
+        });
+        self.running = next;
+    }
+}
+
+/// Re-reads the mesh config file every `poll` and offers each changed version. An
+/// unreadable file keeps the running config (and says so once).
+pub(crate) async fn watch_file(
+    path: PathBuf,
+    poll: Duration,
+    mut applier: Applier,
+    shutdown: CancellationToken,
+) {
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(poll) => {}
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if last_text.is_some() {
+                    error!(path = %path.display(), error = %e, "mesh config unreadable; keeping the running config");
+                    last_text = None;
+                }
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        applier.offer(mesh_config::parse(&text), &path.display().to_string());
+    }
+}
+
+/// Offers every change of the ConfigMap's `data` (from the Kubernetes source). A deleted
+/// ConfigMap keeps the running config: deleting it is more likely a mistake than a wish to
+/// fall back to every default at once, and the webhook cannot refuse a delete.
+pub(crate) async fn watch_config_map(
+    mut data: watch::Receiver<Option<BTreeMap<String, String>>>,
+    mut applier: Applier,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let current = data.borrow_and_update().clone();
+        match current {
+            Some(data) => applier.offer(
+                mesh_config::parse_config_map_data(&data, &[]),
+                "ConfigMap trellis-system/trellis-config",
+            ),
+            None => warn!(
+                "ConfigMap trellis-system/trellis-config is absent; keeping the running config"
+            ),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = data.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+
+    /// Records what the applier reported.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<Vec<String>>>);
+
+    impl ConfigEvents for Recorded {
+        fn rejected(&mut self, error: &str) {
+            self.0
+                .lock()
+                .map(|mut v| v.push(format!("rejected: {error}")))
+                .ok();
+        }
+        fn applied(&mut self, summary: &str) {
+            self.0
+                .lock()
+                .map(|mut v| v.push(format!("applied: {summary}")))
+                .ok();
+        }
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn metric(registry: &Registry, name: &str) -> Option<String> {
+        let mut text = String::new();
+        encode(&mut text, registry).ok()?;
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name))?;
+        Some(line.split(' ').nth(1)?.to_owned())
+    }
+
+    /// Bad versions keep the running config, count, and are reported with the field;
+    /// good ones reach the scope channel (and the CA channel only when `ca` changed).
+    #[test]
+    fn offers_apply_or_keep_the_last_good_config() -> Result<(), String> {
+        let mut registry = Registry::default();
+        let metrics = ConfigMetrics::new(&mut registry);
+        let running = MeshConfig::default();
+        let td = RunningTrustDomain::resolve(None, &running)?;
+        let (applier, mut ca, mut scope) = Applier::new(running, td, metrics);
+        let events = Recorded::default();
+        let mut applier = applier.with_events(Box::new(events.clone()));
+        ca.borrow_and_update();
+        scope.borrow_and_update();
+
+        let own_only = data(&[("discovery", "scope: {default: []}")]);
+        applier.offer(mesh_config::parse_config_map_data(&own_only, &[]), "test");
+        assert!(scope.has_changed().map_err(|e| e.to_string())?);
+        assert!(!scope.borrow_and_update().allows("a", "b"));
+        assert!(
+            !ca.has_changed().map_err(|e| e.to_string())?,
+            "ca unchanged"
+        );
+
+        let bad = data(&[("discovery", "scope: {default: [Not_A_Namespace]}")]);
+        applier.offer(mesh_config::parse_config_map_data(&bad, &[]), "test");
+        let moved = data(&[("trustDomain", "other.example")]);
+        applier.offer(mesh_config::parse_config_map_data(&moved, &[]), "test");
+        assert!(
+            !scope.has_changed().map_err(|e| e.to_string())?,
+            "bad versions applied"
+        );
+        assert_eq!(
+            metric(&registry, "trellis_mesh_config_invalid").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            metric(&registry, "trellis_mesh_config_rejected_total").as_deref(),
+            Some("2")
+        );
+
+        let back = data(&[("discovery", "scope: {default: [\"*\"]}")]);
+        applier.offer(mesh_config::parse_config_map_data(&back, &[]), "test");
+        assert!(scope.borrow_and_update().allows("a", "b"));
+        assert_eq!(
+            metric(&registry, "trellis_mesh_config_invalid").as_deref(),
+            Some("0")
+        );
+        let seen = events.0.lock().map_err(|e| e.to_string())?.clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[0].starts_with("rejected: data.discovery: scope.default[0]"),
+            "{seen:?}"
+        );
+        assert!(seen[1].contains("trustDomain"), "{seen:?}");
+        assert!(seen[2].starts_with("applied: "), "{seen:?}");
+        Ok(())
+    }
+}
