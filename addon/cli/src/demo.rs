@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
+use crate::check::{self, ProxyStatus, ServiceAcks};
 use crate::http::HttpClient;
 
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
@@ -314,16 +315,20 @@ async fn run_in(
             say(&format!("client-1 metrics: {line}"));
         }
     }
-    if let Ok(p) = http.get(cp_admin, "localhost", "/debug/proxies").await {
-        let doc: serde_json::Value = serde_json::from_str(&p.body).unwrap_or_default();
-        for px in doc.as_array().into_iter().flatten() {
-            say(&format!(
-                "control plane: {} ({}) acked v{}",
-                px["workload"].as_str().unwrap_or("?"),
-                px["identity"].as_str().unwrap_or("?"),
-                px["acked_version"]
-            ));
+    match settled_application(&http, cp_admin, workloads.len()).await {
+        Ok((proxies, acks)) => {
+            say(&check::application_line(&proxies, &acks));
+            for px in &proxies {
+                say(&format!(
+                    "control plane: {} ({}) acked v{}",
+                    px.workload,
+                    px.identity,
+                    px.acked_version
+                        .map_or_else(|| "-".to_owned(), |v| v.to_string())
+                ));
+            }
         }
+        Err(e) => say(&format!("config application unknown: {e:#}")),
     }
     say(&format!("logs: {}", logs.display()));
     if failed > 0 && ok == 0 {
@@ -379,6 +384,54 @@ async fn all_reissued(http: &HttpClient, workloads: &[Workload]) -> Option<Strin
             .map(str::to_owned);
     }
     roots
+}
+
+/// How long the summary waits for the last push (the CA switch's root retiring, say) to be
+/// acked before it shows where application stands.
+const APPLIED_WAIT: Duration = Duration::from_secs(5);
+
+/// `/debug/proxies` and `/debug/acks` once all `expected` proxies are connected and have
+/// applied everything, or as they are after [`APPLIED_WAIT`]: the summary line shows the
+/// real state either way.
+async fn settled_application(
+    http: &HttpClient,
+    cp_admin: SocketAddr,
+    expected: usize,
+) -> anyhow::Result<(Vec<ProxyStatus>, Vec<ServiceAcks>)> {
+    let deadline = Instant::now() + APPLIED_WAIT;
+    loop {
+        let (proxies, acks) = application(http, cp_admin).await?;
+        if (proxies.len() == expected && check::fully_applied(&proxies, &acks))
+            || Instant::now() > deadline
+        {
+            return Ok((proxies, acks));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The control plane's view of which proxies and services applied the latest config.
+async fn application(
+    http: &HttpClient,
+    cp_admin: SocketAddr,
+) -> anyhow::Result<(Vec<ProxyStatus>, Vec<ServiceAcks>)> {
+    Ok((
+        get_json(http, cp_admin, "/debug/proxies").await?,
+        get_json(http, cp_admin, "/debug/acks").await?,
+    ))
+}
+
+/// GET `path` from the admin endpoint `addr` and parse its JSON.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+) -> anyhow::Result<T> {
+    let r = http.get(addr, "localhost", path).await?;
+    if !r.status.is_success() {
+        bail!("{path} answered {}", r.status);
+    }
+    serde_json::from_str(&r.body).with_context(|| format!("parsing {path}"))
 }
 
 // === impl Processes ===
