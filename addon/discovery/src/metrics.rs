@@ -22,6 +22,9 @@ pub struct Metrics {
     pub(crate) pushed_bytes: Counter,
     /// `trellis_discovery_ack_latency_seconds`: from a push to the proxy's ack of it.
     pub(crate) ack_latency: Histogram,
+    /// `trellis_discovery_proxies_behind`: connected proxies that have not acked the
+    /// latest version sent to them (refused it, or not answered yet).
+    pub(crate) proxies_behind: Gauge,
 }
 
 impl Default for Metrics {
@@ -32,6 +35,7 @@ impl Default for Metrics {
             acks: Counter::default(),
             nacks: Counter::default(),
             full_pushes: Counter::default(),
+            proxies_behind: Gauge::default(),
             pushed_bytes: Counter::default(),
             // 1 ms .. ~16 s: loopback acks to proxies on a struggling node.
             ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
@@ -76,6 +80,11 @@ impl Metrics {
             "trellis_discovery_pushed_bytes",
             "Encoded bytes of discovery responses sent",
             metrics.pushed_bytes.clone(),
+        );
+        registry.register(
+            "trellis_discovery_proxies_behind",
+            "Connected proxies that have not acked the latest version sent to them",
+            metrics.proxies_behind.clone(),
         );
         registry.register(
             "trellis_discovery_ack_latency_seconds",

@@ -107,10 +107,40 @@ struct ProxyStream {
     metrics: Metrics,
     /// The last version pushed and when, until its ack arrives (for the ack latency).
     in_flight: Option<(u64, Instant)>,
+    /// This stream's share of `trellis_discovery_proxies_behind`.
+    behind: Behind,
     /// Slots for full views being sent, shared by all streams.
     full_views: Arc<Semaphore>,
     /// This stream's slot while its full view is unacked, and when it is freed anyway.
     full_permit: Option<(OwnedSemaphorePermit, tokio::time::Instant)>,
+}
+
+/// Whether a stream's proxy has not acked the latest version sent to it, kept in the
+/// `trellis_discovery_proxies_behind` gauge; dropping it (the stream ending, however it
+/// ends) takes the stream out of the count.
+#[derive(Debug)]
+struct Behind {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    counted: bool,
+}
+
+impl Behind {
+    fn set(&mut self, behind: bool) {
+        if behind != self.counted {
+            if behind {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+            self.counted = behind;
+        }
+    }
+}
+
+impl Drop for Behind {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 /// Completes when `permit`'s deadline passes; never when there is no permit.
@@ -318,6 +348,10 @@ impl Discovery for DiscoveryService {
             tx,
             metrics: self.metrics.clone(),
             in_flight: None,
+            behind: Behind {
+                gauge: self.metrics.proxies_behind.clone(),
+                counted: false,
+            },
             full_views: self.full_views.clone(),
             full_permit: None,
         };
@@ -485,6 +519,7 @@ impl ProxyStream {
         }
         self.metrics.pushed_bytes.inc_by(bytes as u64);
         self.in_flight = Some((version, Instant::now()));
+        self.behind.set(true);
         registration.update(|status| status.sent_version = version);
         Ok(())
     }
@@ -504,6 +539,7 @@ impl ProxyStream {
                         .ack_latency
                         .observe(pushed.elapsed().as_secs_f64());
                     self.in_flight = None;
+                    self.behind.set(false);
                 }
                 registration.update(|status| status.acked_version = Some(ack.version));
                 false

@@ -314,6 +314,7 @@ async fn acks_and_nacks_show_in_proxies() -> anyhow::Result<()> {
             .any(|p| p.acked_version == Some(1))
     })
     .await?;
+    assert_eq!(harness.metric("trellis_discovery_proxies_behind")?, "0");
 
     let [status]: [ProxyStatus; 1] = harness
         .service
@@ -364,7 +365,36 @@ async fn acks_and_nacks_show_in_proxies() -> anyhow::Result<()> {
     assert_eq!(harness.metric("trellis_discovery_acks_total")?, "1");
     assert_eq!(harness.metric("trellis_discovery_nacks_total")?, "1");
     assert_eq!(harness.metric("trellis_discovery_pushes_total")?, "3");
+    assert_eq!(harness.metric("trellis_discovery_full_pushes_total")?, "2");
     assert_eq!(harness.metric("trellis_discovery_connected_proxies")?, "1");
+    // Version 3 is sent and not acked: behind until the ack, and out of the count once
+    // the stream is gone.
+    assert_eq!(harness.metric("trellis_discovery_proxies_behind")?, "1");
+    proxy.send(Kind::Ack(Ack { version: 3 })).await?;
+    eventually("the ack of v3", || {
+        harness
+            .metric("trellis_discovery_proxies_behind")
+            .ok()
+            .as_deref()
+            == Some("0")
+    })
+    .await?;
+    assert!(harness.service.proxies()[0].synced);
+    harness
+        .snapshots
+        .send_replace(snapshot(4, vec![service("web", &["10.0.0.7:4143"])?]));
+    proxy.next().await?;
+    assert_eq!(harness.metric("trellis_discovery_proxies_behind")?, "1");
+    drop(proxy);
+    eventually("the stream to end", || {
+        harness
+            .metric("trellis_discovery_connected_proxies")
+            .ok()
+            .as_deref()
+            == Some("0")
+    })
+    .await?;
+    assert_eq!(harness.metric("trellis_discovery_proxies_behind")?, "0");
     Ok(())
 }
 
