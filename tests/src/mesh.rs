@@ -62,6 +62,9 @@ pub struct ControlPlane {
     pub admin: SocketAddr,
     extra: Launch,
     child: Option<Child>,
+    /// Started with `--kubernetes` (mesh and mesh config from the API in `KUBECONFIG`)
+    /// rather than `--config-dir`.
+    kubernetes: bool,
 }
 
 /// Extra flags and environment for `trellis-addon run`.
@@ -93,6 +96,28 @@ impl ControlPlane {
             admin: loopback(free_port()),
             extra: Launch::default(),
             child: None,
+            kubernetes: false,
+        };
+        cp.extra = extra(cp.dir.path());
+        cp.restart().await;
+        cp
+    }
+
+    /// Starts `trellis-addon run --kubernetes` (no `--config-dir`, no mesh file): the mesh
+    /// and its config come from the Kubernetes API that `extra`'s environment points at
+    /// (`KUBECONFIG`, and `POD_NAME` for the Lease), computed from the control plane's
+    /// directory (where the kubeconfig may be written); waits until ready, i.e. until
+    /// every watched kind has been listed.
+    pub async fn start_kubernetes(extra: impl FnOnce(&std::path::Path) -> Launch) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut cp = Self {
+            dir,
+            grpc: loopback(free_port()),
+            admin: loopback(free_port()),
+            extra: Launch::default(),
+            child: None,
+            kubernetes: true,
         };
         cp.extra = extra(cp.dir.path());
         cp.restart().await;
@@ -123,10 +148,14 @@ impl ControlPlane {
             .append(true)
             .open(self.dir.path().join("logs/control-plane.log"))
             .unwrap();
-        let child = Command::new(bin("trellis-addon"))
-            .arg("run")
-            .arg("--config-dir")
-            .arg(self.config_dir())
+        let mut command = Command::new(bin("trellis-addon"));
+        command.arg("run");
+        if self.kubernetes {
+            command.arg("--kubernetes");
+        } else {
+            command.arg("--config-dir").arg(self.config_dir());
+        }
+        let child = command
             .arg("--state-dir")
             .arg(self.state_dir())
             .args([
@@ -158,6 +187,27 @@ impl ControlPlane {
         if let Some(mut c) = self.child.take() {
             c.kill().await.unwrap();
         }
+    }
+
+    /// Sends SIGTERM, as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        let pid = self.child.as_ref().and_then(Child::id).unwrap_or(0);
+        assert!(pid != 0, "the control plane is not running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running (or was
+    /// never started).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        tokio::time::timeout(limit, child.wait())
+            .await
+            .ok()
+            .map(|r| r.unwrap())
     }
 
     /// Mints a token for a workload with the control plane's local issuer.

@@ -27,6 +27,9 @@
 //!   ConfigMap, written by the leader only, never blocking the caller;
 //!   `trellis_kube_event_write_errors_total`.
 //!
+//! - `stand_in` (feature `test-util`, tests only): a stand-in for the Kubernetes API
+//!   server, in process (a `tower::Service`) or over HTTPS with a kubeconfig.
+//!
 //! Owns: talking to the Kubernetes API (list/watch, restarts with backoff; the Lease; the
 //! Events), what is kept of each object in memory, snapshot versioning for the Kubernetes
 //! source.
@@ -42,6 +45,8 @@ pub mod events;
 pub mod leader;
 mod metrics;
 mod source;
+#[cfg(feature = "test-util")]
+pub mod stand_in;
 
 pub use metrics::Metrics;
 pub use source::{

@@ -13,6 +13,7 @@ mod capture;
 mod control_plane_down;
 mod endpoints;
 mod generated;
+mod kubernetes;
 mod limits;
 mod mtls;
 mod protocols;

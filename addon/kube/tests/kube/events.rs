@@ -1,4 +1,4 @@
-//! Config Events against the fake API server: what the leader writes when a ConfigMap is
+//! Config Events against the API stand-in: what the leader writes when a ConfigMap is
 //! rejected or a good one applied again, and what it (or a follower) does not write.
 
 use std::time::Duration;
@@ -9,18 +9,18 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use trellis_kube::events::{ConfigEvents, EventSettings};
 
-use crate::fake::FakeApi;
 use crate::leader::{Elector, fast};
 use crate::support::{eventually, has_line};
+use trellis_kube::stand_in::ApiStandIn;
 
 const NS: &str = "trellis-system";
 const BAD_MODE: &str =
     "mesh.yaml: mtls.mode: unknown variant `strikt`, expected `strict` or `permissive`";
 const BAD_DEBOUNCE: &str = "mesh.yaml: discovery.debounce: invalid duration `fast`";
 
-/// The fake with the mesh ConfigMap in it.
-fn api_with_config_map() -> FakeApi {
-    let api = FakeApi::default();
+/// The stand-in with the mesh ConfigMap in it.
+fn api_with_config_map() -> ApiStandIn {
+    let api = ApiStandIn::default();
     let config_map = json!({
         "metadata": {"name": "trellis-config", "namespace": NS, "uid": "cm-uid-1"},
         "data": {"mesh.yaml": "mtls:\n  mode: strikt\n"},
@@ -32,7 +32,7 @@ fn api_with_config_map() -> FakeApi {
 }
 
 fn start(
-    api: &FakeApi,
+    api: &ApiStandIn,
     settings: EventSettings,
     leader: watch::Receiver<bool>,
 ) -> (ConfigEvents, Registry) {
@@ -49,7 +49,7 @@ fn metrics(registry: &Registry) -> String {
 }
 
 /// The bodies of Events created so far, once there are `n`.
-async fn until_events(api: &FakeApi, n: usize) -> Vec<Value> {
+async fn until_events(api: &ApiStandIn, n: usize) -> Vec<Value> {
     let created = || {
         let writes = api.writes("events");
         let created: Vec<Value> = writes

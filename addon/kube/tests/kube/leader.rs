@@ -1,4 +1,4 @@
-//! Leader election against the fake API server: replicas contending for one Lease, what
+//! Leader election against the API stand-in: replicas contending for one Lease, what
 //! they write to it, and who leads when one leaves, loses a race, or loses the API.
 //!
 //! Short timings (1 s lease, 500 ms renew deadline, 100 ms retry) keep these fast.
@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use trellis_kube::leader::{LeaderElector, LeaseSettings, is_leader};
 
-use crate::fake::{FakeApi, Write};
 use crate::support::{PATIENCE, eventually, has_line};
+use trellis_kube::stand_in::{ApiStandIn, Write};
 
 const NS: &str = "trellis-system";
 const LEASE: &str = "trellis-controller";
@@ -42,7 +42,7 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn start(api: &FakeApi, settings: LeaseSettings) -> Elector {
+    pub fn start(api: &ApiStandIn, settings: LeaseSettings) -> Elector {
         let identity = settings.identity.clone();
         let elector = LeaderElector::new(api.client(), settings).expect("valid settings");
         let mut registry = Registry::default();
@@ -127,7 +127,7 @@ fn never_both(a: &Elector, b: &Elector) -> Arc<Mutex<bool>> {
     both
 }
 
-fn lease(api: &FakeApi) -> Value {
+fn lease(api: &ApiStandIn) -> Value {
     api.object::<Lease>(NS, LEASE).expect("the lease exists")
 }
 
@@ -161,7 +161,7 @@ fn summary(writes: &[Write]) -> Vec<(Method, u16, Option<String>)> {
 
 #[tokio::test]
 async fn two_replicas_elect_exactly_one_leader() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     let a = Elector::start(&api, fast("pod-a"));
     let b = Elector::start(&api, fast("pod-b"));
     let both = never_both(&a, &b);
@@ -218,7 +218,7 @@ async fn two_replicas_elect_exactly_one_leader() {
 
 #[tokio::test]
 async fn a_leader_that_shuts_down_releases_and_the_follower_takes_over_at_once() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     // A 10 s lease: a takeover within a second can only come from the release.
     let slow = |identity| LeaseSettings {
         lease_duration: Duration::from_secs(10),
@@ -269,7 +269,7 @@ async fn a_leader_that_shuts_down_releases_and_the_follower_takes_over_at_once()
 
 #[tokio::test]
 async fn a_vanished_leader_is_replaced_once_its_lease_expires() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     let a = Elector::start(&api, fast("pod-a"));
     a.until(true).await;
     let b = Elector::start(&api, fast("pod-b"));
@@ -299,7 +299,7 @@ async fn a_vanished_leader_is_replaced_once_its_lease_expires() {
 
 #[tokio::test]
 async fn a_replica_that_loses_a_write_race_stays_follower() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     // Another replica's create lands between our GET (404) and our POST; it releases the
     // Lease at once, and takes it again between our next GET and our PUT.
     let mut released = held_by("pod-x", 1);
@@ -343,7 +343,7 @@ async fn a_replica_that_loses_a_write_race_stays_follower() {
 
 #[tokio::test]
 async fn a_leader_that_cannot_reach_the_api_steps_down_by_its_deadline_and_comes_back() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     let a = Elector::start(&api, fast("pod-a"));
     a.until(true).await;
 

@@ -1,8 +1,9 @@
 //! `trellis-kube` against a Kubernetes API that lives in the test process (there is no
-//! cluster here): `fake` is an in-memory API server answering LIST and WATCH per kind (and
-//! GET/POST/PUT of Leases and Events), `mock` scripts the ConfigMap's requests one by one
-//! over `tower_test::mock`. `leader` and `events` cover leader election and the config
-//! Events written by the leader.
+//! cluster here): `trellis_kube::stand_in` (feature `test-util`) is an in-memory API server
+//! answering LIST and WATCH per kind (and GET/POST/PUT of Leases and Events), `mock`
+//! scripts the ConfigMap's requests one by one over `tower_test::mock`. `leader` and
+//! `events` cover leader election and the config Events written by the leader; `https`
+//! the stand-in's HTTPS front, reached through a kubeconfig as from another process.
 //!
 //! One binary, so the kube-rs stack is built and linked once.
 
@@ -10,7 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod events;
-mod fake;
+mod https;
 mod leader;
 mod mock;
 mod scenarios;

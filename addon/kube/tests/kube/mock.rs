@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use tower_test::mock;
 use trellis_kube::Kind;
 
-use crate::fake::event_line;
 use crate::support::{PATIENCE, Running};
+use trellis_kube::stand_in::event_line;
 
 type SendResponse = mock::SendResponse<Response<Body>>;
 

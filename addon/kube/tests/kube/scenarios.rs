@@ -1,4 +1,4 @@
-//! Scenarios against the fake API server: what the cluster does, and the snapshot (or
+//! Scenarios against the API stand-in: what the cluster does, and the snapshot (or
 //! config) the source must end up publishing.
 
 use std::time::Duration;
@@ -8,14 +8,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use trellis_api::ServiceKey;
 use trellis_kube::Kind;
 
-use crate::fake::FakeApi;
 use crate::support::*;
+use trellis_kube::stand_in::ApiStandIn;
 
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// `demo` with Service `api` (port 80 -> named target `http`), Pod `api-1` and a slice
 /// listing it at 8080 with the given readiness.
-fn demo(api: &FakeApi, ready: Option<bool>) {
+fn demo(api: &ApiStandIn, ready: Option<bool>) {
     api.apply(&namespace("demo"));
     api.apply(&service("demo", "api", "10.96.0.10", &[("http", 80)]));
     api.apply(&pod("demo", "api-1", "10.0.0.1", "api"));
@@ -30,7 +30,7 @@ fn demo(api: &FakeApi, ready: Option<bool>) {
 
 #[tokio::test]
 async fn first_snapshot_waits_for_every_initial_list() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     api.hold_lists("pods");
     api.hold_lists("configmaps");
@@ -90,7 +90,7 @@ async fn first_snapshot_waits_for_every_initial_list() {
 
 #[tokio::test]
 async fn changes_of_every_watched_kind_reach_the_snapshot() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(false));
     let running = Running::start(api.client(), DEBOUNCE);
     let first = running.ready().await;
@@ -264,7 +264,7 @@ async fn changes_of_every_watched_kind_reach_the_snapshot() {
 
 #[tokio::test]
 async fn gone_watch_relists_and_the_snapshot_converges() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     let running = Running::start(api.client(), DEBOUNCE);
     running.ready().await;
@@ -315,7 +315,7 @@ async fn gone_watch_relists_and_the_snapshot_converges() {
 
 #[tokio::test]
 async fn failing_watch_resumes_and_the_snapshot_converges() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     let running = Running::start(api.client(), DEBOUNCE);
     running.ready().await;
@@ -353,7 +353,7 @@ async fn failing_watch_resumes_and_the_snapshot_converges() {
 
 #[tokio::test]
 async fn config_map_data_flows_raw_through_create_change_and_delete() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     // Look-alikes the source must not see: another name, another namespace.
     api.apply(&config_map(
@@ -419,7 +419,7 @@ async fn config_map_data_flows_raw_through_create_change_and_delete() {
 async fn a_burst_of_changes_is_coalesced_into_few_snapshots() {
     const DEBOUNCE: Duration = Duration::from_millis(300);
     const PODS: usize = 50;
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     let ip = |i: usize| format!("10.0.1.{i}");
     for i in 0..PODS {
@@ -464,7 +464,7 @@ async fn a_burst_of_changes_is_coalesced_into_few_snapshots() {
 
 #[tokio::test]
 async fn stops_when_nobody_receives_snapshots() {
-    let api = FakeApi::default();
+    let api = ApiStandIn::default();
     demo(&api, Some(true));
     let running = Running::start(api.client(), DEBOUNCE);
     running.ready().await;

@@ -1,28 +1,46 @@
-//! A fake Kubernetes API server: a `tower::Service` over an in-memory store that answers
-//! LIST and WATCH the way kube-rs's watcher uses them, and GET/POST/PUT of single objects
-//! the way the leader elector and the Event recorder use them.
+//! A stand-in for the Kubernetes API server (feature `test-util`; never used by production
+//! code). It is not a Kubernetes API server: it speaks the documented list/watch/CRUD wire
+//! format of the Kubernetes API for the kinds Trellis uses (Namespaces, Services,
+//! `discovery.k8s.io/v1` EndpointSlices, Pods, ConfigMaps, `coordination.k8s.io/v1` Leases,
+//! `events.k8s.io/v1` Events), over an in-memory store, so the real kube-rs client (its
+//! watcher, the leader elector, the Event recorder) runs against it unchanged. There is no
+//! admission, no validation, no defaulting, no label selectors and no PATCH.
 //!
+//! Two ways in:
+//! - In process: [`ApiStandIn`] is a `tower::Service`; [`ApiStandIn::client`] is a
+//!   `kube::Client` over it, with no network at all.
+//! - Over HTTPS: [`ApiStandIn::serve_https`] listens on 127.0.0.1 with a fresh test CA and
+//!   writes a kubeconfig ([`HttpsApi::write_kubeconfig`]), so another process (the real
+//!   `trellis-addon run --kubernetes`) connects as it would to a cluster, bearer token
+//!   and certificate verification included.
+//!
+//! What it answers:
 //! - LIST `GET /api/v1/pods?limit=500`: every object of the resource (filtered by the
 //!   path's namespace and a `metadata.name=` field selector), with the list's
 //!   `resourceVersion`.
-//! - WATCH `GET ...?watch=true&resourceVersion=N`: a streaming body of newline-delimited
-//!   `{"type":"ADDED|MODIFIED|DELETED|ERROR","object":...}` events: first every recorded
-//!   change after `N`, then changes as they happen. A version older than the last
-//!   [`FakeApi::expire_watches`] gets `ERROR` 410 Gone, as from a compacted etcd.
-//! - GET `.../leases/<name>`: the object, or 404 NotFound.
-//! - POST `.../leases` (or `events`): creates the object from the body (its `uid` is
-//!   `uid-<rv>`), 201; 409 AlreadyExists if the name is taken.
-//! - PUT `.../leases/<name>`: replaces the object; 409 Conflict when the body's
-//!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT is
-//!   recorded with its body and answer ([`FakeApi::writes`]).
+//! - WATCH `GET ...?watch=true&resourceVersion=N`: a streaming body (chunked over HTTP/1.1)
+//!   of newline-delimited `{"type":"ADDED|MODIFIED|DELETED|ERROR","object":...}` events:
+//!   first every recorded change after `N`, then changes as they happen. A version older
+//!   than the last [`ApiStandIn::expire_watches`] gets `ERROR` 410 Gone, as from a
+//!   compacted etcd.
+//! - GET `.../<resource>/<name>`: the object, or 404 NotFound.
+//! - POST `.../<resource>`: creates the object from the body (its `uid` is `uid-<rv>`),
+//!   201; 409 AlreadyExists if the name is taken.
+//! - PUT `.../<resource>/<name>`: replaces the object; 409 Conflict when the body's
+//!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT
+//!   is recorded with its body and answer ([`ApiStandIn::writes`]).
 //!
-//! Every write bumps one global resource version, as in etcd. Tests inject failures:
-//! HTTP errors for the next requests of a resource (or all of them, for an outage), 410
-//! Gone on open watches, closed watches, requests held back until released, and another
-//! client's write landing just before the next write of a resource.
+//! Every write bumps one global resource version, as in etcd. Tests change the cluster
+//! with [`ApiStandIn::apply`] (k8s-openapi types) or [`ApiStandIn::apply_json`] (JSON with
+//! `kind`), and inject failures: HTTP errors for the next requests of a resource (or all of
+//! them, for an outage), 410 Gone on open watches, closed watches, requests held back until
+//! released, and another client's write landing just before the next write of a resource.
+
+mod https;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,16 +53,38 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-/// The fake server; clones share one store.
+pub use https::{HttpsApi, TOKEN};
+
+/// The stand-in API server; clones share one store.
 #[derive(Clone, Default)]
-pub struct FakeApi {
+pub struct ApiStandIn {
     state: Arc<Mutex<State>>,
 }
 
 /// A response body fed from a channel: whole for a LIST, open-ended for a WATCH.
-pub struct FakeBody {
+pub struct StandInBody {
     rx: mpsc::UnboundedReceiver<Bytes>,
 }
+
+/// A POST or PUT the server received, and its answer.
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// `POST` or `PUT`.
+    pub method: Method,
+    /// The resource (URL plural), e.g. `leases`.
+    pub resource: String,
+    /// The path's namespace.
+    pub namespace: Option<String>,
+    /// HTTP status of the answer.
+    pub code: u16,
+    /// The request body, as JSON.
+    pub body: Value,
+}
+
+/// An object [`ApiStandIn::apply_json`] cannot store: no `kind`, a kind the stand-in does
+/// not serve, or no `metadata.name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotStorable(String);
 
 #[derive(Default)]
 struct State {
@@ -70,19 +110,6 @@ struct State {
     requests: Vec<(String, bool, bool)>,
     /// Every POST and PUT, in order.
     writes: Vec<Write>,
-}
-
-/// A POST or PUT the server received, and its answer.
-#[derive(Clone, Debug)]
-pub struct Write {
-    pub method: Method,
-    pub resource: String,
-    /// The path's namespace.
-    pub namespace: Option<String>,
-    /// HTTP status of the answer.
-    pub code: u16,
-    /// The request body, as JSON.
-    pub body: Value,
 }
 
 struct Change {
@@ -113,10 +140,27 @@ struct Route {
     resource_version: Option<u64>,
 }
 
-// === impl FakeApi ===
+/// The resource (URL plural) of each kind the stand-in serves.
+const KINDS: [(&str, &str); 7] = [
+    ("Namespace", "namespaces"),
+    ("Service", "services"),
+    ("EndpointSlice", "endpointslices"),
+    ("Pod", "pods"),
+    ("ConfigMap", "configmaps"),
+    ("Lease", "leases"),
+    ("Event", "events"),
+];
 
-impl FakeApi {
-    /// A client of this server, as the source under test gets it.
+/// The resource (URL plural) the stand-in stores objects of `kind` under, e.g. `pods` for
+/// `Pod`; `None` for a kind it does not serve.
+pub fn resource_of(kind: &str) -> Option<&'static str> {
+    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r)
+}
+
+// === impl ApiStandIn ===
+
+impl ApiStandIn {
+    /// A client of this server, in process (no network), as the code under test gets it.
     pub fn client(&self) -> kube::Client {
         kube::Client::new(self.clone(), "default")
     }
@@ -124,36 +168,62 @@ impl FakeApi {
     /// Creates or replaces `obj` (ADDED or MODIFIED), returning its resource version.
     pub fn apply<K: k8s_openapi::Resource + Serialize>(&self, obj: &K) -> u64 {
         let object = serde_json::to_value(obj).unwrap_or_default();
-        let mut state = self.lock();
-        state.store(K::URL_PATH_SEGMENT, object);
-        state.rv
+        self.lock().apply(K::URL_PATH_SEGMENT, object)
+    }
+
+    /// Creates or replaces an object given as JSON (ADDED or MODIFIED), stored under the
+    /// resource of its `kind` ([`resource_of`]); returns its resource version. A new
+    /// object without `metadata.uid` gets one (`uid-<rv>`), a replaced one keeps its uid,
+    /// as the API server does.
+    pub fn apply_json(&self, object: Value) -> Result<u64, NotStorable> {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let Some(resource) = resource_of(kind) else {
+            return Err(NotStorable(format!(
+                "kind {kind:?} is not served (known: {})",
+                KINDS.map(|(k, _)| k).join(", ")
+            )));
+        };
+        if object["metadata"]["name"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            return Err(NotStorable(format!("a {kind} without metadata.name")));
+        }
+        Ok(self.lock().apply(resource, object))
     }
 
     /// Deletes an object (DELETED); `namespace` is `""` for a cluster-scoped kind.
+    ///
+    /// # Panics
+    ///
+    /// When there is no such object: a test deleting what it never created is wrong.
     pub fn delete<K: k8s_openapi::Resource>(&self, namespace: &str, name: &str) {
-        let mut state = self.lock();
-        let key = (namespace.to_owned(), name.to_owned());
-        let Some(mut object) = state
-            .objects
-            .get_mut(K::URL_PATH_SEGMENT)
-            .and_then(|objects| objects.remove(&key))
-        else {
+        if self.remove(K::URL_PATH_SEGMENT, namespace, name).is_none() {
             panic!(
                 "delete of unknown {} {namespace}/{name}",
                 K::URL_PATH_SEGMENT
             );
-        };
+        }
+    }
+
+    /// Deletes an object of `resource` (URL plural) (DELETED); returns it as it was, or
+    /// `None` when there is none. `namespace` is `""` for a cluster-scoped kind.
+    pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let mut state = self.lock();
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut object = state.objects.get_mut(resource)?.remove(&key)?;
         state.rv += 1;
         let rv = state.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         state.record(Change {
             rv,
-            resource: K::URL_PATH_SEGMENT.to_owned(),
+            resource: resource.to_owned(),
             namespace: key.0,
             name: key.1,
             event: "DELETED",
-            object,
+            object: object.clone(),
         });
+        Some(object)
     }
 
     /// The next `count` requests (of any kind) for `resource` fail with HTTP `code`.
@@ -186,9 +256,15 @@ impl FakeApi {
 
     /// The stored object, if any.
     pub fn object<K: k8s_openapi::Resource>(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.get(K::URL_PATH_SEGMENT, namespace, name)
+    }
+
+    /// The stored object of `resource` (URL plural), if any; `namespace` is `""` for a
+    /// cluster-scoped kind.
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
         self.lock()
             .objects
-            .get(K::URL_PATH_SEGMENT)?
+            .get(resource)?
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned()
     }
@@ -253,7 +329,8 @@ impl FakeApi {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn serve(self, method: Method, uri: Uri, body: Bytes) -> Response<FakeBody> {
+    /// Answers one request; shared by the in-process service and the HTTPS front.
+    async fn serve(self, method: Method, uri: Uri, body: Bytes) -> Response<StandInBody> {
         let Some(route) = Route::parse(&uri) else {
             return status_response(404, "NotFound", &format!("no route for {uri}"));
         };
@@ -308,8 +385,18 @@ impl FakeApi {
     }
 }
 
-impl tower::Service<Request<kube::client::Body>> for FakeApi {
-    type Response = Response<FakeBody>;
+impl fmt::Debug for ApiStandIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("ApiStandIn")
+            .field("resource_version", &state.rv)
+            .field("watches", &state.watches.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<Request<kube::client::Body>> for ApiStandIn {
+    type Response = Response<StandInBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -328,8 +415,13 @@ impl tower::Service<Request<kube::client::Body>> for FakeApi {
 
 impl State {
     /// Answers a request that is not failed: `(status code, response)`.
-    fn answer(&mut self, method: &Method, route: Route, body: &Value) -> (u16, Response<FakeBody>) {
-        let not_allowed = || (405, status_response(405, "MethodNotAllowed", "not faked"));
+    fn answer(
+        &mut self,
+        method: &Method,
+        route: Route,
+        body: &Value,
+    ) -> (u16, Response<StandInBody>) {
+        let not_allowed = || (405, status_response(405, "MethodNotAllowed", "not served"));
         match (method.as_str(), route.object.clone()) {
             ("GET", None) if route.watch => (200, self.watch(route)),
             ("GET", None) => (200, self.list(&route)),
@@ -349,7 +441,7 @@ impl State {
         }
     }
 
-    fn create(&mut self, route: &Route, mut object: Value) -> (u16, Response<FakeBody>) {
+    fn create(&mut self, route: &Route, mut object: Value) -> (u16, Response<StandInBody>) {
         if let Some(ns) = &route.namespace {
             object["metadata"]["namespace"] = json!(ns);
         }
@@ -371,7 +463,12 @@ impl State {
         (201, object_response(201, &stored))
     }
 
-    fn replace(&mut self, route: &Route, name: &str, object: Value) -> (u16, Response<FakeBody>) {
+    fn replace(
+        &mut self,
+        route: &Route,
+        name: &str,
+        object: Value,
+    ) -> (u16, Response<StandInBody>) {
         let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
         let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
             return (
@@ -386,6 +483,33 @@ impl State {
         }
         let stored = self.store(&route.resource, object);
         (200, object_response(200, &stored))
+    }
+
+    /// Stores `object` as a test's apply: a uid for a new object that has none, the stored
+    /// uid kept for a replaced one. Returns the new resource version.
+    fn apply(&mut self, resource: &str, mut object: Value) -> u64 {
+        if object["metadata"]["uid"].is_null() {
+            let key = (
+                object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            let stored = self.objects.get(resource).and_then(|o| o.get(&key));
+            let uid = match stored {
+                Some(stored) => stored["metadata"]["uid"].clone(),
+                None => json!(format!("uid-{}", self.rv + 1)),
+            };
+            if !uid.is_null() {
+                object["metadata"]["uid"] = uid;
+            }
+        }
+        self.store(resource, object);
+        self.rv
     }
 
     /// Stores `object` at a new resource version and records the change; returns it as
@@ -430,7 +554,7 @@ impl State {
         self.history.push(change);
     }
 
-    fn list(&self, route: &Route) -> Response<FakeBody> {
+    fn list(&self, route: &Route) -> Response<StandInBody> {
         let items: Vec<&Value> = self
             .objects
             .get(&route.resource)
@@ -445,13 +569,13 @@ impl State {
             "metadata": {"resourceVersion": self.rv.to_string()},
             "items": items,
         });
-        let (tx, body) = FakeBody::channel();
+        let (tx, body) = StandInBody::channel();
         let _ = tx.send(Bytes::from(list.to_string()));
         ok(body)
     }
 
-    fn watch(&mut self, route: Route) -> Response<FakeBody> {
-        let (tx, body) = FakeBody::channel();
+    fn watch(&mut self, route: Route) -> Response<StandInBody> {
+        let (tx, body) = StandInBody::channel();
         let from = route.resource_version.unwrap_or(self.rv);
         if from < self.compacted.get(&route.resource).copied().unwrap_or(0) {
             let _ = tx.send(event_line("ERROR", &gone_status()));
@@ -520,16 +644,16 @@ impl Route {
     }
 }
 
-// === impl FakeBody ===
+// === impl StandInBody ===
 
-impl FakeBody {
-    fn channel() -> (mpsc::UnboundedSender<Bytes>, FakeBody) {
+impl StandInBody {
+    fn channel() -> (mpsc::UnboundedSender<Bytes>, StandInBody) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (tx, FakeBody { rx })
+        (tx, StandInBody { rx })
     }
 }
 
-impl Body for FakeBody {
+impl Body for StandInBody {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -541,19 +665,36 @@ impl Body for FakeBody {
     }
 }
 
-/// A request body, whole.
-async fn read(body: kube::client::Body) -> Bytes {
+impl fmt::Debug for StandInBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandInBody").finish_non_exhaustive()
+    }
+}
+
+// === impl NotStorable ===
+
+impl fmt::Display for NotStorable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the API stand-in cannot store this object: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotStorable {}
+
+/// A request body, whole; a body that fails part-way counts as ended there (the request
+/// then fails to parse as JSON, as it would on a real server).
+async fn read<B: Body<Data = Bytes>>(body: B) -> Bytes {
     let mut body = std::pin::pin!(body);
     let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        if let Ok(data) = frame.expect("request body").into_data() {
+    while let Some(Ok(frame)) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if let Ok(data) = frame.into_data() {
             bytes.extend_from_slice(&data);
         }
     }
     Bytes::from(bytes)
 }
 
-fn ok(body: FakeBody) -> Response<FakeBody> {
+fn ok(body: StandInBody) -> Response<StandInBody> {
     let mut response = Response::new(body);
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -563,7 +704,7 @@ fn ok(body: FakeBody) -> Response<FakeBody> {
 }
 
 /// An error response with a `Status` body, as the API server sends.
-fn status_response(code: u16, reason: &str, message: &str) -> Response<FakeBody> {
+fn status_response(code: u16, reason: &str, message: &str) -> Response<StandInBody> {
     let status = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code,
@@ -572,8 +713,8 @@ fn status_response(code: u16, reason: &str, message: &str) -> Response<FakeBody>
 }
 
 /// `object` as the whole body, with HTTP status `code`.
-fn object_response(code: u16, object: &Value) -> Response<FakeBody> {
-    let (tx, body) = FakeBody::channel();
+fn object_response(code: u16, object: &Value) -> Response<StandInBody> {
+    let (tx, body) = StandInBody::channel();
     let _ = tx.send(Bytes::from(object.to_string()));
     let mut response = ok(body);
     *response.status_mut() =
@@ -589,7 +730,8 @@ fn gone_status() -> Value {
     })
 }
 
-/// One watch event, newline-terminated.
+/// One watch event as the API server streams it: `{"type": event, "object": object}`,
+/// newline-terminated.
 pub fn event_line(event: &str, object: &Value) -> Bytes {
     let mut line = json!({"type": event, "object": object}).to_string();
     line.push('\n');
@@ -600,12 +742,12 @@ fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
+    while let Some(&b) = bytes.get(i) {
         let hex = bytes
             .get(i + 1..i + 3)
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
+        match (b, hex) {
             (b'%', Some(b)) => {
                 out.push(b);
                 i += 3;
