@@ -81,6 +81,7 @@ impl CapturedMesh {
             dir.path().join("config/mesh.yaml"),
             mesh_yaml(vip, client.ip, server.ip),
         )?;
+        write_mesh_config(dir.path(), "{}")?;
         let mut children = Vec::new();
 
         let state = dir.path().join("state");
@@ -90,6 +91,8 @@ impl CapturedMesh {
                 .arg("run")
                 .arg("--config-dir")
                 .arg(dir.path().join("config"))
+                .arg("--mesh-config")
+                .arg(dir.path().join(MESH_CONFIG_FILE))
                 .arg("--state-dir")
                 .arg(&state)
                 .args([
@@ -225,6 +228,12 @@ impl CapturedMesh {
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
 
+    /// Replaces the `data` of the control plane's trellis-config (a YAML mapping, e.g.
+    /// `{outboundTrafficPolicy: 'mode: REGISTRY_ONLY'}`); it is re-read every 200 ms.
+    pub fn set_mesh_config_data(&self, data: &str) -> anyhow::Result<()> {
+        write_mesh_config(self.dir.path(), data)
+    }
+
     /// A process's log (`control-plane`, `client-1`, `server-1`).
     pub fn log(&self, name: &str) -> String {
         read(&self.dir.path().join(format!("logs/{name}.log")))
@@ -282,4 +291,19 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 
 fn read(p: &PathBuf) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// The control plane's `--mesh-config` file, in the mesh's directory.
+const MESH_CONFIG_FILE: &str = "mesh-config.yaml";
+
+/// Writes the trellis-config ConfigMap with `data`, whole (rename), so the control plane
+/// never reads half a file.
+fn write_mesh_config(dir: &std::path::Path, data: &str) -> anyhow::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata: {data}\n"
+    );
+    let tmp = dir.join(format!("{MESH_CONFIG_FILE}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(MESH_CONFIG_FILE))?;
+    Ok(())
 }

@@ -90,7 +90,7 @@ impl Admin {
                 let snap = self.snapshots.borrow().clone();
                 let services: Vec<_> = snap.services.values().collect();
                 json(
-                    &serde_json::json!({ "version": snap.version, "trust_domain": snap.trust_domain, "services": services }),
+                    &serde_json::json!({ "version": snap.version, "trust_domain": snap.trust_domain, "outbound_traffic_policy": snap.outbound, "services": services }),
                 )
             }
             "/debug/ca" => json(&self.ca.status()),

@@ -265,7 +265,7 @@ async fn run(
         bundle_file,
     ));
     let config_metrics = crate::ca::ConfigMetrics::new(&mut registry);
-    let (applier, ca_settings, scope) =
+    let (applier, applied) =
         Applier::new(mesh_config.clone(), trust_domain, config_metrics.clone());
     match (&mesh, args.mesh_config.clone()) {
         (Mesh::Cluster(cluster), _) => {
@@ -286,7 +286,7 @@ async fn run(
     tokio::spawn(crate::ca::supervise(
         ca.clone(),
         ca_source.clone(),
-        ca_settings,
+        applied.ca,
         args.state_dir.clone(),
         (
             trellis_ca::source::SourceMetrics::new(&mut registry),
@@ -347,19 +347,25 @@ async fn run(
         }
         Mesh::Cluster(cluster) => (cluster.snapshots, cluster.status),
     };
-    // The first snapshot already carries the bundle, so join_trust's first send is not a
-    // change at the same version.
+    // The first snapshot already carries the bundle and the policy, so join's first send
+    // is not a change at the same version.
     let mut joined = (**source_rx.borrow()).clone();
     joined.trust = ca.trust();
+    joined.outbound = *applied.outbound.borrow();
     let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
     // Discovery pushes the sources' view joined with the CA's trust bundle.
-    tokio::spawn(crate::ca::join_trust(source_rx, ca.subscribe(), snap_tx));
+    tokio::spawn(crate::ca::join(
+        source_rx,
+        ca.subscribe(),
+        applied.outbound.clone(),
+        snap_tx,
+    ));
 
     let discovery = DiscoveryService::new(
         snap_rx.clone(),
         trellis_discovery::Metrics::new(&mut registry),
     )
-    .with_scope_updates(scope);
+    .with_scope_updates(applied.scope);
     let identity = IdentityService::new(
         ca.clone(),
         verifier,

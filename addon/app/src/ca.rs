@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use trellis_api::{MeshSnapshot, Trust};
+use trellis_api::{MeshSnapshot, OutboundPolicy, Trust};
 use trellis_ca::source::{
     self, CaSource, DirSource, RotationPolicy, SelfSignedSource, SourceMetrics,
 };
@@ -157,32 +157,42 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Joins the CA's trust bundle into every snapshot from the sources, so a bundle or
-/// generation change reaches proxies as a discovery push. The version is the source's
-/// plus the number of trust changes so far: monotonic, and equal to the source's version
-/// (what `/debug/source` shows) until the CA first changes.
-pub(crate) async fn join_trust(
+/// Joins the CA's trust bundle and the mesh config's outbound traffic policy into every
+/// snapshot from the sources, so a bundle, generation or policy change reaches proxies as
+/// a discovery push. The version is the source's plus the number of such changes so far:
+/// monotonic, and equal to the source's version (what `/debug/source` shows) until the
+/// first one.
+pub(crate) async fn join(
     mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     mut trust: watch::Receiver<Trust>,
+    mut outbound: watch::Receiver<OutboundPolicy>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
 ) {
-    let mut trust_changes = 0u64;
-    let mut last_trust: Option<Trust> = None;
+    let mut changes = 0u64;
+    let mut last: Option<(Trust, OutboundPolicy)> = None;
+    // Without a mesh config watcher nobody changes the policy: its channel closes and
+    // is no longer listened to.
+    let mut outbound_open = true;
     loop {
         let mut next = (**snapshots.borrow_and_update()).clone();
-        let t = trust.borrow_and_update().clone();
-        if last_trust.as_ref().is_some_and(|last| *last != t) {
-            trust_changes += 1;
+        let joined = (
+            trust.borrow_and_update().clone(),
+            *outbound.borrow_and_update(),
+        );
+        if last.as_ref().is_some_and(|last| *last != joined) {
+            changes += 1;
         }
-        next.version += trust_changes;
-        next.trust = t.clone();
-        last_trust = Some(t);
+        next.version += changes;
+        next.trust = joined.0.clone();
+        next.outbound = joined.1;
+        last = Some(joined);
         if tx.send(Arc::new(next)).is_err() {
             return;
         }
         tokio::select! {
             r = snapshots.changed() => if r.is_err() { return },
             r = trust.changed() => if r.is_err() { return },
+            r = outbound.changed(), if outbound_open => outbound_open = r.is_ok(),
         }
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use trellis_api::OutboundPolicy;
 use trellis_discovery::Scope;
 
 use crate::ca::ConfigMetrics;
@@ -29,12 +30,23 @@ pub(crate) trait ConfigEvents: Send {
     fn applied(&mut self, summary: &str);
 }
 
+/// What an accepted config changes, as watch channels for the parts that apply it.
+pub(crate) struct Applied {
+    /// The CA source settings (`ca::supervise`).
+    pub(crate) ca: watch::Receiver<CaSettings>,
+    /// The discovery scope (the discovery server).
+    pub(crate) scope: watch::Receiver<Arc<Scope>>,
+    /// The outbound traffic policy, joined into every snapshot (`ca::join`).
+    pub(crate) outbound: watch::Receiver<OutboundPolicy>,
+}
+
 /// Applies accepted versions of the mesh config, keeping the last good one.
 pub(crate) struct Applier {
     running: MeshConfig,
     trust_domain: RunningTrustDomain,
     ca: watch::Sender<CaSettings>,
     scope: watch::Sender<Arc<Scope>>,
+    outbound: watch::Sender<OutboundPolicy>,
     metrics: ConfigMetrics,
     events: Option<Box<dyn ConfigEvents>>,
     /// Set while the newest version seen is refused, so recovery can be reported.
@@ -42,29 +54,32 @@ pub(crate) struct Applier {
 }
 
 impl Applier {
-    /// Starts from the config in force at startup; the receivers of the two channels are
-    /// what `ca::supervise` and the discovery server read.
+    /// Starts from the config in force at startup; the receivers are what
+    /// `ca::supervise`, the discovery server and `ca::join` read.
     pub(crate) fn new(
         running: MeshConfig,
         trust_domain: RunningTrustDomain,
         metrics: ConfigMetrics,
-    ) -> (
-        Self,
-        watch::Receiver<CaSettings>,
-        watch::Receiver<Arc<Scope>>,
-    ) {
+    ) -> (Self, Applied) {
         let (ca, ca_rx) = watch::channel(running.ca.clone());
         let (scope, scope_rx) = watch::channel(Arc::new(running.discovery.scope.clone()));
+        let (outbound, outbound_rx) = watch::channel(running.outbound_traffic_policy.mode.policy());
         let applier = Self {
             running,
             trust_domain,
             ca,
             scope,
+            outbound,
             metrics,
             events: None,
             rejecting: false,
         };
-        (applier, ca_rx, scope_rx)
+        let applied = Applied {
+            ca: ca_rx,
+            scope: scope_rx,
+            outbound: outbound_rx,
+        };
+        (applier, applied)
     }
 
     /// Also reports rejections and recoveries to `events`.
@@ -118,6 +133,15 @@ impl Applier {
             }
             changed
         });
+        let outbound = next.outbound_traffic_policy.mode.policy();
+        self.outbound.send_if_modified(|running| {
+            let changed = *running != outbound;
+            if changed {
+                info!(?outbound, "outbound traffic policy changed");
+                *running = outbound;
+            }
+            changed
+        });
         self.running = next;
     }
 }
@@ -162,6 +186,9 @@ pub(crate) async fn watch_config_map(
     mut applier: Applier,
     shutdown: CancellationToken,
 ) {
+    // At startup an absent ConfigMap was already reported (the defaults apply); only a
+    // later disappearance is news.
+    let mut first = true;
     loop {
         let current = data.borrow_and_update().clone();
         match current {
@@ -169,10 +196,12 @@ pub(crate) async fn watch_config_map(
                 mesh_config::parse_config_map_data(&data, &[]),
                 "ConfigMap trellis-system/trellis-config",
             ),
+            None if first => {}
             None => warn!(
                 "ConfigMap trellis-system/trellis-config is absent; keeping the running config"
             ),
         }
+        first = false;
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = data.changed() => if changed.is_err() { return },
@@ -230,7 +259,12 @@ mod tests {
         let metrics = ConfigMetrics::new(&mut registry);
         let running = MeshConfig::default();
         let td = RunningTrustDomain::resolve(None, &running)?;
-        let (applier, mut ca, mut scope) = Applier::new(running, td, metrics);
+        let (applier, applied) = Applier::new(running, td, metrics);
+        let Applied {
+            mut ca,
+            mut scope,
+            mut outbound,
+        } = applied;
         let events = Recorded::default();
         let mut applier = applier.with_events(Box::new(events.clone()));
         ca.borrow_and_update();
@@ -262,9 +296,14 @@ mod tests {
             Some("2")
         );
 
-        let back = data(&[("discovery", "scope: {default: [\"*\"]}")]);
+        let back = data(&[
+            ("discovery", "scope: {default: [\"*\"]}"),
+            ("outboundTrafficPolicy", "mode: REGISTRY_ONLY"),
+        ]);
         applier.offer(mesh_config::parse_config_map_data(&back, &[]), "test");
         assert!(scope.borrow_and_update().allows("a", "b"));
+        assert!(outbound.has_changed().map_err(|e| e.to_string())?);
+        assert_eq!(*outbound.borrow_and_update(), OutboundPolicy::RegistryOnly);
         assert_eq!(
             metric(&registry, "trellis_mesh_config_invalid").as_deref(),
             Some("0")

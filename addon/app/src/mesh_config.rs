@@ -41,7 +41,13 @@ pub(crate) const CONFIG_MAP_NAME: &str = "trellis-config";
 /// Namespace of the mesh ConfigMap, and of the control plane: every proxy sees its services.
 pub(crate) const CONFIG_MAP_NAMESPACE: &str = "trellis-system";
 /// The keys of `data` this version reads, sorted as error messages list them.
-pub(crate) const KNOWN_KEYS: [&str; 4] = ["ca", "discovery", "proxy", "trustDomain"];
+pub(crate) const KNOWN_KEYS: [&str; 5] = [
+    "ca",
+    "discovery",
+    "outboundTrafficPolicy",
+    "proxy",
+    "trustDomain",
+];
 
 /// The settings read from the mesh ConfigMap. `Default` is what an empty ConfigMap (or no
 /// `--mesh-config`) means.
@@ -57,6 +63,40 @@ pub(crate) struct MeshConfig {
     pub(crate) discovery: DiscoverySettings,
     /// `proxy`: what the injector and `trellis demo` pass to proxies.
     pub(crate) proxy: ProxySettings,
+    /// `outboundTrafficPolicy`: what proxies do with destinations outside the mesh.
+    pub(crate) outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+/// The `outboundTrafficPolicy` key, as in Istio's `meshConfig.outboundTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct OutboundTrafficPolicy {
+    /// `ALLOW_ANY` (default): connections to destinations outside the mesh pass through;
+    /// `REGISTRY_ONLY`: they are refused.
+    #[serde(default)]
+    pub(crate) mode: OutboundMode,
+}
+
+/// `outboundTrafficPolicy.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub(crate) enum OutboundMode {
+    /// Pass through (the default).
+    #[default]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    /// Refuse.
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+impl OutboundMode {
+    /// The value discovery sends to proxies.
+    pub(crate) fn policy(self) -> trellis_api::OutboundPolicy {
+        match self {
+            Self::AllowAny => trellis_api::OutboundPolicy::AllowAny,
+            Self::RegistryOnly => trellis_api::OutboundPolicy::RegistryOnly,
+        }
+    }
 }
 
 /// The `ca` key.
@@ -474,6 +514,8 @@ pub(crate) fn parse_config_map_data(
             "trustDomain" => parse_trust_domain(value).map(|td| config.trust_domain = Some(td)),
             "discovery" => parse_discovery(value).map(|d| config.discovery = d),
             "proxy" => parse_value::<ProxySettings>(value).map(|p| config.proxy = p),
+            "outboundTrafficPolicy" => parse_value::<OutboundTrafficPolicy>(value)
+                .map(|p| config.outbound_traffic_policy = p),
             _ => Err(Bad::whole(format!(
                 "unknown key (known: {})",
                 KNOWN_KEYS.join(", ")
@@ -863,15 +905,19 @@ mod tests {
             (cm("colour: blue"), "data.ca: colour: unknown field `colour`"),
             (
                 format!("{HEADER}data: {{cas: x}}\n"),
-                "data.cas: unknown key (known: ca, discovery, proxy, trustDomain)",
+                "data.cas: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
             ),
             (
                 format!("{HEADER}data: {{tracing: 'sampling: 1'}}\n"),
-                "data.tracing: unknown key (known: ca, discovery, proxy, trustDomain)",
+                "data.tracing: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
             ),
             (
-                format!("{HEADER}data: {{outboundTrafficPolicy: REGISTRY_ONLY}}\n"),
-                "data.outboundTrafficPolicy: unknown key (known: ",
+                format!("{HEADER}data: {{outboundTrafficPolicy: 'mode: DENY'}}\n"),
+                "data.outboundTrafficPolicy: mode: unknown variant `DENY`, expected `ALLOW_ANY` or `REGISTRY_ONLY`",
+            ),
+            (
+                format!("{HEADER}data: {{outboundTrafficPolicy: 'egress: all'}}\n"),
+                "data.outboundTrafficPolicy: egress: unknown field `egress`",
             ),
             (
                 format!("{HEADER}binaryData: {{ca: eA==}}\n"),

@@ -821,7 +821,7 @@ mod tests {
             denied(
                 "unknown key",
                 update(with("tracing", "sampling: 100")),
-                "invalid trellis-config: data.tracing: unknown key (known: ca, discovery, proxy, trustDomain)",
+                "invalid trellis-config: data.tracing: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
                 "data.tracing",
             ),
             denied(

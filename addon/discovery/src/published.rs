@@ -61,6 +61,8 @@ pub(crate) struct Published {
     pub(crate) version: u64,
     pub(crate) services: BTreeMap<ServiceKey, Entry>,
     trust_changed_at: u64,
+    /// The version the outbound traffic policy last changed at.
+    outbound_changed_at: u64,
     /// (version, service) for every upsert and removal, oldest first.
     log: VecDeque<(u64, ServiceKey)>,
     /// Deltas can be computed from versions at or after this one.
@@ -229,6 +231,7 @@ impl Published {
             version,
             services,
             trust_changed_at: version,
+            outbound_changed_at: version,
             log: VecDeque::new(),
             horizon: version,
         }
@@ -267,6 +270,9 @@ impl Published {
         }
         if source.trust != self.source.trust {
             next.trust_changed_at = version;
+        }
+        if source.outbound != self.source.outbound {
+            next.outbound_changed_at = version;
         }
         next.source = source;
         next.scope = scope;
@@ -322,7 +328,13 @@ impl Published {
             },
             ca_generation: if full { self.trust().generation } else { 0 },
             more: false,
+            outbound_traffic_policy: self.outbound_wire(),
         }
+    }
+
+    /// The outbound traffic policy as every response carries it.
+    fn outbound_wire(&self) -> i32 {
+        pb::OutboundTrafficPolicy::from(self.source.outbound).into()
     }
 
     /// What takes a proxy in `namespace` holding `base` to this version.
@@ -348,7 +360,9 @@ impl Published {
             .map(|(_, key)| key)
             .filter(|key| self.in_scope(namespace, key))
             .collect();
-        if changed.is_empty() && !trust_changed {
+        // A new outbound policy alone is worth a push: every response carries it.
+        let outbound_changed = self.outbound_changed_at > base.version;
+        if changed.is_empty() && !trust_changed && !outbound_changed {
             return Push::Nothing;
         }
         let mut upserts = Vec::new();
@@ -375,6 +389,7 @@ impl Published {
             trust_roots_der,
             ca_generation,
             more: false,
+            outbound_traffic_policy: self.outbound_wire(),
         })
     }
 }
@@ -568,5 +583,30 @@ mod tests {
         assert_eq!(parts.len(), 1);
         assert!(parts[0].full && !parts[0].more);
         Ok(())
+    }
+
+    /// A new outbound policy alone is pushed to every proxy, as an increment carrying it.
+    #[test]
+    fn an_outbound_policy_change_alone_is_pushed() {
+        let scope = Arc::new(Scope::own_namespace());
+        let a = service("a", "web", 1);
+        let first = Published::first(snapshot(1, std::slice::from_ref(&a)), scope.clone(), 0);
+        let strict = Arc::new(MeshSnapshot {
+            outbound: trellis_api::OutboundPolicy::RegistryOnly,
+            ..(*snapshot(2, &[a])).clone()
+        });
+        let next = first.next(strict, scope);
+        for ns in ["a", "elsewhere"] {
+            match push(&next, first.base(), ns) {
+                Push::Send(resp) => {
+                    assert!(!resp.full && resp.upserts.is_empty(), "{ns}: {resp:?}");
+                    assert_eq!(
+                        resp.outbound_traffic_policy,
+                        pb::OutboundTrafficPolicy::RegistryOnly as i32
+                    );
+                }
+                other => panic!("{ns}: expected an increment, got {other:?}"),
+            }
+        }
     }
 }

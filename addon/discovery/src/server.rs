@@ -503,6 +503,7 @@ impl ProxyStream {
             full,
             trust_roots = first.trust_roots_der.len(),
             ca_generation = first.ca_generation,
+            outbound_traffic_policy = first.outbound_traffic_policy,
             "pushing view"
         );
         let mut bytes = 0;

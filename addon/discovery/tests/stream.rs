@@ -451,3 +451,26 @@ async fn disconnected_proxy_disappears_from_proxies() -> anyhow::Result<()> {
     assert_eq!(stays.next().await?.version, 2);
     Ok(())
 }
+
+/// The outbound traffic policy alone changing reaches a connected proxy as an increment
+/// that carries it, and applying it gives the proxy the policy.
+#[tokio::test]
+async fn an_outbound_policy_change_reaches_the_proxy() -> anyhow::Result<()> {
+    let harness = Harness::start(Some(web_id()?), Duration::from_secs(10)).await?;
+    let mut proxy = harness.open(true).await?;
+    let held = apply(&MeshSnapshot::default(), &proxy.next().await?)?;
+    assert_eq!(held.outbound, trellis_api::OutboundPolicy::AllowAny);
+    let strict = MeshSnapshot {
+        version: 2,
+        outbound: trellis_api::OutboundPolicy::RegistryOnly,
+        ..(*first_snapshot()?).clone()
+    };
+    harness.snapshots.send_replace(Arc::new(strict));
+    let resp = proxy.next().await?;
+    assert!(!resp.full && resp.upserts.is_empty(), "{resp:?}");
+    assert_eq!(
+        apply(&held, &resp)?.outbound,
+        trellis_api::OutboundPolicy::RegistryOnly
+    );
+    Ok(())
+}

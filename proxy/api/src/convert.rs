@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::discovery::v1 as pb;
-use crate::snapshot::{Endpoint, Protocol, Service, ServiceKey, ServicePort};
+use crate::snapshot::{Endpoint, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort};
 
 /// Why a discovery response could not be turned into a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,6 +254,29 @@ fn port_from_proto(
         protocol,
         endpoints,
     })
+}
+
+// === OutboundPolicy ===
+
+impl From<OutboundPolicy> for pb::OutboundTrafficPolicy {
+    fn from(policy: OutboundPolicy) -> Self {
+        match policy {
+            OutboundPolicy::AllowAny => Self::AllowAny,
+            OutboundPolicy::RegistryOnly => Self::RegistryOnly,
+        }
+    }
+}
+
+impl OutboundPolicy {
+    /// The policy a response carries. A value this proxy does not know (a newer control
+    /// plane's) is read as `RegistryOnly`: refusing what it cannot place is the fail-closed
+    /// reading of a policy it does not understand.
+    pub fn from_wire(value: i32) -> Self {
+        match pb::OutboundTrafficPolicy::try_from(value) {
+            Ok(pb::OutboundTrafficPolicy::AllowAny) => Self::AllowAny,
+            Ok(pb::OutboundTrafficPolicy::RegistryOnly) | Err(_) => Self::RegistryOnly,
+        }
+    }
 }
 
 #[cfg(test)]

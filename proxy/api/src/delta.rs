@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::convert::ConvertError;
 use crate::discovery::v1 as pb;
-use crate::snapshot::{MeshSnapshot, Service, ServiceKey, Trust};
+use crate::snapshot::{MeshSnapshot, OutboundPolicy, Service, ServiceKey, Trust};
 
 /// Applies a discovery response to the snapshot the proxy holds and returns the new one.
 ///
@@ -71,6 +71,8 @@ pub fn apply(
         trust_domain: resp.trust_domain.clone(),
         services,
         trust,
+        // Every response carries the policy in force, increments too.
+        outbound: OutboundPolicy::from_wire(resp.outbound_traffic_policy),
     })
 }
 
@@ -115,6 +117,7 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         trust_roots_der,
         ca_generation,
         more: false,
+        outbound_traffic_policy: pb::OutboundTrafficPolicy::from(new.outbound).into(),
     }
 }
 
@@ -130,6 +133,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         trust_roots_der: snapshot.trust.roots_der.clone(),
         ca_generation: snapshot.trust.generation,
         more: false,
+        outbound_traffic_policy: pb::OutboundTrafficPolicy::from(snapshot.outbound).into(),
     }
 }
 
@@ -137,7 +141,10 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
 /// CA generation), whatever their versions: pushing [`diff`] of them would change nothing
 /// for the proxy.
 pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
-    old.trust_domain == new.trust_domain && old.services == new.services && old.trust == new.trust
+    old.trust_domain == new.trust_domain
+        && old.services == new.services
+        && old.trust == new.trust
+        && old.outbound == new.outbound
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

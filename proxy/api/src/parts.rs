@@ -186,6 +186,7 @@ mod tests {
             trust_roots_der: vec![vec![7; 600]],
             ca_generation: 3,
             more: false,
+            outbound_traffic_policy: 1,
         }
     }
 

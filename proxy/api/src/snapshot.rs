@@ -30,6 +30,20 @@ pub struct MeshSnapshot {
     pub services: BTreeMap<ServiceKey, Service>,
     /// The trust bundle and the CA generation (empty when the control plane has none).
     pub trust: Trust,
+    /// What proxies do with connections to destinations outside the mesh.
+    pub outbound: OutboundPolicy,
+}
+
+/// What a proxy does with a connection to a destination outside the mesh (no service or
+/// endpoint in its view): trellis-config's `outboundTrafficPolicy.mode`, Istio's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundPolicy {
+    /// Pass it through as plain TCP to its original destination (the default).
+    #[default]
+    AllowAny,
+    /// Refuse it: closed at once, logged and counted.
+    RegistryOnly,
 }
 
 /// The roots peers are verified against, and the generation of the CA that signs now.

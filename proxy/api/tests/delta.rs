@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use trellis_api::discovery::v1 as pb;
 use trellis_api::{
-    ConvertError, Endpoint, MeshSnapshot, Protocol, Service, ServiceKey, ServicePort, Trust, apply,
-    diff, full, same_view,
+    ConvertError, Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey,
+    ServicePort, Trust, apply, diff, full, same_view,
 };
 
 fn endpoint(addr: &str, sa: &str) -> Endpoint {
@@ -44,6 +44,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         trust_domain: "cluster.local".into(),
         services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
         trust: Trust::default(),
+        outbound: OutboundPolicy::AllowAny,
     }
 }
 
@@ -178,6 +179,7 @@ fn diff_carries_only_changes() {
             trust_roots_der: Vec::new(),
             ca_generation: 0,
             more: false,
+            outbound_traffic_policy: 0,
         }
     );
     assert!(trellis_api::same_view(
@@ -293,6 +295,7 @@ fn full_carries_the_bundle_and_generation() {
             trust_roots_der: vec![b"root-old".to_vec(), b"root-new".to_vec()],
             ca_generation: 3,
             more: false,
+            outbound_traffic_policy: 0,
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -388,6 +391,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 trust_roots_der: new_trust.roots_der.clone(),
                 ca_generation: new_trust.generation,
                 more: false,
+                outbound_traffic_policy: 0,
             },
             "{case}"
         );
@@ -473,5 +477,44 @@ fn trust_serializes_as_count_and_fingerprints() -> anyhow::Result<()> {
     let snap = serde_json::to_value(trusted(1, vec![], t))?;
     assert_eq!(snap["trust"]["roots"], 2);
     assert!(!snap.to_string().contains("abc"), "{snap}");
+    Ok(())
+}
+
+/// The outbound policy rides every response: a change alone is an increment that moves
+/// the proxy to the new policy, an increment without a change keeps it, and a policy value
+/// the proxy does not know is read as REGISTRY_ONLY (fail closed).
+#[test]
+fn outbound_policy_travels_with_every_response() -> Result<(), trellis_api::ConvertError> {
+    let old = snapshot(1, vec![]);
+    let strict = MeshSnapshot {
+        outbound: OutboundPolicy::RegistryOnly,
+        ..snapshot(2, vec![])
+    };
+    assert!(!same_view(&old, &strict));
+    let resp = diff(&old, &strict);
+    assert!(!resp.full);
+    assert_eq!(
+        resp.outbound_traffic_policy,
+        pb::OutboundTrafficPolicy::RegistryOnly as i32
+    );
+    let applied = apply(&old, &resp)?;
+    assert_eq!(applied.outbound, OutboundPolicy::RegistryOnly);
+    let later = MeshSnapshot {
+        version: 3,
+        ..strict.clone()
+    };
+    assert_eq!(
+        apply(&applied, &diff(&strict, &later))?.outbound,
+        OutboundPolicy::RegistryOnly
+    );
+    let unknown = pb::DiscoveryResponse {
+        version: 4,
+        outbound_traffic_policy: 7,
+        ..diff(&old, &old)
+    };
+    assert_eq!(
+        apply(&old, &unknown)?.outbound,
+        OutboundPolicy::RegistryOnly
+    );
     Ok(())
 }

@@ -208,6 +208,7 @@ impl Admin {
                 // What the control plane pushed (roots, fingerprints, generation); the
                 // certificate above shows the bundle in use.
                 "trust": view.snapshot.trust,
+                "outbound_traffic_policy": view.snapshot.outbound,
                 "services": services,
             },
         });

@@ -116,6 +116,7 @@ async fn stream_once(
                     services = next.services.len(),
                     trust_roots = next.trust.roots_der.len(),
                     ca_generation = next.trust.generation,
+                    outbound = ?next.outbound,
                     "discovery view applied"
                 );
                 metrics

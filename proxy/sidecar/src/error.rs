@@ -55,6 +55,10 @@ pub enum Error {
     /// The upstream did not answer in time.
     #[error("upstream timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A destination outside the mesh while the mesh's outbound traffic policy is
+    /// REGISTRY_ONLY.
+    #[error("{0} is outside the mesh and outboundTrafficPolicy is REGISTRY_ONLY")]
+    OutsideMesh(std::net::SocketAddr),
 }
 
 // === impl Error ===
@@ -63,7 +67,9 @@ impl Error {
     /// Which side failed.
     pub fn side(&self) -> Side {
         match self {
-            Error::NoHost | Error::BadHost(_) | Error::NoRoute(_) => Side::Downstream,
+            Error::NoHost | Error::BadHost(_) | Error::NoRoute(_) | Error::OutsideMesh(_) => {
+                Side::Downstream
+            }
             Error::NotReady(_) => Side::Internal,
             Error::NoEndpoints(_)
             | Error::BadEndpointIdentity { .. }
@@ -78,6 +84,8 @@ impl Error {
         match self {
             Error::NoHost | Error::BadHost(_) => StatusCode::BAD_REQUEST,
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
+            // Istio's BlackHoleCluster answers 502 for HTTP under REGISTRY_ONLY.
+            Error::OutsideMesh(_) => StatusCode::BAD_GATEWAY,
             Error::NoEndpoints(_) | Error::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::BadEndpointIdentity { .. } | Error::Connect { .. } | Error::Upstream(_) => {
                 StatusCode::BAD_GATEWAY

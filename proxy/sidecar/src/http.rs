@@ -216,7 +216,11 @@ impl TunnelAccess {
             Ok((s, r)) => (*s, *r, String::new()),
             Err(e) => (0, 0, e.to_string()),
         };
-        let outcome = if result.is_ok() { "ok" } else { "error" };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Error::OutsideMesh(_)) => "blocked",
+            Err(_) => "error",
+        };
         metrics
             .tcp_connections
             .get_or_create(&crate::metrics::TcpLabels {

@@ -452,6 +452,13 @@ impl Outbound {
         let mut log = TunnelAccess::new("outbound", protocol, self.me.as_str(), orig);
         log.service = "passthrough".into();
         log.endpoint = orig.to_string();
+        if self.view.borrow().snapshot.outbound == trellis_api::OutboundPolicy::RegistryOnly {
+            // Dropping the connection closes it: the app sees a reset or EOF at once,
+            // like Istio's BlackHoleCluster, and the access line says why.
+            log.service = "blocked".into();
+            log.finish(start, Err(Error::OutsideMesh(orig)), &self.metrics);
+            return;
+        }
         let result = async {
             // The proxy's own traffic (UID 1337) is not captured, so this goes straight out.
             let mut upstream = TcpStream::connect(orig)

@@ -398,3 +398,91 @@ async fn ipv6_traffic_is_captured_too() {
     assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
     assert_eq!(rec.len(), 1);
 }
+
+/// `outboundTrafficPolicy.mode: REGISTRY_ONLY` in trellis-config, applied live: a captured
+/// connection to a destination outside the mesh is closed without reaching it, logged as
+/// blocked and counted, while mesh traffic still flows; back to ALLOW_ANY, it passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_refuses_destinations_outside_the_mesh() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let outside_rec = Recorder::new();
+    let (r1, r2) = (rec.clone(), outside_rec.clone());
+    let _echo = m.server.spawn(move || tcp_echo_server(ports::TCP, r1));
+    let _outside = m.outside.spawn(move || tcp_echo_server(ports::OUTSIDE, r2));
+    let tcp = m.service(ports::TCP);
+    let outside = std::net::SocketAddr::new(m.outside.ip.into(), ports::OUTSIDE);
+
+    m.set_mesh_config_data("{outboundTrafficPolicy: 'mode: REGISTRY_ONLY'}")
+        .unwrap();
+    // Applied once a connection outside gets no echo (closed by the proxy: an error or an
+    // early EOF); every attempt before that passed through.
+    let blocked = wait_until(Duration::from_secs(10), || async {
+        !m.client
+            .run(move || async move { tcp_echo(outside, b"x").await })
+            .await
+            .is_ok_and(|echoed| echoed == b"x")
+    })
+    .await;
+    if blocked.is_err() {
+        let config = m
+            .client
+            .run(|| async {
+                trellis_e2e::mesh::http_get(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 15020)),
+                    "localhost",
+                    "/config",
+                )
+                .await
+            })
+            .await;
+        panic!(
+            "never blocked:\n{}\n{}\n{config:?}",
+            m.log("control-plane"),
+            m.log("client-1"),
+        );
+    }
+    let reached = outside_rec.len();
+    for _ in 0..3 {
+        let r = m
+            .client
+            .run(move || async move { tcp_echo(outside, b"blocked?").await })
+            .await;
+        assert!(
+            !r.as_ref().is_ok_and(|echoed| echoed == b"blocked?"),
+            "a connection outside the mesh got through: {r:?}"
+        );
+    }
+    assert_eq!(
+        outside_rec.len(),
+        reached,
+        "the outside pod saw a blocked connection"
+    );
+    // Mesh services are not affected.
+    let echoed = m
+        .client
+        .run(move || async move { tcp_echo(tcp, b"inside").await })
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"inside");
+    let logged = wait_until(Duration::from_secs(5), || async {
+        m.access_log("client-1").iter().any(|l| {
+            l.contains("service=blocked")
+                && l.contains(&format!("orig_dst={outside}"))
+                && l.contains("outboundTrafficPolicy is REGISTRY_ONLY")
+        })
+    });
+    assert!(logged.await.is_ok(), "{:#?}", m.access_log("client-1"));
+
+    m.set_mesh_config_data("{outboundTrafficPolicy: 'mode: ALLOW_ANY'}")
+        .unwrap();
+    let open = wait_until(Duration::from_secs(10), || async {
+        m.client
+            .run(move || async move { tcp_echo(outside, b"again").await })
+            .await
+            .is_ok_and(|echoed| echoed == b"again")
+    })
+    .await;
+    assert!(open.is_ok(), "ALLOW_ANY did not come back");
+    assert!(outside_rec.len() > reached);
+}

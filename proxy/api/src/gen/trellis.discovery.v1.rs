@@ -95,6 +95,12 @@ pub struct DiscoveryResponse {
     /// first part carries `full`, the trust domain and the trust bundle.
     #[prost(bool, tag = "16")]
     pub more: bool,
+    /// What the proxy does with a connection to a destination outside the mesh (no service
+    /// or endpoint in its view): the mesh-wide `outboundTrafficPolicy.mode` of trellis-config.
+    /// Every response carries the value in force (an increment too), so the proxy always
+    /// takes the newest; a multi-part response carries it in its first part.
+    #[prost(enumeration = "OutboundTrafficPolicy", tag = "17")]
+    pub outbound_traffic_policy: i32,
 }
 /// A service in the mesh and where its endpoints are.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -146,6 +152,36 @@ pub struct Endpoint {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+}
+/// Istio's meshConfig.outboundTrafficPolicy.mode, same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum OutboundTrafficPolicy {
+    /// Connections to unknown destinations pass through as plain TCP (the default, and what
+    /// a control plane that predates this field means).
+    AllowAny = 0,
+    /// Connections to unknown destinations are refused: closed at once, logged and counted.
+    RegistryOnly = 1,
+}
+impl OutboundTrafficPolicy {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::AllowAny => "ALLOW_ANY",
+            Self::RegistryOnly => "REGISTRY_ONLY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ALLOW_ANY" => Some(Self::AllowAny),
+            "REGISTRY_ONLY" => Some(Self::RegistryOnly),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod discovery_client {
