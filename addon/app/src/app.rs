@@ -351,13 +351,15 @@ async fn run(
     // is not a change at the same version.
     let mut joined = (**source_rx.borrow()).clone();
     joined.trust = ca.trust();
-    joined.outbound = *applied.outbound.borrow();
+    let proxy_wide = *applied.proxies.borrow();
+    joined.outbound = proxy_wide.outbound;
+    joined.access_log = proxy_wide.access_log;
     let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
     // Discovery pushes the sources' view joined with the CA's trust bundle.
     tokio::spawn(crate::ca::join(
         source_rx,
         ca.subscribe(),
-        applied.outbound.clone(),
+        applied.proxies.clone(),
         snap_tx,
     ));
 

@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use trellis_api::{MeshSnapshot, OutboundPolicy, Trust};
+use trellis_api::{MeshSnapshot, Trust};
+
+use crate::config_watch::ProxyWide;
 use trellis_ca::source::{
     self, CaSource, DirSource, RotationPolicy, SelfSignedSource, SourceMetrics,
 };
@@ -157,34 +159,35 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Joins the CA's trust bundle and the mesh config's outbound traffic policy into every
-/// snapshot from the sources, so a bundle, generation or policy change reaches proxies as
-/// a discovery push. The version is the source's plus the number of such changes so far:
+/// Joins the CA's trust bundle and the mesh config's proxy-wide settings (outbound traffic
+/// policy, access log) into every snapshot from the sources, so a bundle, generation or
+/// settings change reaches proxies as a discovery push. The version is the source's plus the number of such changes so far:
 /// monotonic, and equal to the source's version (what `/debug/source` shows) until the
 /// first one.
 pub(crate) async fn join(
     mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     mut trust: watch::Receiver<Trust>,
-    mut outbound: watch::Receiver<OutboundPolicy>,
+    mut proxies: watch::Receiver<ProxyWide>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
 ) {
     let mut changes = 0u64;
-    let mut last: Option<(Trust, OutboundPolicy)> = None;
-    // Without a mesh config watcher nobody changes the policy: its channel closes and
+    let mut last: Option<(Trust, ProxyWide)> = None;
+    // Without a mesh config watcher nobody changes the settings: their channel closes and
     // is no longer listened to.
-    let mut outbound_open = true;
+    let mut proxies_open = true;
     loop {
         let mut next = (**snapshots.borrow_and_update()).clone();
         let joined = (
             trust.borrow_and_update().clone(),
-            *outbound.borrow_and_update(),
+            *proxies.borrow_and_update(),
         );
         if last.as_ref().is_some_and(|last| *last != joined) {
             changes += 1;
         }
         next.version += changes;
         next.trust = joined.0.clone();
-        next.outbound = joined.1;
+        next.outbound = joined.1.outbound;
+        next.access_log = joined.1.access_log;
         last = Some(joined);
         if tx.send(Arc::new(next)).is_err() {
             return;
@@ -192,7 +195,7 @@ pub(crate) async fn join(
         tokio::select! {
             r = snapshots.changed() => if r.is_err() { return },
             r = trust.changed() => if r.is_err() { return },
-            r = outbound.changed(), if outbound_open => outbound_open = r.is_ok(),
+            r = proxies.changed(), if proxies_open => proxies_open = r.is_ok(),
         }
     }
 }

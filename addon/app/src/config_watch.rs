@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use trellis_api::OutboundPolicy;
+use trellis_api::{AccessLog, OutboundPolicy};
 use trellis_discovery::Scope;
 
 use crate::ca::ConfigMetrics;
@@ -36,8 +36,26 @@ pub(crate) struct Applied {
     pub(crate) ca: watch::Receiver<CaSettings>,
     /// The discovery scope (the discovery server).
     pub(crate) scope: watch::Receiver<Arc<Scope>>,
-    /// The outbound traffic policy, joined into every snapshot (`ca::join`).
-    pub(crate) outbound: watch::Receiver<OutboundPolicy>,
+    /// The settings every proxy gets, joined into every snapshot (`ca::join`).
+    pub(crate) proxies: watch::Receiver<ProxyWide>,
+}
+
+/// Mesh-wide settings every proxy receives through discovery, in every response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProxyWide {
+    /// `outboundTrafficPolicy.mode`.
+    pub(crate) outbound: OutboundPolicy,
+    /// `proxy.accessLog` and `proxy.accessLogFormat`.
+    pub(crate) access_log: AccessLog,
+}
+
+impl ProxyWide {
+    fn of(config: &MeshConfig) -> Self {
+        Self {
+            outbound: config.outbound_traffic_policy.mode.policy(),
+            access_log: config.proxy.access_log(),
+        }
+    }
 }
 
 /// Applies accepted versions of the mesh config, keeping the last good one.
@@ -46,7 +64,7 @@ pub(crate) struct Applier {
     trust_domain: RunningTrustDomain,
     ca: watch::Sender<CaSettings>,
     scope: watch::Sender<Arc<Scope>>,
-    outbound: watch::Sender<OutboundPolicy>,
+    proxies: watch::Sender<ProxyWide>,
     metrics: ConfigMetrics,
     events: Option<Box<dyn ConfigEvents>>,
     /// Set while the newest version seen is refused, so recovery can be reported.
@@ -63,13 +81,13 @@ impl Applier {
     ) -> (Self, Applied) {
         let (ca, ca_rx) = watch::channel(running.ca.clone());
         let (scope, scope_rx) = watch::channel(Arc::new(running.discovery.scope.clone()));
-        let (outbound, outbound_rx) = watch::channel(running.outbound_traffic_policy.mode.policy());
+        let (proxies, proxies_rx) = watch::channel(ProxyWide::of(&running));
         let applier = Self {
             running,
             trust_domain,
             ca,
             scope,
-            outbound,
+            proxies,
             metrics,
             events: None,
             rejecting: false,
@@ -77,7 +95,7 @@ impl Applier {
         let applied = Applied {
             ca: ca_rx,
             scope: scope_rx,
-            outbound: outbound_rx,
+            proxies: proxies_rx,
         };
         (applier, applied)
     }
@@ -133,12 +151,16 @@ impl Applier {
             }
             changed
         });
-        let outbound = next.outbound_traffic_policy.mode.policy();
-        self.outbound.send_if_modified(|running| {
-            let changed = *running != outbound;
+        let proxies = ProxyWide::of(&next);
+        self.proxies.send_if_modified(|running| {
+            let changed = *running != proxies;
             if changed {
-                info!(?outbound, "outbound traffic policy changed");
-                *running = outbound;
+                info!(
+                    outbound = ?proxies.outbound,
+                    access_log = ?proxies.access_log,
+                    "proxy settings changed"
+                );
+                *running = proxies;
             }
             changed
         });
@@ -263,7 +285,7 @@ mod tests {
         let Applied {
             mut ca,
             mut scope,
-            mut outbound,
+            proxies: mut outbound,
         } = applied;
         let events = Recorded::default();
         let mut applier = applier.with_events(Box::new(events.clone()));
@@ -303,7 +325,10 @@ mod tests {
         applier.offer(mesh_config::parse_config_map_data(&back, &[]), "test");
         assert!(scope.borrow_and_update().allows("a", "b"));
         assert!(outbound.has_changed().map_err(|e| e.to_string())?);
-        assert_eq!(*outbound.borrow_and_update(), OutboundPolicy::RegistryOnly);
+        assert_eq!(
+            outbound.borrow_and_update().outbound,
+            OutboundPolicy::RegistryOnly
+        );
         assert_eq!(
             metric(&registry, "trellis_mesh_config_invalid").as_deref(),
             Some("0")

@@ -189,6 +189,20 @@ pub(crate) struct ProxySettings {
     /// `accessLog`: one `access` line per request (default `true`), whatever `logLevel`.
     #[serde(default = "default_access_log")]
     pub(crate) access_log: bool,
+    /// `accessLogFormat`: `text` (default, `key=value`) or `json` (one object per line).
+    #[serde(default)]
+    pub(crate) access_log_format: AccessLogFormat,
+}
+
+/// `proxy.accessLogFormat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AccessLogFormat {
+    /// `key=value` text lines.
+    #[default]
+    Text,
+    /// One JSON object per line, fixed field names.
+    Json,
 }
 
 /// `proxy.logLevel`.
@@ -315,6 +329,7 @@ impl Default for ProxySettings {
         Self {
             log_level: LogLevel::Info,
             access_log: default_access_log(),
+            access_log_format: AccessLogFormat::Text,
         }
     }
 }
@@ -330,6 +345,15 @@ impl ProxySettings {
     pub(crate) fn log_filter(&self) -> String {
         let access = if self.access_log { "info" } else { "off" };
         format!("{},access={access}", self.log_level.as_str())
+    }
+
+    /// The access log discovery sends every proxy (`accessLog` and `accessLogFormat`).
+    pub(crate) fn access_log(&self) -> trellis_api::AccessLog {
+        match (self.access_log, self.access_log_format) {
+            (false, _) => trellis_api::AccessLog::Off,
+            (true, AccessLogFormat::Text) => trellis_api::AccessLog::Text,
+            (true, AccessLogFormat::Json) => trellis_api::AccessLog::Json,
+        }
     }
 }
 
@@ -1134,9 +1158,31 @@ mod tests {
             let p = ProxySettings {
                 log_level,
                 access_log,
+                access_log_format: AccessLogFormat::Text,
             };
             assert_eq!(p.log_filter(), filter);
         }
+    }
+
+    #[test]
+    fn access_log_setting_sent_to_proxies() {
+        use trellis_api::AccessLog;
+        let cases = [
+            ("", AccessLog::Text),
+            ("accessLogFormat: json", AccessLog::Json),
+            ("accessLog: false\naccessLogFormat: json", AccessLog::Off),
+            ("accessLog: false", AccessLog::Off),
+        ];
+        for (yaml, want) in cases {
+            let c = parse(&cm_with(&[("proxy", yaml)])).unwrap();
+            assert_eq!(c.proxy.access_log(), want, "{yaml:?}");
+        }
+        let err = parse(&cm_with(&[("proxy", "accessLogFormat: xml")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("data.proxy: accessLogFormat: unknown variant `xml`"),
+            "{err}"
+        );
     }
 
     /// The example ConfigMap in docs/config.md is a valid config, so the docs stay true.

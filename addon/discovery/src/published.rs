@@ -61,8 +61,9 @@ pub(crate) struct Published {
     pub(crate) version: u64,
     pub(crate) services: BTreeMap<ServiceKey, Entry>,
     trust_changed_at: u64,
-    /// The version the outbound traffic policy last changed at.
-    outbound_changed_at: u64,
+    /// The version the mesh-wide proxy settings (outbound traffic policy, access log)
+    /// last changed at.
+    settings_changed_at: u64,
     /// (version, service) for every upsert and removal, oldest first.
     log: VecDeque<(u64, ServiceKey)>,
     /// Deltas can be computed from versions at or after this one.
@@ -231,7 +232,7 @@ impl Published {
             version,
             services,
             trust_changed_at: version,
-            outbound_changed_at: version,
+            settings_changed_at: version,
             log: VecDeque::new(),
             horizon: version,
         }
@@ -271,8 +272,8 @@ impl Published {
         if source.trust != self.source.trust {
             next.trust_changed_at = version;
         }
-        if source.outbound != self.source.outbound {
-            next.outbound_changed_at = version;
+        if (source.outbound, source.access_log) != (self.source.outbound, self.source.access_log) {
+            next.settings_changed_at = version;
         }
         next.source = source;
         next.scope = scope;
@@ -329,12 +330,18 @@ impl Published {
             ca_generation: if full { self.trust().generation } else { 0 },
             more: false,
             outbound_traffic_policy: self.outbound_wire(),
+            access_log: self.access_log_wire(),
         }
     }
 
     /// The outbound traffic policy as every response carries it.
     fn outbound_wire(&self) -> i32 {
         pb::OutboundTrafficPolicy::from(self.source.outbound).into()
+    }
+
+    /// The access log setting as every response carries it.
+    fn access_log_wire(&self) -> i32 {
+        pb::AccessLog::from(self.source.access_log).into()
     }
 
     /// What takes a proxy in `namespace` holding `base` to this version.
@@ -360,9 +367,9 @@ impl Published {
             .map(|(_, key)| key)
             .filter(|key| self.in_scope(namespace, key))
             .collect();
-        // A new outbound policy alone is worth a push: every response carries it.
-        let outbound_changed = self.outbound_changed_at > base.version;
-        if changed.is_empty() && !trust_changed && !outbound_changed {
+        // New proxy settings alone are worth a push: every response carries them.
+        let settings_changed = self.settings_changed_at > base.version;
+        if changed.is_empty() && !trust_changed && !settings_changed {
             return Push::Nothing;
         }
         let mut upserts = Vec::new();
@@ -390,6 +397,7 @@ impl Published {
             ca_generation,
             more: false,
             outbound_traffic_policy: self.outbound_wire(),
+            access_log: self.access_log_wire(),
         })
     }
 }

@@ -7,7 +7,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::discovery::v1 as pb;
-use crate::snapshot::{Endpoint, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort};
+use crate::snapshot::{
+    AccessLog, Endpoint, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort,
+};
 
 /// Why a discovery response could not be turned into a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,6 +256,32 @@ fn port_from_proto(
         protocol,
         endpoints,
     })
+}
+
+// === AccessLog ===
+
+impl From<AccessLog> for pb::AccessLog {
+    fn from(log: AccessLog) -> Self {
+        match log {
+            AccessLog::Unset => Self::Unset,
+            AccessLog::Text => Self::Text,
+            AccessLog::Json => Self::Json,
+            AccessLog::Off => Self::Off,
+        }
+    }
+}
+
+impl AccessLog {
+    /// The access log a response carries; a value this proxy does not know keeps its own
+    /// default (`Unset`): an access log format is not a security decision.
+    pub fn from_wire(value: i32) -> Self {
+        match pb::AccessLog::try_from(value) {
+            Ok(pb::AccessLog::Text) => Self::Text,
+            Ok(pb::AccessLog::Json) => Self::Json,
+            Ok(pb::AccessLog::Off) => Self::Off,
+            Ok(pb::AccessLog::Unset) | Err(_) => Self::Unset,
+        }
+    }
 }
 
 // === OutboundPolicy ===

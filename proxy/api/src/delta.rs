@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::convert::ConvertError;
 use crate::discovery::v1 as pb;
-use crate::snapshot::{MeshSnapshot, OutboundPolicy, Service, ServiceKey, Trust};
+use crate::snapshot::{AccessLog, MeshSnapshot, OutboundPolicy, Service, ServiceKey, Trust};
 
 /// Applies a discovery response to the snapshot the proxy holds and returns the new one.
 ///
@@ -73,6 +73,7 @@ pub fn apply(
         trust,
         // Every response carries the policy in force, increments too.
         outbound: OutboundPolicy::from_wire(resp.outbound_traffic_policy),
+        access_log: AccessLog::from_wire(resp.access_log),
     })
 }
 
@@ -118,6 +119,7 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         ca_generation,
         more: false,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(new.outbound).into(),
+        access_log: pb::AccessLog::from(new.access_log).into(),
     }
 }
 
@@ -134,6 +136,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         ca_generation: snapshot.trust.generation,
         more: false,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(snapshot.outbound).into(),
+        access_log: pb::AccessLog::from(snapshot.access_log).into(),
     }
 }
 
@@ -145,6 +148,7 @@ pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
         && old.services == new.services
         && old.trust == new.trust
         && old.outbound == new.outbound
+        && old.access_log == new.access_log
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

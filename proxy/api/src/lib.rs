@@ -20,8 +20,8 @@ pub use delta::{apply, diff, full, same_view};
 pub use lookup::{AddressIndex, Destination};
 pub use parts::{Parts, PartsError, split};
 pub use snapshot::{
-    Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort, Trust,
-    fingerprint,
+    AccessLog, Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort,
+    Trust, fingerprint,
 };
 
 /// Generated code for `proto/discovery.proto` (package `trellis.discovery`).

@@ -187,6 +187,7 @@ mod tests {
             ca_generation: 3,
             more: false,
             outbound_traffic_policy: 1,
+            access_log: 2,
         }
     }
 

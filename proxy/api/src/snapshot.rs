@@ -32,6 +32,24 @@ pub struct MeshSnapshot {
     pub trust: Trust,
     /// What proxies do with connections to destinations outside the mesh.
     pub outbound: OutboundPolicy,
+    /// How proxies write their access log.
+    pub access_log: AccessLog,
+}
+
+/// How proxies write their access log: trellis-config's `proxy.accessLog` and
+/// `proxy.accessLogFormat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Not set by the control plane: the proxy keeps its own default (text).
+    #[default]
+    Unset,
+    /// `key=value` text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// No access lines.
+    Off,
 }
 
 /// What a proxy does with a connection to a destination outside the mesh (no service or

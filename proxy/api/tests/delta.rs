@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use trellis_api::discovery::v1 as pb;
 use trellis_api::{
-    ConvertError, Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey,
+    AccessLog, ConvertError, Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey,
     ServicePort, Trust, apply, diff, full, same_view,
 };
 
@@ -45,6 +45,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
         trust: Trust::default(),
         outbound: OutboundPolicy::AllowAny,
+        access_log: AccessLog::Unset,
     }
 }
 
@@ -180,6 +181,7 @@ fn diff_carries_only_changes() {
             ca_generation: 0,
             more: false,
             outbound_traffic_policy: 0,
+            access_log: 0,
         }
     );
     assert!(trellis_api::same_view(
@@ -296,6 +298,7 @@ fn full_carries_the_bundle_and_generation() {
             ca_generation: 3,
             more: false,
             outbound_traffic_policy: 0,
+            access_log: 0,
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -392,6 +395,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 ca_generation: new_trust.generation,
                 more: false,
                 outbound_traffic_policy: 0,
+                access_log: 0,
             },
             "{case}"
         );

@@ -117,8 +117,10 @@ async fn stream_once(
                     trust_roots = next.trust.roots_der.len(),
                     ca_generation = next.trust.generation,
                     outbound = ?next.outbound,
+                    access_log = ?next.access_log,
                     "discovery view applied"
                 );
+                crate::logging::set_access_log(next.access_log);
                 metrics
                     .discovery_version
                     .set(i64::try_from(next.version).unwrap_or(i64::MAX));

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use tracing::info;
 
 use crate::error::Error;
+use crate::logging::AccessFormat;
 use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
 
 /// The body type the proxy moves in both directions.
@@ -74,6 +75,32 @@ pub fn error_response(e: &Error) -> Response<Body> {
     resp
 }
 
+/// One access line in JSON (`proxy.accessLogFormat: json` in trellis-config): the same
+/// field names for requests and connections, `null` where a field does not apply, so log
+/// pipelines can rely on a fixed schema (docs/architecture.md, "Proxy logs").
+#[derive(Debug, serde::Serialize)]
+struct JsonAccess<'a> {
+    time: String,
+    /// `request` (HTTP) or `connection` (TCP, TLS, upgrades, passthrough).
+    kind: &'static str,
+    direction: &'a str,
+    protocol: &'a str,
+    src: &'a str,
+    dst: &'a str,
+    service: &'a str,
+    endpoint: &'a str,
+    orig_dst: Option<&'a str>,
+    method: Option<&'a str>,
+    authority: Option<&'a str>,
+    path: Option<&'a str>,
+    status: Option<u16>,
+    duration_ms: f64,
+    bytes_sent: Option<u64>,
+    bytes_received: Option<u64>,
+    mtls: bool,
+    error: &'a str,
+}
+
 /// One finished request, logged as a single `access` event and counted.
 #[derive(Debug)]
 pub struct Access<'a> {
@@ -119,11 +146,39 @@ impl Access<'_> {
                 direction: self.direction,
             })
             .observe(elapsed.as_secs_f64());
-        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        let format = crate::logging::access_format();
+        if format == AccessFormat::Off || !tracing::enabled!(target: "access", tracing::Level::INFO)
+        {
             return;
         }
         let error = error.map(ToString::to_string).unwrap_or_default();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        if format == AccessFormat::Json {
+            let authority = self.authority.to_string();
+            let record = JsonAccess {
+                time: crate::logging::access_time().to_string(),
+                kind: "request",
+                direction: self.direction,
+                protocol: self.protocol,
+                src: self.src,
+                dst: self.dst,
+                service: &self.service,
+                endpoint: &self.endpoint,
+                orig_dst: None,
+                method: Some(self.method.as_str()),
+                authority: Some(&authority),
+                path: Some(self.path),
+                status: Some(status.as_u16()),
+                duration_ms,
+                bytes_sent: None,
+                bytes_received: None,
+                mtls: true,
+                error: &error,
+            };
+            if crate::logging::write_access_json(&record) {
+                return;
+            }
+        }
         // Same fields, order and quoting as the tracing event below (str fields Debug,
         // `%` fields Display), so log pipelines see one format either way.
         let direct = crate::logging::write_access(|line| {
@@ -212,6 +267,7 @@ impl TunnelAccess {
 
     /// Emits the event (target `access`) and counts the connection.
     pub fn finish(self, start: Instant, result: Result<(u64, u64), Error>, metrics: &Metrics) {
+        let format = crate::logging::access_format();
         let (sent, received, error) = match &result {
             Ok((s, r)) => (*s, *r, String::new()),
             Err(e) => (0, 0, e.to_string()),
@@ -228,6 +284,36 @@ impl TunnelAccess {
                 outcome,
             })
             .inc();
+        if format == AccessFormat::Off {
+            return;
+        }
+        if format == AccessFormat::Json && tracing::enabled!(target: "access", tracing::Level::INFO)
+        {
+            let record = JsonAccess {
+                time: crate::logging::access_time().to_string(),
+                kind: "connection",
+                direction: self.direction,
+                protocol: &self.protocol,
+                src: &self.src,
+                dst: &self.dst,
+                service: &self.service,
+                endpoint: &self.endpoint,
+                orig_dst: Some(&self.orig_dst),
+                method: None,
+                authority: None,
+                path: None,
+                status: None,
+                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+                bytes_sent: Some(sent),
+                bytes_received: Some(received),
+                // Passed through or blocked connections never reach a mesh peer.
+                mtls: self.dst != "-",
+                error: &error,
+            };
+            if crate::logging::write_access_json(&record) {
+                return;
+            }
+        }
         info!(
             target: "access",
             direction = self.direction,

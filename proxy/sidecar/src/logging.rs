@@ -9,7 +9,7 @@
 //! batch is full because stdout cannot keep up.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -201,6 +201,68 @@ pub fn write_access(fields: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool
         }
     });
     true
+}
+
+/// How access lines are written: set by the control plane through discovery
+/// (trellis-config's `proxy.accessLog` / `proxy.accessLogFormat`), read on every request.
+static ACCESS_FORMAT: AtomicU8 = AtomicU8::new(AccessFormat::Text as u8);
+
+/// The access log format in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AccessFormat {
+    /// `key=value` text after the usual log prefix (the default).
+    Text = 0,
+    /// One JSON object per line, nothing else on the line.
+    Json = 1,
+    /// No access lines.
+    Off = 2,
+}
+
+/// Applies the access log setting from a discovery view; `Unset` (a control plane that
+/// does not say) means text.
+pub fn set_access_log(log: trellis_api::AccessLog) {
+    let format = match log {
+        trellis_api::AccessLog::Unset | trellis_api::AccessLog::Text => AccessFormat::Text,
+        trellis_api::AccessLog::Json => AccessFormat::Json,
+        trellis_api::AccessLog::Off => AccessFormat::Off,
+    };
+    ACCESS_FORMAT.store(format as u8, Ordering::Relaxed);
+}
+
+/// The access log format in force.
+pub fn access_format() -> AccessFormat {
+    match ACCESS_FORMAT.load(Ordering::Relaxed) {
+        1 => AccessFormat::Json,
+        2 => AccessFormat::Off,
+        _ => AccessFormat::Text,
+    }
+}
+
+/// Writes `record` as one JSON line through the direct writer (see [`install_direct`]).
+/// False when there is no direct writer (tests, or a proxy logging elsewhere): the caller
+/// logs the text line instead.
+pub fn write_access_json(record: &impl serde::Serialize) -> bool {
+    let Some(writer) = DIRECT.get() else {
+        return false;
+    };
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        if serde_json::to_writer(&mut *line, record).is_ok() {
+            line.push(b'\n');
+            writer.append(&line);
+        }
+    });
+    true
+}
+
+/// The current time as access lines show it (RFC 3339, microseconds, UTC).
+pub fn access_time() -> impl std::fmt::Display {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now())
 }
 
 #[cfg(test)]

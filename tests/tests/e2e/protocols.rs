@@ -486,3 +486,123 @@ async fn registry_only_refuses_destinations_outside_the_mesh() {
     assert!(open.is_ok(), "ALLOW_ANY did not come back");
     assert!(outside_rec.len() > reached);
 }
+
+/// `proxy.accessLogFormat: json` and `proxy.accessLog: false` in trellis-config reach the
+/// running proxies through discovery: JSON access lines with the fixed field names, then
+/// none at all, while requests keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_format_and_switch_come_from_the_mesh_config() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let _app = m
+        .server
+        .spawn(move || http_server(ports::HTTP, "server-1", r));
+    let vip = m.service(ports::HTTP);
+    let json_lines = |name: &str| -> Vec<serde_json::Value> {
+        m.log(name)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect()
+    };
+
+    m.set_mesh_config_data("{proxy: 'accessLogFormat: json'}")
+        .unwrap();
+    let found = wait_until(Duration::from_secs(10), || async {
+        let resp = m
+            .client
+            .run(move || async move { http_get(vip, "/json?q=1").await })
+            .await;
+        assert!(resp.is_ok_and(|r| r.status == 200));
+        json_lines("client-1")
+            .iter()
+            .any(|v| v["path"] == "/json" && v["direction"] == "outbound")
+    })
+    .await;
+    assert!(found.is_ok(), "no JSON access line:\n{}", m.log("client-1"));
+    let line = json_lines("client-1")
+        .into_iter()
+        .find(|v| v["path"] == "/json")
+        .unwrap();
+    let keys: Vec<&str> = line
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "authority",
+            "bytes_received",
+            "bytes_sent",
+            "direction",
+            "dst",
+            "duration_ms",
+            "endpoint",
+            "error",
+            "kind",
+            "method",
+            "mtls",
+            "orig_dst",
+            "path",
+            "protocol",
+            "service",
+            "src",
+            "status",
+            "time"
+        ],
+        "{line}"
+    );
+    assert_eq!(line["kind"], "request");
+    assert_eq!(line["src"], CLIENT_ID);
+    assert_eq!(line["dst"], SERVER_ID);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["mtls"], true);
+    assert_eq!(line["service"], "demo/web");
+    // The server side writes JSON too, with the caller's identity.
+    let inbound = wait_until(Duration::from_secs(5), || async {
+        json_lines("server-1")
+            .iter()
+            .any(|v| v["direction"] == "inbound" && v["src"] == CLIENT_ID)
+    });
+    assert!(inbound.await.is_ok(), "{}", m.log("server-1"));
+
+    m.set_mesh_config_data("{proxy: 'accessLog: false'}")
+        .unwrap();
+    // Off once a request leaves no line; then a few more leave none either.
+    let off = wait_until(Duration::from_secs(10), || async {
+        let before = m.log("client-1").lines().count();
+        let resp = m
+            .client
+            .run(move || async move { http_get(vip, "/quiet").await })
+            .await;
+        assert!(resp.is_ok_and(|r| r.status == 200));
+        // Lines are flushed every 50 ms.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        m.log("client-1").lines().count() == before
+    })
+    .await;
+    assert!(
+        off.is_ok(),
+        "access lines kept coming:\n{}",
+        m.log("client-1")
+    );
+    let before = m.log("client-1").lines().count();
+    for _ in 0..5 {
+        let resp = m
+            .client
+            .run(move || async move { http_get(vip, "/quiet").await })
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        m.log("client-1").lines().count(),
+        before,
+        "{}",
+        m.log("client-1")
+    );
+}

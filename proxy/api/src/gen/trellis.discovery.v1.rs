@@ -101,6 +101,11 @@ pub struct DiscoveryResponse {
     /// takes the newest; a multi-part response carries it in its first part.
     #[prost(enumeration = "OutboundTrafficPolicy", tag = "17")]
     pub outbound_traffic_policy: i32,
+    /// The access log every proxy writes: trellis-config's `proxy.accessLog` and
+    /// `proxy.accessLogFormat`. Like the policy above, every response carries the value in
+    /// force. UNSET: the proxy keeps its own default (text lines).
+    #[prost(enumeration = "AccessLog", tag = "18")]
+    pub access_log: i32,
 }
 /// A service in the mesh and where its endpoints are.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -152,6 +157,42 @@ pub struct Endpoint {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+}
+/// How proxies write their access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AccessLog {
+    Unset = 0,
+    /// One `key=value` text line per request or connection (the default).
+    Text = 1,
+    /// One JSON object per line, fixed field names.
+    Json = 2,
+    /// No access lines (metrics still count every request).
+    Off = 3,
+}
+impl AccessLog {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unset => "ACCESS_LOG_UNSET",
+            Self::Text => "ACCESS_LOG_TEXT",
+            Self::Json => "ACCESS_LOG_JSON",
+            Self::Off => "ACCESS_LOG_OFF",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ACCESS_LOG_UNSET" => Some(Self::Unset),
+            "ACCESS_LOG_TEXT" => Some(Self::Text),
+            "ACCESS_LOG_JSON" => Some(Self::Json),
+            "ACCESS_LOG_OFF" => Some(Self::Off),
+            _ => None,
+        }
+    }
 }
 /// Istio's meshConfig.outboundTrafficPolicy.mode, same names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
