@@ -180,6 +180,16 @@ pub fn install_direct(writer: BatchWriter) {
 /// a `tracing` event. Why: tracing's per-field formatting was most of what the access log
 /// still cost per request (BENCHMARKS.md); the fields here are fixed.
 pub fn write_access(fields: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool {
+    write_line(|line| {
+        write!(line, "{}  INFO access: ", access_time())
+            .and_then(|()| fields(line))
+            .and_then(|()| line.write_all(b"\n"))
+    })
+}
+
+/// Builds one line in a per-thread buffer (no allocation per line once warm) and appends
+/// it to the batch if `build` succeeded. False when there is no direct writer.
+fn write_line(build: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool {
     let Some(writer) = DIRECT.get() else {
         return false;
     };
@@ -189,14 +199,7 @@ pub fn write_access(fields: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> bool
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        let written = write!(
-            line,
-            "{}  INFO access: ",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )
-        .and_then(|()| fields(&mut line))
-        .and_then(|()| line.write_all(b"\n"));
-        if written.is_ok() {
+        if build(&mut line).is_ok() {
             writer.append(&line);
         }
     });
@@ -243,21 +246,11 @@ pub fn access_format() -> AccessFormat {
 /// False when there is no direct writer (tests, or a proxy logging elsewhere): the caller
 /// logs the text line instead.
 pub fn write_access_json(record: &impl serde::Serialize) -> bool {
-    let Some(writer) = DIRECT.get() else {
-        return false;
-    };
-    thread_local! {
-        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    LINE.with(|line| {
-        let mut line = line.borrow_mut();
-        line.clear();
-        if serde_json::to_writer(&mut *line, record).is_ok() {
-            line.push(b'\n');
-            writer.append(&line);
-        }
-    });
-    true
+    write_line(|line| {
+        serde_json::to_writer(&mut *line, record)?;
+        line.push(b'\n');
+        Ok(())
+    })
 }
 
 /// The current time as access lines show it (RFC 3339, microseconds, UTC).
