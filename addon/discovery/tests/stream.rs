@@ -474,3 +474,65 @@ async fn an_outbound_policy_change_reaches_the_proxy() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A proxy that stops reading does not hold up the others, and when it reads again it
+/// gets the newest view in a few coalesced pushes, not one per change it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_proxy_blocks_nobody_and_catches_up_coalesced() -> anyhow::Result<()> {
+    let harness = Harness::start(Some(web_id()?), Duration::from_secs(10)).await?;
+    // Big enough that a few versions fill the stalled stream's HTTP/2 windows and buffer.
+    let big = |version: u64, port: u16| -> anyhow::Result<Arc<MeshSnapshot>> {
+        let services = (0..100)
+            .map(|i| {
+                let addrs: Vec<String> = (0..50).map(|e| format!("10.1.{i}.{e}:{port}")).collect();
+                let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+                let mut svc = service(&format!("svc-{i}"), &addrs)?;
+                svc.key = ServiceKey::new("demo", format!("svc-{i}"));
+                Ok(svc)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(snapshot(version, services))
+    };
+    harness.snapshots.send_replace(big(2, 1)?);
+    let mut stalled = harness.open(true).await?;
+    let mut live = harness.open(true).await?;
+    let mut held = apply(&MeshSnapshot::default(), &reassembled(&mut live).await?)?;
+    let mut stalled_held = apply(&MeshSnapshot::default(), &reassembled(&mut stalled).await?)?;
+
+    // 30 versions, each changing every endpoint; only `live` reads.
+    for v in 3..33u64 {
+        let next = big(v, u16::try_from(v)?)?;
+        harness.snapshots.send_replace(next.clone());
+        let resp = within("the live proxy's push", reassembled(&mut live)).await??;
+        held = apply(&held, &resp)?;
+        live.send(Kind::Ack(Ack {
+            version: resp.version,
+        }))
+        .await?;
+        assert_eq!(held.services, next.services, "live proxy behind at v{v}");
+    }
+    // The stalled proxy now reads: it ends exactly on the newest view, in far fewer
+    // pushes than the 30 versions it missed.
+    let mut pushes = 0;
+    while stalled_held.version < 32 {
+        let resp = within("the stalled proxy's catch-up", reassembled(&mut stalled)).await??;
+        stalled_held = apply(&stalled_held, &resp)?;
+        pushes += 1;
+    }
+    assert_eq!(stalled_held.services, held.services);
+    eprintln!("stalled proxy caught up in {pushes} pushes");
+    // What was already buffered when it stalled (bounded by bytes: windows and the
+    // stream buffer), then one push from there to the newest.
+    assert!(pushes <= 15, "{pushes} pushes to catch up on 30 versions");
+    Ok(())
+}
+
+/// The next whole version on `proxy`'s stream, reassembled from its parts.
+async fn reassembled(proxy: &mut Proxy) -> anyhow::Result<DiscoveryResponse> {
+    let mut parts = trellis_api::Parts::default();
+    loop {
+        if let Some(whole) = parts.push(proxy.next().await?)? {
+            return Ok(whole);
+        }
+    }
+}
