@@ -33,12 +33,12 @@ impl ConfigMetrics {
         let m = Self::default();
         registry.register(
             "trellis_mesh_config_invalid",
-            "1 while the mesh config file is invalid (the last good config stays in force)",
+            "1 while the newest mesh config (file or ConfigMap) is invalid or names a CA source that cannot be built; the last good config stays in force",
             m.invalid.clone(),
         );
         registry.register(
             "trellis_mesh_config_rejected",
-            "Versions of the mesh config file rejected as invalid",
+            "Versions of the mesh config (file or ConfigMap) rejected",
             m.rejected.clone(),
         );
         m

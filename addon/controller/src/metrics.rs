@@ -3,7 +3,8 @@
 //! - `trellis_controller_reloads_total{result="ok"|"error"}`: directory changes loaded
 //!   (or refused). Both series exist from registration, so a rate query sees zeros
 //!   rather than gaps.
-//! - `trellis_controller_snapshot_version`: version of the snapshot being served.
+//! - `trellis_controller_snapshot_version`: version of the snapshot built from the
+//!   directory; the version discovery pushes adds trust and proxy-setting changes on top.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,7 +36,7 @@ impl Metrics {
         );
         registry.register(
             "trellis_controller_snapshot_version",
-            "Version of the mesh snapshot being served",
+            "Version of the snapshot built from the config directory (discovery versions add trust and proxy-setting changes on top)",
             metrics.snapshot_version.clone(),
         );
         // Created now so both series are exported at zero; the guards are dropped at once.

@@ -58,7 +58,7 @@ impl Metrics {
         );
         registry.register(
             "trellis_discovery_pushes",
-            "Discovery responses sent to proxies",
+            "Discovery versions sent to proxies (one per version, however many parts)",
             metrics.pushes.clone(),
         );
         registry.register(

@@ -22,7 +22,7 @@ pub struct RequestLabels {
 pub struct TcpLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// `ok` or `error`.
+    /// `ok`, `error`, or `blocked` (a destination outside the mesh under `REGISTRY_ONLY`).
     pub outcome: &'static str,
 }
 
@@ -36,7 +36,7 @@ pub struct DirectionLabels {
 /// Labels of a per-listener metric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ListenerLabels {
-    /// `outbound`, `inbound` or `admin`.
+    /// `outbound` or `inbound` (the admin listener has no metrics).
     pub listener: &'static str,
 }
 

@@ -15,6 +15,7 @@ mod endpoints;
 mod generated;
 mod kubernetes;
 mod limits;
+mod metrics;
 mod mtls;
 mod protocols;
 mod request_path;
