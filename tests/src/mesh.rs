@@ -31,23 +31,36 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A loopback port nobody listens on right now, never one this process handed out
-/// before: the kernel may give the same ephemeral port to two binds in a row once the
-/// first listener is closed, and two flags of one proxy must not collide.
+/// before, and outside the kernel's ephemeral range (32768-60999 by default).
+///
+/// Why not port 0: the port is released before the binary binds it, and in that gap the
+/// kernel may hand the same ephemeral port to any outgoing connection of the many test
+/// processes nextest runs side by side (a CI run failed on exactly that). Ports below the
+/// ephemeral range are never handed out implicitly, so only another test picking the same
+/// port at the same moment could collide; each process starts at its own offset (from
+/// its pid) and walks the range with a stride coprime to its size.
 pub fn free_port() -> u16 {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000; // 20000..32000, below the ephemeral range
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let mut given = GIVEN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            n < SPAN,
+            "free_port: no free loopback port left in {LOW}..{}",
+            LOW + SPAN
+        );
+        let port = u16::try_from(LOW + (start + n.wrapping_mul(4_999)) % SPAN).unwrap_or(u16::MAX);
+        if given.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        given.push(port);
+        return port;
     }
 }
 
