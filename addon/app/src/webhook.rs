@@ -348,6 +348,10 @@ impl WebhookMetrics {
             "trellis-config admission reviews, by result (allowed, denied, invalid)",
             m.reviews.clone(),
         );
+        // Every result from the start, at 0, so rates and alerts work before the first.
+        for result in [Verdict::Allowed, Verdict::Denied, Verdict::Invalid] {
+            let _ = m.reviews.get_or_create(&ReviewLabels { result });
+        }
         m
     }
 

@@ -244,6 +244,19 @@ impl Metrics {
             "Certificate requests refused, by reason",
             metrics.failed.clone(),
         );
+        // Every reason from the start, at 0: a series that appears only with its first
+        // failure breaks `rate()` and "no failures" alerts.
+        for reason in [
+            Reason::Unauthenticated,
+            Reason::VerifierUnavailable,
+            Reason::Identity,
+            Reason::InvalidCsr,
+            Reason::CsrPolicy,
+            Reason::RateLimited,
+            Reason::Internal,
+        ] {
+            let _ = metrics.failed.get_or_create(&FailureLabels { reason });
+        }
         metrics
     }
 

@@ -976,7 +976,11 @@ async fn each_identity_is_rate_limited_after_its_token_and_before_its_csr() {
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
-    assert!(!text.contains(r#"reason="invalid_csr""#), "{text}");
+    // Every reason is exported from the start; the others stayed at 0.
+    assert!(
+        text.contains(r#"trellis_ca_requests_failed_total{reason="invalid_csr"} 0"#),
+        "{text}"
+    );
 }
 
 /// The paired positive: at a CA generation change every replica of a Deployment
@@ -1006,7 +1010,10 @@ async fn a_burst_of_200_for_one_identity_is_served_by_default() {
         text.contains("trellis_ca_certificates_issued_total 200"),
         "{text}"
     );
-    assert!(!text.contains("rate_limited"), "{text}");
+    assert!(
+        text.contains(r#"trellis_ca_requests_failed_total{reason="rate_limited"} 0"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]

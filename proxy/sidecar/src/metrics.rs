@@ -147,6 +147,20 @@ impl Metrics {
             "Connections closed at accept because the listener was at --max-connections",
             m.connections_refused.clone(),
         );
+        // The fixed label sets exist from the start, at 0: a series that appears only with
+        // its first event breaks `rate()` and "no errors" alerts. Request counts stay
+        // created on demand: their status codes are not known in advance.
+        for direction in ["inbound", "outbound"] {
+            let _ = m
+                .request_duration
+                .get_or_create(&DirectionLabels { direction });
+            let _ = m.tls_failures.get_or_create(&DirectionLabels { direction });
+            for outcome in ["ok", "error", "blocked"] {
+                let _ = m
+                    .tcp_connections
+                    .get_or_create(&TcpLabels { direction, outcome });
+            }
+        }
         m
     }
 }
