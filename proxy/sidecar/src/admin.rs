@@ -44,6 +44,15 @@ pub struct Admin {
 #[derive(Clone)]
 pub struct ShutdownToken(Vec<u8>);
 
+/// What a listener of [`Admin`] answers.
+#[derive(Debug, Clone, Copy)]
+enum Routes {
+    /// Everything (loopback only).
+    Admin,
+    /// `GET /metrics` only.
+    MetricsOnly,
+}
+
 // === impl Admin ===
 
 impl Admin {
@@ -69,6 +78,29 @@ impl Admin {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) {
+        self.serve_routes(listener, stop, tasks, Routes::Admin)
+            .await;
+    }
+
+    /// Serves only `GET /metrics` (the `--metrics` listener, reachable from outside the
+    /// pod): nothing that reveals the mesh (`/config`) or changes the proxy (`/shutdown`).
+    pub async fn serve_metrics(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        self.serve_routes(listener, stop, tasks, Routes::MetricsOnly)
+            .await;
+    }
+
+    async fn serve_routes(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+        routes: Routes,
+    ) {
         let limits = Limits::default();
         let listener = Listener::from(listener).with_max_connections(MAX_ADMIN_CONNECTIONS);
         let accepting = stop.clone();
@@ -78,7 +110,13 @@ impl Admin {
             async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(&req)) }
+                    async move {
+                        let resp = match routes {
+                            Routes::Admin => this.handle(&req),
+                            Routes::MetricsOnly => this.handle_metrics_only(&req),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
                 });
                 crate::transport::serve_http1(
                     TokioIo::new(tcp),
@@ -92,6 +130,34 @@ impl Admin {
             }
         })
         .await;
+    }
+
+    fn handle_metrics_only<B>(&self, req: &Request<B>) -> Response<Body> {
+        match (req.uri().path(), req.method()) {
+            ("/metrics", &Method::GET) => self.metrics(),
+            ("/metrics", _) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "this listener serves /metrics only\n".into(),
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            Ok(()) => {
+                let mut r = text(StatusCode::OK, out);
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
     }
 
     fn handle<B>(&self, req: &Request<B>) -> Response<Body> {
@@ -110,22 +176,7 @@ impl Admin {
                     format!("not ready: {why}\n"),
                 ),
             },
-            "/metrics" => {
-                let mut out = String::new();
-                match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-                    Ok(()) => {
-                        let mut r = text(StatusCode::OK, out);
-                        r.headers_mut().insert(
-                            header::CONTENT_TYPE,
-                            header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    }
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-                }
-            }
+            "/metrics" => self.metrics(),
             "/config" => {
                 let body = self.config_json();
                 let mut r = text(StatusCode::OK, body);
@@ -278,6 +329,46 @@ mod tests {
             req = req.header(header::AUTHORIZATION, v);
         }
         a.handle(&req.body(()).unwrap()).status()
+    }
+
+    /// The `--metrics` listener answers `GET /metrics` and nothing else: no `/config`
+    /// (it names every service and endpoint), no `/shutdown`, even with the token.
+    #[test]
+    fn the_metrics_listener_serves_metrics_only() {
+        let a = admin(Some("tok"));
+        let call = |method: Method, path: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::AUTHORIZATION, "Bearer tok")
+                .body(())
+                .unwrap();
+            a.handle_metrics_only(&req)
+        };
+        let ok = call(Method::GET, "/metrics");
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert!(
+            ok.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        for path in ["/config", "/shutdown", "/ready", "/live", "/"] {
+            assert_eq!(
+                call(Method::GET, path).status(),
+                StatusCode::NOT_FOUND,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            call(Method::POST, "/shutdown").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert!(!a.shutdown.is_cancelled());
     }
 
     #[test]

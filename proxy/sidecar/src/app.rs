@@ -49,6 +49,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let outbound_l = bind(cfg.outbound, "--outbound").await?;
     let inbound_l = bind(cfg.inbound, "--inbound").await?;
     let admin_l = bind(cfg.admin, "--admin").await?;
+    let metrics_l = match cfg.metrics {
+        Some(addr) => Some(bind(addr, "--metrics").await?),
+        None => None,
+    };
     // Transparent mode: iptables sends IPv6 to ::1 (outbound) and the pod's IPv6 address
     // (inbound), so the same ports are also bound v6-only where the host has IPv6.
     let (outbound6, inbound6) = match cfg.mode {
@@ -102,7 +106,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics.clone(),
     ));
 
-    let own_ports = vec![cfg.outbound.port(), cfg.inbound.port(), cfg.admin.port()];
+    let mut own_ports = vec![cfg.outbound.port(), cfg.inbound.port(), cfg.admin.port()];
+    own_ports.extend(cfg.metrics.map(|m| m.port()));
     let outbound = Arc::new(Outbound::new(
         cfg.identity.clone(),
         certs_rx.clone(),
@@ -155,6 +160,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     accept.close();
     // The admin port outlives the drain: probes see 503 and scrapes still work.
     let (admin_stop, admin_tasks) = (CancellationToken::new(), TaskTracker::new());
+    let metrics_accept = metrics_l.map(|l| {
+        tokio::spawn(
+            admin
+                .clone()
+                .serve_metrics(l, admin_stop.clone(), admin_tasks.clone()),
+        )
+    });
     let admin_accept = tokio::spawn(admin.serve(admin_l, admin_stop.clone(), admin_tasks.clone()));
 
     shutdown.cancelled().await;
@@ -172,6 +184,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     admin_stop.cancel();
     let _ = admin_accept.await;
+    if let Some(metrics_accept) = metrics_accept {
+        let _ = metrics_accept.await;
+    }
     admin_tasks.close();
     let _ = tokio::time::timeout(ADMIN_CLOSE_GRACE, admin_tasks.wait()).await;
     info!("trellis-proxy stopped");

@@ -86,6 +86,11 @@ pub struct Args {
     /// The local application inbound requests are forwarded to.
     #[arg(long, env = "TRELLIS_PROXY_APP", default_value = DEFAULT_APP)]
     pub app: SocketAddr,
+    /// A listener that serves only `GET /metrics`, for a scraper outside the pod (Azure
+    /// Monitor managed Prometheus; `0.0.0.0:15090` on a cluster). Off unless set: the
+    /// admin port, which also has `/config`, stays on loopback.
+    #[arg(long, env = "TRELLIS_PROXY_METRICS")]
+    pub metrics: Option<SocketAddr>,
     /// `explicit`: the app sends HTTP to the outbound listener as to an HTTP proxy, and
     /// inbound traffic goes to `--app`. `transparent`: traffic is captured by
     /// `trellis-proxy init` (iptables) and routed by its original destination.
@@ -155,6 +160,8 @@ pub struct Config {
     pub inbound: SocketAddr,
     /// Admin listener (loopback).
     pub admin: SocketAddr,
+    /// Metrics-only listener, if any.
+    pub metrics: Option<SocketAddr>,
     /// Local application (explicit mode).
     pub app: SocketAddr,
     /// Explicit or transparent.
@@ -191,11 +198,12 @@ impl TryFrom<Args> for Config {
             return Err(Error::AdminNotLoopback(a.admin));
         }
         let identity = SpiffeId::new(&a.trust_domain, &a.namespace, &a.service_account)?;
-        let listeners = [
+        let mut listeners = vec![
             ("--outbound", a.outbound),
             ("--inbound", a.inbound),
             ("--admin", a.admin),
         ];
+        listeners.extend(a.metrics.map(|m| ("--metrics", m)));
         for (i, (na, aa)) in listeners.iter().enumerate() {
             for (nb, ab) in &listeners[i + 1..] {
                 if aa == ab && aa.port() != 0 {
@@ -213,6 +221,7 @@ impl TryFrom<Args> for Config {
             outbound: a.outbound,
             inbound: a.inbound,
             admin: a.admin,
+            metrics: a.metrics,
             app: a.app,
             mode: a.mode,
             workers: usize::from(a.workers),
@@ -268,6 +277,14 @@ mod tests {
         assert_eq!(c.admin.port(), 15020);
         assert_eq!(c.identity.as_str(), "spiffe://cluster.local/ns/demo/sa/web");
         assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn the_metrics_listener_may_face_out_but_not_share_an_address() {
+        let c = parse(&["--metrics", "0.0.0.0:15090"]).unwrap();
+        assert_eq!(c.metrics, Some("0.0.0.0:15090".parse().unwrap()));
+        let e = parse(&["--metrics", "127.0.0.1:15020"]).unwrap_err();
+        assert!(e.contains("--admin") && e.contains("--metrics"), "{e}");
     }
 
     #[test]
