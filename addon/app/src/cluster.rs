@@ -6,7 +6,6 @@
 //! before the watchers start; after that its changes arrive through the watcher like every
 //! other object.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -42,14 +41,14 @@ pub(crate) async fn startup_config(client: &kube::Client) -> anyhow::Result<Mesh
         info!("ConfigMap trellis-system/trellis-config not found; using the defaults");
         return Ok(MeshConfig::default());
     };
-    let binary: Vec<&str> = cm
-        .binary_data
-        .as_ref()
-        .map(|b| b.keys().map(String::as_str).collect())
-        .unwrap_or_default();
-    let data: BTreeMap<String, String> = cm.data.clone().unwrap_or_default();
-    mesh_config::parse_config_map_data(&data, &binary)
+    let data = trellis_kube::convert::config_data(&cm);
+    mesh_config::parse_config_map_data(&data.data, &binary_keys(&data))
         .map_err(|e| anyhow::anyhow!("ConfigMap trellis-system/trellis-config: {e}"))
+}
+
+/// The `binaryData` keys as the parser takes them.
+pub(crate) fn binary_keys(data: &trellis_kube::convert::ConfigMapData) -> Vec<&str> {
+    data.binary_keys.iter().map(String::as_str).collect()
 }
 
 /// The running source: its handle, the snapshots it publishes (the first one complete),
@@ -64,22 +63,20 @@ pub(crate) struct Cluster {
     pub(crate) elector: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Reports mesh config rejections as Kubernetes Events on the ConfigMap.
-struct KubeConfigEvents(ConfigEvents);
-
-impl crate::config_watch::ConfigEvents for KubeConfigEvents {
+/// Mesh config rejections and recoveries become Kubernetes Events on the ConfigMap.
+impl crate::config_watch::ConfigEvents for ConfigEvents {
     fn rejected(&mut self, error: &str) {
-        self.0.rejected(error);
+        ConfigEvents::rejected(self, error);
     }
     fn applied(&mut self, summary: &str) {
-        self.0.applied(summary);
+        ConfigEvents::applied(self, summary);
     }
 }
 
 impl Cluster {
     /// The Event sink for `config_watch::Applier`.
     pub(crate) fn config_events(&self) -> Box<dyn crate::config_watch::ConfigEvents> {
-        Box::new(KubeConfigEvents(self.events.clone()))
+        Box::new(self.events.clone())
     }
 }
 

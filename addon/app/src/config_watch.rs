@@ -8,7 +8,6 @@
 //! `trellis_mesh_config_*` metrics move, and the rejection is handed to the event sink
 //! (a Kubernetes Event on the ConfigMap when running on a cluster).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,7 +203,7 @@ pub(crate) async fn watch_file(
 /// ConfigMap keeps the running config: deleting it is more likely a mistake than a wish to
 /// fall back to every default at once, and the webhook cannot refuse a delete.
 pub(crate) async fn watch_config_map(
-    mut data: watch::Receiver<Option<BTreeMap<String, String>>>,
+    mut data: watch::Receiver<Option<trellis_kube::convert::ConfigMapData>>,
     mut applier: Applier,
     shutdown: CancellationToken,
 ) {
@@ -215,7 +214,7 @@ pub(crate) async fn watch_config_map(
         let current = data.borrow_and_update().clone();
         match current {
             Some(data) => applier.offer(
-                mesh_config::parse_config_map_data(&data, &[]),
+                mesh_config::parse_config_map_data(&data.data, &crate::cluster::binary_keys(&data)),
                 "ConfigMap trellis-system/trellis-config",
             ),
             None if first => {}
@@ -233,6 +232,7 @@ pub(crate) async fn watch_config_map(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
     use prometheus_client::encoding::text::encode;
@@ -341,6 +341,39 @@ mod tests {
         );
         assert!(seen[1].contains("trustDomain"), "{seen:?}");
         assert!(seen[2].starts_with("applied: "), "{seen:?}");
+        Ok(())
+    }
+
+    /// The ConfigMap watcher refuses `binaryData` by name, exactly as the startup read
+    /// and the webhook do.
+    #[tokio::test]
+    async fn the_config_map_watcher_refuses_binary_data() -> Result<(), String> {
+        let mut registry = Registry::default();
+        let metrics = ConfigMetrics::new(&mut registry);
+        let running = MeshConfig::default();
+        let td = RunningTrustDomain::resolve(None, &running)?;
+        let (applier, _applied) = Applier::new(running, td, metrics);
+        let events = Recorded::default();
+        let applier = applier.with_events(Box::new(events.clone()));
+        let cm = trellis_kube::convert::ConfigMapData {
+            data: BTreeMap::new(),
+            binary_keys: vec!["blob".to_owned()],
+        };
+        let (_tx, rx) = watch::channel(Some(cm));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch_config_map(rx, applier, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        task.await.map_err(|e| e.to_string())?;
+        assert_eq!(
+            metric(&registry, "trellis_mesh_config_rejected_total").as_deref(),
+            Some("1")
+        );
+        let seen = events.0.lock().map_err(|e| e.to_string())?.clone();
+        assert!(
+            seen.len() == 1 && seen[0].contains("binaryData.blob"),
+            "{seen:?}"
+        );
         Ok(())
     }
 }

@@ -312,9 +312,27 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
     })
 }
 
-/// The mesh ConfigMap's `data` (empty when it has none; `binaryData` is not read).
-pub fn config_data(cm: &core::ConfigMap) -> BTreeMap<String, String> {
-    cm.data.clone().unwrap_or_default()
+/// The mesh ConfigMap as the app parses it: its `data`, and the names of its
+/// `binaryData` keys, which Trellis never reads and refuses by name (so that a setting put
+/// there by mistake is reported instead of silently ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigMapData {
+    /// `data` (empty when it has none).
+    pub data: BTreeMap<String, String>,
+    /// The keys of `binaryData`, sorted.
+    pub binary_keys: Vec<String>,
+}
+
+/// The mesh ConfigMap's `data` and `binaryData` keys.
+pub fn config_data(cm: &core::ConfigMap) -> ConfigMapData {
+    ConfigMapData {
+        data: cm.data.clone().unwrap_or_default(),
+        binary_keys: cm
+            .binary_data
+            .as_ref()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default(),
+    }
 }
 
 // Memory: a reflector keeps every object of its kind for as long as the process runs, so
@@ -387,7 +405,12 @@ pub(crate) fn strip_pod(pod: &mut core::Pod) {
 pub(crate) fn strip_config_map(cm: &mut core::ConfigMap) {
     strip_meta(&mut cm.metadata);
     cm.metadata.annotations = None;
-    cm.binary_data = None;
+    // Only the keys are read (to refuse them by name); the bytes can be large.
+    cm.binary_data = cm.binary_data.take().map(|b| {
+        b.into_keys()
+            .map(|k| (k, k8s_openapi::ByteString(Vec::new())))
+            .collect()
+    });
 }
 
 /// Name and namespace (required), without labels or annotations.

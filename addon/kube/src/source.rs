@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use trellis_api::MeshSnapshot;
 
 use crate::Kind;
-use crate::convert::{self, Skip, Skipped};
+use crate::convert::{self, ConfigMapData, Skip, Skipped};
 use crate::metrics::Metrics;
 
 /// Default coalescing interval between a change and the snapshot it leads to.
@@ -84,14 +84,14 @@ pub struct KubeSource {
     settings: KubeSettings,
     metrics: Option<Metrics>,
     status: watch::Sender<KubeStatus>,
-    config: watch::Sender<Option<BTreeMap<String, String>>>,
+    config: watch::Sender<Option<ConfigMapData>>,
 }
 
 /// A cheap, cloneable view of a [`KubeSource`]'s progress and of the mesh ConfigMap.
 #[derive(Debug, Clone)]
 pub struct KubeHandle {
     status: watch::Receiver<KubeStatus>,
-    config: watch::Receiver<Option<BTreeMap<String, String>>>,
+    config: watch::Receiver<Option<ConfigMapData>>,
 }
 
 /// What the source has done so far.
@@ -150,7 +150,7 @@ struct Publisher {
     settings: KubeSettings,
     metrics: Option<Metrics>,
     status: watch::Sender<KubeStatus>,
-    config: watch::Sender<Option<BTreeMap<String, String>>>,
+    config: watch::Sender<Option<ConfigMapData>>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
     stores: Stores,
     listed: BTreeSet<Kind>,
@@ -539,7 +539,7 @@ impl KubeHandle {
 
     /// The mesh ConfigMap's `data`: `None` while it does not exist (and until it has been
     /// listed: [`KubeStatus::kinds`] says when). Raw, for the app to parse and validate.
-    pub fn config(&self) -> watch::Receiver<Option<BTreeMap<String, String>>> {
+    pub fn config(&self) -> watch::Receiver<Option<ConfigMapData>> {
         self.config.clone()
     }
 

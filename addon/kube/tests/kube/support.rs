@@ -95,7 +95,11 @@ impl Running {
     pub async fn until_config(&self, want: Option<&[(&str, &str)]>) {
         let want = want.map(data);
         let mut config = self.handle.config();
-        let waited = tokio::time::timeout(PATIENCE, config.wait_for(|c| *c == want)).await;
+        let waited = tokio::time::timeout(
+            PATIENCE,
+            config.wait_for(|c| c.as_ref().map(|c| &c.data) == want.as_ref()),
+        )
+        .await;
         assert!(
             matches!(waited, Ok(Ok(_))),
             "timed out waiting for config {want:?}; last: {:?}",
