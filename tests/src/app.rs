@@ -1,7 +1,9 @@
 //! A small HTTP/1.1 server standing in for an application: answers `200` with
 //! `hello from <name> <path>` and records each request's method, path, headers and
 //! body bytes for the test to assert on. `?sleep_ms=N` in the query makes it wait N ms
-//! before answering (a slow request in flight, for drain and timeout tests).
+//! before answering (a slow request in flight, for drain and timeout tests); `?status=N`
+//! answers with status N; `?forge=1` adds a `trellis-dst-workload: forged` header (an app
+//! trying to speak for its proxy).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -60,14 +62,22 @@ impl EchoServer {
                                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                                 }
                                 let reply = format!("hello from {n} {pq}");
+                                // `?status=NNN` answers with that status; `?forge=1` also
+                                // claims to be another workload in the header proxies use.
+                                let status = query_param(&pq, "status").unwrap_or(200u16);
+                                let forge = query_param::<u8>(&pq, "forge") == Some(1);
                                 rec.lock().unwrap().push(Recorded {
                                     method: parts.method,
                                     path_and_query: pq,
                                     headers: parts.headers,
                                     body,
                                 });
+                                let mut resp = http::Response::builder();
+                                if forge {
+                                    resp = resp.header("trellis-dst-workload", "forged");
+                                }
                                 Ok::<_, std::convert::Infallible>(
-                                    http::Response::builder()
+                                    resp.status(status)
                                         .header("x-served-by", n.as_str())
                                         .body(Full::new(Bytes::from(reply)))
                                         .unwrap(),
@@ -97,10 +107,15 @@ impl EchoServer {
 
 /// The `sleep_ms` query parameter of a path-and-query, if any.
 fn sleep_ms(path_and_query: &str) -> Option<u64> {
+    query_param(path_and_query, "sleep_ms")
+}
+
+/// `?<name>=<number>` of a request target.
+fn query_param<T: std::str::FromStr>(path_and_query: &str, name: &str) -> Option<T> {
     let (_, query) = path_and_query.split_once('?')?;
     query
         .split('&')
-        .find_map(|kv| kv.strip_prefix("sleep_ms=")?.parse().ok())
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
 impl Drop for EchoServer {

@@ -24,5 +24,6 @@ pub mod netns;
 
 pub use app::{EchoServer, Recorded};
 pub use mesh::{
-    ControlPlane, Launch, Load, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, wait_until,
+    ControlPlane, Launch, Load, Proxy, TRUST_DOMAIN, free_port, http_get, http_request,
+    request_series, wait_until,
 };

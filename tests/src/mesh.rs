@@ -384,7 +384,7 @@ impl Proxy {
     }
 
     /// One metric sample value from /metrics, e.g.
-    /// `trellis_proxy_requests_total{direction="outbound",status_code="200"}`.
+    /// `trellis_proxy_discovery_version` or a [`request_series`].
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let (_, _, body) = http_get(self.admin, "localhost", "/metrics").await.ok()?;
         let body = String::from_utf8_lossy(&body).into_owned();
@@ -397,6 +397,25 @@ impl Proxy {
         let (_, _, body) = http_get(self.admin, "localhost", "/config").await.unwrap();
         serde_json::from_slice(&body).unwrap()
     }
+}
+
+/// The `_count` series of one request family (`kind`: `server` for a proxy's inbound
+/// requests, `client` for its outbound ones) for a call from service account `src` to
+/// service account `dst` (each proxy's `--service-name` defaults to its service
+/// account) behind the service `dst.<ns>`, all in namespace `ns` and trust domain
+/// `cluster.local`.
+pub fn request_series(kind: &str, src: &str, dst: &str, ns: &str, status: u16) -> String {
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+    format!(
+        "http_{kind}_request_duration_seconds_count{{http_request_method=\"GET\",\
+         http_response_status_code=\"{status}\",rpc_grpc_status_code=\"\",\
+         source_workload=\"{src}\",source_namespace=\"{ns}\",source_principal=\"{}\",\
+         destination_workload=\"{dst}\",destination_namespace=\"{ns}\",\
+         destination_principal=\"{}\",destination_service_name=\"{dst}\",\
+         destination_service_namespace=\"{ns}\",connection_security_policy=\"mutual_tls\"}}",
+        id(src),
+        id(dst)
+    )
 }
 
 /// A plain HTTP/1.1 GET; returns (status, headers, body).

@@ -27,6 +27,8 @@ pub(crate) struct Admin {
     pub(crate) discovery: DiscoveryService,
     pub(crate) registry: Registry,
     pub(crate) ca: Arc<trellis_ca::CertificateAuthority>,
+    /// Recent traces the telemetry gateway received.
+    pub(crate) traces: trellis_telemetry::Recent,
 }
 
 // === impl Admin ===
@@ -94,6 +96,7 @@ impl Admin {
                 )
             }
             "/debug/ca" => json(&self.ca.status()),
+            "/debug/traces" => json(&self.traces.traces(50)),
             "/debug/source" => {
                 let s = self.source.borrow().clone();
                 json(&serde_json::json!({
@@ -187,6 +190,7 @@ mod tests {
             discovery,
             registry,
             ca: Arc::new(trellis_ca::CertificateAuthority::generate("cluster.local")?),
+            traces: trellis_telemetry::Recent::new(16),
         };
 
         let (status, body) = get(&admin, "/debug/acks").await?;

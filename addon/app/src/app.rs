@@ -351,9 +351,10 @@ async fn run(
     // is not a change at the same version.
     let mut joined = (**source_rx.borrow()).clone();
     joined.trust = ca.trust();
-    let proxy_wide = *applied.proxies.borrow();
+    let proxy_wide = applied.proxies.borrow().clone();
     joined.outbound = proxy_wide.outbound;
     joined.access_log = proxy_wide.access_log;
+    joined.tracing = proxy_wide.tracing;
     let (snap_tx, snap_rx) = watch::channel(Arc::new(joined));
     // Discovery pushes the sources' view joined with the CA's trust bundle.
     tokio::spawn(crate::ca::join(
@@ -374,12 +375,14 @@ async fn run(
         trellis_ca::Metrics::new(&mut registry),
     )
     .with_rate_limit(callers.rate_limit);
+    let (gateway, recent) = telemetry_gateway(&args, &mut registry)?;
     let admin = Arc::new(Admin {
         snapshots: snap_rx,
         source: status_rx,
         discovery: discovery.clone(),
         registry,
         ca: ca.clone(),
+        traces: recent,
     });
 
     let scope = if mesh_config.discovery.scope.is_all() {
@@ -405,6 +408,7 @@ async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(identity.into_server())
         .add_service(discovery.into_server())
+        .add_service(gateway.into_server())
         .serve_with_incoming_shutdown(crate::tls::incoming(grpc, tls_rx), async move {
             stop.cancelled().await
         })
@@ -499,4 +503,59 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         anyhow::bail!("--state-dir {} is not a directory", dir.display());
     }
     Ok(())
+}
+
+/// Environment variable Application Insights SDKs read their connection string from.
+const APPINSIGHTS_ENV: &str = "APPLICATIONINSIGHTS_CONNECTION_STRING";
+
+/// The telemetry gateway proxies export spans to (`tracing.otlp: mesh`), on the gRPC
+/// listener: spans go to the local sink of recent traces (`/debug/traces`) and, with a
+/// connection string, to Application Insights too.
+fn telemetry_gateway(
+    args: &RunArgs,
+    registry: &mut Registry,
+) -> anyhow::Result<(trellis_telemetry::Gateway, trellis_telemetry::Recent)> {
+    let recent = trellis_telemetry::Recent::new(trellis_telemetry::DEFAULT_RECENT_SPANS);
+    let connection_string = match &args.appinsights_connection_string_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!("--appinsights-connection-string-file {}", path.display())
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(APPINSIGHTS_ENV)
+            .ok()
+            .filter(|s| !s.trim().is_empty()),
+    };
+    let config = trellis_telemetry::GatewayConfig::default();
+    let metrics = trellis_telemetry::Metrics::new(registry);
+    let (gateway, _worker) = match connection_string {
+        Some(cs) => {
+            // Private roots for the ingestion endpoint (the stand-in in tests), as for
+            // the other Azure endpoints.
+            let roots = match std::env::var_os(trellis_azure::EXTRA_ROOTS_ENV) {
+                Some(p) => Some(std::fs::read_to_string(&p).with_context(|| {
+                    format!("{}={}", trellis_azure::EXTRA_ROOTS_ENV, p.to_string_lossy())
+                })?),
+                None => None,
+            };
+            let exporter = trellis_telemetry::app_insights_exporter(&cs, roots.as_deref())
+                .context("Application Insights connection string")?;
+            info!("telemetry gateway: spans to Application Insights and /debug/traces");
+            trellis_telemetry::Gateway::spawn(
+                trellis_telemetry::Tee(recent.clone(), exporter),
+                config,
+                metrics,
+            )?
+        }
+        None => {
+            info!(
+                "telemetry gateway: spans to /debug/traces only (no Application Insights connection string)"
+            );
+            trellis_telemetry::Gateway::spawn(recent.clone(), config, metrics)?
+        }
+    };
+    Ok((gateway, recent))
 }

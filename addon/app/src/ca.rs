@@ -179,7 +179,7 @@ pub(crate) async fn join(
         let mut next = (**snapshots.borrow_and_update()).clone();
         let joined = (
             trust.borrow_and_update().clone(),
-            *proxies.borrow_and_update(),
+            proxies.borrow_and_update().clone(),
         );
         if last.as_ref().is_some_and(|last| *last != joined) {
             changes += 1;
@@ -188,6 +188,7 @@ pub(crate) async fn join(
         next.trust = joined.0.clone();
         next.outbound = joined.1.outbound;
         next.access_log = joined.1.access_log;
+        next.tracing = joined.1.tracing.clone();
         last = Some(joined);
         if tx.send(Arc::new(next)).is_err() {
             return;

@@ -124,6 +124,12 @@ pub(crate) struct RunArgs {
     /// requests past the limit get RESOURCE_EXHAUSTED (proxies retry with backoff).
     #[arg(long, env = "TRELLIS_CA_RATE_LIMIT_PER_SECOND", default_value_t = trellis_ca::DEFAULT_RATE_LIMIT_PER_SECOND)]
     pub(crate) ca_rate_limit_per_second: f64,
+    /// File holding the Application Insights connection string the telemetry gateway
+    /// exports spans to (a Secret's key, mounted; never put it in the ConfigMap). Without
+    /// it (and without APPLICATIONINSIGHTS_CONNECTION_STRING) the gateway keeps the last
+    /// spans in memory only, for /debug/traces.
+    #[arg(long, env = "TRELLIS_APPINSIGHTS_CONNECTION_STRING_FILE")]
+    pub(crate) appinsights_connection_string_file: Option<PathBuf>,
     /// HTTPS listener of the validating admission webhook for the trellis-config
     /// ConfigMap (`POST /validate`); off unless set (on a cluster: 0.0.0.0:9443). Needs
     /// --webhook-cert and --webhook-key.

@@ -40,12 +40,14 @@ pub(crate) struct Applied {
 }
 
 /// Mesh-wide settings every proxy receives through discovery, in every response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ProxyWide {
     /// `outboundTrafficPolicy.mode`.
     pub(crate) outbound: OutboundPolicy,
     /// `proxy.accessLog` and `proxy.accessLogFormat`.
     pub(crate) access_log: AccessLog,
+    /// `tracing`.
+    pub(crate) tracing: trellis_api::Tracing,
 }
 
 impl ProxyWide {
@@ -53,6 +55,7 @@ impl ProxyWide {
         Self {
             outbound: config.outbound_traffic_policy.mode.policy(),
             access_log: config.proxy.access_log(),
+            tracing: config.tracing.clone(),
         }
     }
 }
@@ -157,6 +160,7 @@ impl Applier {
                 info!(
                     outbound = ?proxies.outbound,
                     access_log = ?proxies.access_log,
+                    tracing = ?proxies.tracing,
                     "proxy settings changed"
                 );
                 *running = proxies;

@@ -41,11 +41,12 @@ pub(crate) const CONFIG_MAP_NAME: &str = "trellis-config";
 /// Namespace of the mesh ConfigMap, and of the control plane: every proxy sees its services.
 pub(crate) const CONFIG_MAP_NAMESPACE: &str = "trellis-system";
 /// The keys of `data` this version reads, sorted as error messages list them.
-pub(crate) const KNOWN_KEYS: [&str; 5] = [
+pub(crate) const KNOWN_KEYS: [&str; 6] = [
     "ca",
     "discovery",
     "outboundTrafficPolicy",
     "proxy",
+    "tracing",
     "trustDomain",
 ];
 
@@ -65,6 +66,26 @@ pub(crate) struct MeshConfig {
     pub(crate) proxy: ProxySettings,
     /// `outboundTrafficPolicy`: what proxies do with destinations outside the mesh.
     pub(crate) outbound_traffic_policy: OutboundTrafficPolicy,
+    /// `tracing`: how often proxies sample new traces and where spans go.
+    pub(crate) tracing: trellis_api::Tracing,
+}
+
+/// The `tracing` key as written. Converted to [`trellis_api::Tracing`] by
+/// [`parse_tracing`], which checks the values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TracingDoc {
+    /// Percent of new traces sampled, 0 to 100 (Istio's `sampling`). Default 1.
+    #[serde(default = "default_sampling")]
+    sampling: f64,
+    /// Where spans go: `mesh` (the control plane's telemetry gateway) or an OTLP/gRPC URL
+    /// (`http://collector:4317`). Absent: tracing is off.
+    #[serde(default)]
+    otlp: Option<String>,
+}
+
+fn default_sampling() -> f64 {
+    1.0
 }
 
 /// The `outboundTrafficPolicy` key, as in Istio's `meshConfig.outboundTrafficPolicy`.
@@ -540,6 +561,7 @@ pub(crate) fn parse_config_map_data(
             "proxy" => parse_value::<ProxySettings>(value).map(|p| config.proxy = p),
             "outboundTrafficPolicy" => parse_value::<OutboundTrafficPolicy>(value)
                 .map(|p| config.outbound_traffic_policy = p),
+            "tracing" => parse_tracing(value).map(|t| config.tracing = t),
             _ => Err(Bad::whole(format!(
                 "unknown key (known: {})",
                 KNOWN_KEYS.join(", ")
@@ -635,6 +657,46 @@ fn check_trust_domain(td: &str) -> Result<(), String> {
     SpiffeId::new(td, CONFIG_MAP_NAMESPACE, "trellis-control-plane")
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// The `tracing` key: sampling in percent becomes millionths; the OTLP endpoint must be
+/// `mesh` or a plain `http://host:port` (proxies speak OTLP/gRPC without TLS to a
+/// collector; `mesh` is the mTLS path).
+fn parse_tracing(value: &str) -> Result<trellis_api::Tracing, Bad> {
+    let doc: TracingDoc = parse_value(value)?;
+    if !(0.0..=100.0).contains(&doc.sampling) {
+        return Err(Bad::inside(
+            "sampling",
+            format!("a percentage from 0 to 100, got {}", doc.sampling),
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0..=1e6, checked
+    let sampling_per_million = (doc.sampling * 10_000.0).round() as u32;
+    let otlp = match doc.otlp.as_deref().map(str::trim) {
+        None | Some("") => String::new(),
+        Some("mesh") => "mesh".to_owned(),
+        Some(url) => {
+            let uri: http::Uri = url.parse().map_err(|e| {
+                Bad::inside(
+                    "otlp",
+                    format!("`mesh` or an http:// URL, got {url:?}: {e}"),
+                )
+            })?;
+            if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                return Err(Bad::inside(
+                    "otlp",
+                    format!(
+                        "`mesh` or an http://host:port URL of an OTLP/gRPC collector, got {url:?} (https collectors are not supported: use `mesh` for mTLS)"
+                    ),
+                ));
+            }
+            url.to_owned()
+        }
+    };
+    Ok(trellis_api::Tracing {
+        sampling_per_million,
+        otlp,
+    })
 }
 
 fn parse_discovery(value: &str) -> Result<DiscoverySettings, Bad> {
@@ -929,11 +991,11 @@ mod tests {
             (cm("colour: blue"), "data.ca: colour: unknown field `colour`"),
             (
                 format!("{HEADER}data: {{cas: x}}\n"),
-                "data.cas: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
+                "data.cas: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, tracing, trustDomain)",
             ),
             (
-                format!("{HEADER}data: {{tracing: 'sampling: 1'}}\n"),
-                "data.tracing: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
+                format!("{HEADER}data: {{telemetry: 'sampling: 1'}}\n"),
+                "data.telemetry: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, tracing, trustDomain)",
             ),
             (
                 format!("{HEADER}data: {{outboundTrafficPolicy: 'mode: DENY'}}\n"),
@@ -1161,6 +1223,54 @@ mod tests {
                 access_log_format: AccessLogFormat::Text,
             };
             assert_eq!(p.log_filter(), filter);
+        }
+    }
+
+    #[test]
+    fn tracing_sampling_and_sink_are_checked() {
+        let off = parse(&cm_with(&[])).unwrap().tracing;
+        assert_eq!(off, trellis_api::Tracing::default());
+        let cases = [
+            ("otlp: mesh", 10_000, "mesh"),
+            ("sampling: 100\notlp: mesh", 1_000_000, "mesh"),
+            (
+                "sampling: 0.5\notlp: http://otel.monitoring:4317",
+                5_000,
+                "http://otel.monitoring:4317",
+            ),
+            ("sampling: 20", 200_000, ""),
+        ];
+        for (yaml, per_million, otlp) in cases {
+            let t = parse(&cm_with(&[("tracing", yaml)])).unwrap().tracing;
+            assert_eq!(
+                (t.sampling_per_million, t.otlp.as_str()),
+                (per_million, otlp),
+                "{yaml:?}"
+            );
+        }
+        for (yaml, want) in [
+            (
+                "sampling: 101",
+                "data.tracing: sampling: a percentage from 0 to 100, got 101",
+            ),
+            (
+                "sampling: -1",
+                "data.tracing: sampling: a percentage from 0 to 100, got -1",
+            ),
+            (
+                "otlp: https://c:4317",
+                "data.tracing: otlp: `mesh` or an http://host:port URL",
+            ),
+            (
+                "otlp: collector:4317",
+                "data.tracing: otlp: `mesh` or an http://host:port URL",
+            ),
+            ("sample: 1", "data.tracing: sample: unknown field `sample`"),
+        ] {
+            let err = parse(&cm_with(&[("tracing", yaml)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{yaml:?}: {err}");
         }
     }
 

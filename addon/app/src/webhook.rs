@@ -824,9 +824,9 @@ mod tests {
             ),
             denied(
                 "unknown key",
-                update(with("tracing", "sampling: 100")),
-                "invalid trellis-config: data.tracing: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, trustDomain)",
-                "data.tracing",
+                update(with("telemetry", "sampling: 100")),
+                "invalid trellis-config: data.telemetry: unknown key (known: ca, discovery, outboundTrafficPolicy, proxy, tracing, trustDomain)",
+                "data.telemetry",
             ),
             denied(
                 "binaryData",

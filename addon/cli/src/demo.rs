@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 
 use crate::check::{self, ProxyStatus, ServiceAcks};
 use crate::http::HttpClient;
+use crate::stat;
 
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
 /// The demo app that answers slower, to show latency-aware (peak-EWMA) balancing.
@@ -229,7 +230,18 @@ async fn run_in(
         workloads[1].inbound,
         probe_without_certificate(&state.join("trust-bundle.pem"), workloads[1].inbound).await
     ));
+    say(&format!(
+        "live golden metrics: run `trellis stat{}` in another terminal (add --by edge or --by service)",
+        if cp_admin.port() == 9090 {
+            String::new()
+        } else {
+            format!(" --admin {cp_admin}")
+        }
+    ));
     let started = Instant::now();
+    let admins: Vec<SocketAddr> = workloads.iter().map(|w| w.admin).collect();
+    // The last scrape the live line was computed from, and when.
+    let mut last = (stat::scrape_all(&http, &admins).await, Instant::now());
     let mut served: BTreeMap<String, u64> = BTreeMap::new();
     let (mut ok, mut failed) = (0u64, 0u64);
     // The CA switch: (requests ok, failed) when it started, until every proxy re-issued.
@@ -294,6 +306,19 @@ async fn run_in(
                 say(&format!("#{n:<3} client-1 -> web.demo: failed: {e:#}"));
             }
         }
+        if n % LIVE_EVERY == 0 {
+            let now = stat::scrape_all(&http, &admins).await;
+            let rows = stat::rows(
+                &last.0,
+                &now,
+                stat::By::Workload,
+                last.1.elapsed().as_secs_f64(),
+            );
+            for r in rows {
+                say(&format!("     stat: {}", stat::line(&r)));
+            }
+            last = (now, Instant::now());
+        }
     }
 
     if switch.is_some() && !switched {
@@ -306,13 +331,40 @@ async fn run_in(
         "done: {ok} ok, {failed} failed; served by {}",
         spread.join(", ")
     ));
-    if let Ok(m) = http.get(client.admin, "localhost", "/metrics").await {
-        for line in m
-            .body
-            .lines()
-            .filter(|l| l.starts_with("trellis_proxy_requests_total"))
-        {
-            say(&format!("client-1 metrics: {line}"));
+    // The newest whole trace the telemetry gateway holds (every request is sampled here;
+    // the newest ones may still sit in a proxy's batch, up to 2 s).
+    if let Ok(traces) = get_json::<serde_json::Value>(&http, cp_admin, "/debug/traces").await
+        && let Some(t) = traces.as_array().and_then(|t| {
+            t.iter()
+                .find(|t| t["spans"].as_array().is_some_and(|s| s.len() >= 2))
+        })
+    {
+        say(&format!(
+            "latest trace {} (tracing.otlp: mesh, 100% sampled; all: http://{cp_admin}/debug/traces):",
+            t["trace_id"].as_str().unwrap_or("?")
+        ));
+        for span in t["spans"].as_array().into_iter().flatten() {
+            say(&format!(
+                "  {:<6} span {} of {:<12} {} {} -> {} in {:.2}ms",
+                span["kind"].as_str().unwrap_or("?"),
+                span["span_id"].as_str().unwrap_or("?"),
+                span["role"].as_str().unwrap_or("?"),
+                span["name"].as_str().unwrap_or("?"),
+                span["target"].as_str().unwrap_or("?"),
+                span["status_code"],
+                span["duration_ms"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    // Golden metrics, as `trellis stat` computes them, over the whole run.
+    let samples = stat::scrape_all(&http, &admins).await;
+    let secs = started.elapsed().as_secs_f64();
+    for (by, what) in [(stat::By::Workload, "workload"), (stat::By::Edge, "edge")] {
+        say(&format!(
+            "golden metrics by {what} (trellis stat --by {what}):"
+        ));
+        for line in stat::table(&stat::rows(&[], &samples, by, secs), by).lines() {
+            say(&format!("  {line}"));
         }
     }
     match settled_application(&http, cp_admin, workloads.len()).await {
@@ -337,13 +389,16 @@ async fn run_in(
     Ok(())
 }
 
+/// Every this many requests the demo prints the workloads' golden metrics since the last.
+const LIVE_EVERY: u64 = 10;
+
 /// The request before which the demo switches the mesh to a plug-in CA.
 const CA_SWITCH_AT: u64 = 4;
 
 fn render_mesh_config(ca: &str) -> String {
     let indented: String = ca.lines().map(|l| format!("    {l}\n")).collect();
     format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata:\n  ca: |\n{indented}"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata:\n  tracing: |\n    sampling: 100\n    otlp: mesh\n  ca: |\n{indented}"
     )
 }
 

@@ -12,6 +12,7 @@ mod check;
 mod demo;
 mod demo_app;
 mod http;
+mod stat;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +37,9 @@ enum Command {
     Ca(ca::Args),
     /// Checks a running mesh: control plane, CA expiry, proxies on the latest config.
     Check(check::Args),
+    /// Golden metrics from the proxies: success rate, requests per second and latency
+    /// percentiles per workload, service or edge.
+    Stat(stat::Args),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Ca(args) => ca::run(args).await,
             Command::Check(args) => check::run(args).await,
+            Command::Stat(args) => stat::run(args).await,
             Command::DemoApp {
                 name,
                 listen,

@@ -295,6 +295,7 @@ async fn proxy(
                 workload: format!("client-{id}"),
                 proxy_version: "bench".into(),
                 last_version: 0,
+                ..Hello::default()
             })),
         })
         .await?;

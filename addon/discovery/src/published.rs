@@ -272,7 +272,13 @@ impl Published {
         if source.trust != self.source.trust {
             next.trust_changed_at = version;
         }
-        if (source.outbound, source.access_log) != (self.source.outbound, self.source.access_log) {
+        if (source.outbound, source.access_log, &source.tracing)
+            != (
+                self.source.outbound,
+                self.source.access_log,
+                &self.source.tracing,
+            )
+        {
             next.settings_changed_at = version;
         }
         next.source = source;
@@ -331,6 +337,7 @@ impl Published {
             more: false,
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
+            tracing: self.source.tracing.to_wire(),
         }
     }
 
@@ -398,6 +405,7 @@ impl Published {
             more: false,
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
+            tracing: self.source.tracing.to_wire(),
         })
     }
 }

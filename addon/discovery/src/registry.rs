@@ -18,6 +18,9 @@ pub struct ProxyStatus {
     pub workload: String,
     /// Proxy build version from the Hello. Informational.
     pub proxy_version: String,
+    /// Where the proxy says its metrics can be read (`ip:port`, path `/metrics`); empty
+    /// when it did not say. Informational.
+    pub metrics_address: String,
     /// The remote socket address of the stream's connection, if the acceptor knew it.
     pub remote: Option<SocketAddr>,
     /// When the stream's Hello arrived.
@@ -115,6 +118,7 @@ mod tests {
             identity: identity.into(),
             workload: "web-1".into(),
             proxy_version: "0.1.0".into(),
+            metrics_address: String::new(),
             remote: None,
             connected_since: SystemTime::UNIX_EPOCH,
             sent_version: 0,

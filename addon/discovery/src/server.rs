@@ -303,6 +303,7 @@ impl DiscoveryService {
                 identity: stream.peer.to_string(),
                 workload: hello.workload,
                 proxy_version: hello.proxy_version,
+                metrics_address: hello.metrics_address,
                 remote,
                 connected_since: SystemTime::now(),
                 sent_version: 0,

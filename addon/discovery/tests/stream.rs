@@ -97,6 +97,7 @@ fn hello() -> DiscoveryRequest {
             workload: "web-7d9f".into(),
             proxy_version: "0.1.0".into(),
             last_version: 0,
+            ..Hello::default()
         })),
     }
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::discovery::v1 as pb;
 use crate::snapshot::{
-    AccessLog, Endpoint, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort,
+    AccessLog, Endpoint, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort, Tracing,
 };
 
 /// Why a discovery response could not be turned into a snapshot.
@@ -256,6 +256,28 @@ fn port_from_proto(
         protocol,
         endpoints,
     })
+}
+
+// === Tracing ===
+
+impl Tracing {
+    /// The wire form: absent when off, so control planes and proxies that predate the
+    /// field agree on "off".
+    pub fn to_wire(&self) -> Option<pb::Tracing> {
+        (*self != Self::default()).then(|| pb::Tracing {
+            sampling_per_million: self.sampling_per_million,
+            otlp: self.otlp.clone(),
+        })
+    }
+
+    /// From the wire; absent means off.
+    pub fn from_wire(t: Option<&pb::Tracing>) -> Self {
+        t.map(|t| Self {
+            sampling_per_million: t.sampling_per_million.min(1_000_000),
+            otlp: t.otlp.clone(),
+        })
+        .unwrap_or_default()
+    }
 }
 
 // === AccessLog ===

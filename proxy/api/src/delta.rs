@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::convert::ConvertError;
 use crate::discovery::v1 as pb;
-use crate::snapshot::{AccessLog, MeshSnapshot, OutboundPolicy, Service, ServiceKey, Trust};
+use crate::snapshot::{
+    AccessLog, MeshSnapshot, OutboundPolicy, Service, ServiceKey, Tracing, Trust,
+};
 
 /// Applies a discovery response to the snapshot the proxy holds and returns the new one.
 ///
@@ -74,6 +76,7 @@ pub fn apply(
         // Every response carries the policy in force, increments too.
         outbound: OutboundPolicy::from_wire(resp.outbound_traffic_policy),
         access_log: AccessLog::from_wire(resp.access_log),
+        tracing: Tracing::from_wire(resp.tracing.as_ref()),
     })
 }
 
@@ -120,6 +123,7 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         more: false,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(new.outbound).into(),
         access_log: pb::AccessLog::from(new.access_log).into(),
+        tracing: new.tracing.to_wire(),
     }
 }
 
@@ -137,6 +141,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         more: false,
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(snapshot.outbound).into(),
         access_log: pb::AccessLog::from(snapshot.access_log).into(),
+        tracing: snapshot.tracing.to_wire(),
     }
 }
 
@@ -149,6 +154,7 @@ pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
         && old.trust == new.trust
         && old.outbound == new.outbound
         && old.access_log == new.access_log
+        && old.tracing == new.tracing
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

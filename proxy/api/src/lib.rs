@@ -21,7 +21,7 @@ pub use lookup::{AddressIndex, Destination};
 pub use parts::{Parts, PartsError, split};
 pub use snapshot::{
     AccessLog, Endpoint, MeshSnapshot, OutboundPolicy, Protocol, Service, ServiceKey, ServicePort,
-    Trust, fingerprint,
+    Tracing, Trust, fingerprint,
 };
 
 /// Generated code for `proto/discovery.proto` (package `trellis.discovery`).

@@ -188,6 +188,7 @@ mod tests {
             more: false,
             outbound_traffic_policy: 1,
             access_log: 2,
+            tracing: None,
         }
     }
 

@@ -34,6 +34,18 @@ pub struct MeshSnapshot {
     pub outbound: OutboundPolicy,
     /// How proxies write their access log.
     pub access_log: AccessLog,
+    /// Where and how often proxies record spans.
+    pub tracing: Tracing,
+}
+
+/// trellis-config's `tracing`: how often proxies sample new traces and where they send
+/// spans. The default is off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Tracing {
+    /// Probability of sampling a new trace, in millionths (1% = 10,000).
+    pub sampling_per_million: u32,
+    /// `""` (off), `"mesh"` (the control plane's telemetry gateway) or an OTLP/gRPC URL.
+    pub otlp: String,
 }
 
 /// How proxies write their access log: trellis-config's `proxy.accessLog` and

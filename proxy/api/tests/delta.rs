@@ -46,6 +46,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         trust: Trust::default(),
         outbound: OutboundPolicy::AllowAny,
         access_log: AccessLog::Unset,
+        tracing: Default::default(),
     }
 }
 
@@ -182,6 +183,7 @@ fn diff_carries_only_changes() {
             more: false,
             outbound_traffic_policy: 0,
             access_log: 0,
+            tracing: None,
         }
     );
     assert!(trellis_api::same_view(
@@ -299,6 +301,7 @@ fn full_carries_the_bundle_and_generation() {
             more: false,
             outbound_traffic_policy: 0,
             access_log: 0,
+            tracing: None,
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -396,6 +399,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 more: false,
                 outbound_traffic_policy: 0,
                 access_log: 0,
+                tracing: None,
             },
             "{case}"
         );

@@ -260,6 +260,7 @@ impl Admin {
                 // certificate above shows the bundle in use.
                 "trust": view.snapshot.trust,
                 "outbound_traffic_policy": view.snapshot.outbound,
+                "tracing": view.snapshot.tracing,
                 "services": services,
             },
         });

@@ -72,7 +72,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
 
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let (tracer, spans) = crate::trace::Tracer::new(&mut registry);
+    let metrics = Metrics::new(
+        &mut registry,
+        crate::telemetry::Local::new(&cfg.service_name, &cfg.identity),
+        tracer.clone(),
+    );
     let (certs_tx, certs_rx) = watch::channel(None);
     let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
 
@@ -104,6 +109,26 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         certs_rx.clone(),
         view_tx,
         metrics.clone(),
+    ));
+
+    // Spans go to the sink the mesh config names; `mesh` is the control plane, reached
+    // like discovery, over mTLS with the current certificate.
+    let mesh: crate::trace::Connect = {
+        let (certs, cfg) = (certs_rx.clone(), cfg.clone());
+        Arc::new(move || {
+            let (certs, cfg) = (certs.clone(), cfg.clone());
+            Box::pin(async move {
+                let certified = certs.borrow().clone().ok_or("no certificate yet")?;
+                let tls = certified.client_config(&cfg.control_plane_identity)?;
+                Ok(crate::control::connect(cfg.control_plane, tls).await?)
+            })
+        })
+    };
+    tokio::spawn(crate::trace::export(
+        tracer,
+        spans,
+        crate::trace::resource(&cfg.service_name, cfg.identity.namespace(), &cfg.workload),
+        mesh,
     ));
 
     let mut own_ports = vec![cfg.outbound.port(), cfg.inbound.port(), cfg.admin.port()];

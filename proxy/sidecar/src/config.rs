@@ -45,6 +45,11 @@ pub enum Error {
     /// Two listeners share an address.
     #[error("{0} and {1} listen on the same address {2}")]
     SameAddress(&'static str, &'static str, SocketAddr),
+    /// The service name is not a valid label value.
+    #[error(
+        "--service-name (TRELLIS_PROXY_SERVICE_NAME) {0:?} must be 1 to 63 lower-case letters, digits, '-' or '.'"
+    )]
+    ServiceName(String),
 }
 
 /// Flags of `trellis-proxy run`.
@@ -71,6 +76,11 @@ pub struct Args {
     /// This workload's name (pod name), for logs and discovery.
     #[arg(long, env = "TRELLIS_PROXY_WORKLOAD")]
     pub workload: String,
+    /// The workload's stable name across its pods and rollouts (the Deployment, or the
+    /// `app.kubernetes.io/name` label): `source_workload`/`destination_workload` in
+    /// metrics, `service.name` in traces. Default: the service account.
+    #[arg(long, env = "TRELLIS_PROXY_SERVICE_NAME")]
+    pub service_name: Option<String>,
     /// Trust domain of the mesh.
     #[arg(long, env = "TRELLIS_PROXY_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -154,6 +164,8 @@ pub struct Config {
     pub identity: SpiffeId,
     /// Workload name.
     pub workload: String,
+    /// Stable workload name for metrics and traces.
+    pub service_name: String,
     /// Listeners.
     pub outbound: SocketAddr,
     /// Inbound mTLS listener.
@@ -198,6 +210,10 @@ impl TryFrom<Args> for Config {
             return Err(Error::AdminNotLoopback(a.admin));
         }
         let identity = SpiffeId::new(&a.trust_domain, &a.namespace, &a.service_account)?;
+        let service_name = a.service_name.unwrap_or_else(|| a.service_account.clone());
+        if !crate::telemetry::valid_name(&service_name) {
+            return Err(Error::ServiceName(service_name));
+        }
         let mut listeners = vec![
             ("--outbound", a.outbound),
             ("--inbound", a.inbound),
@@ -218,6 +234,7 @@ impl TryFrom<Args> for Config {
             token_file: a.token_file,
             identity,
             workload: a.workload,
+            service_name,
             outbound: a.outbound,
             inbound: a.inbound,
             admin: a.admin,
@@ -301,6 +318,15 @@ mod tests {
         assert!(e.contains("--cert-ttl") && e.contains("unit"), "{e}");
         let e = parse(&["--namespace", "Bad_NS"]).unwrap_err();
         assert!(e.contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn the_service_name_defaults_to_the_service_account_and_is_checked() {
+        assert_eq!(parse(&[]).unwrap().service_name, "web");
+        let c = parse(&["--service-name", "web-frontend"]).unwrap();
+        assert_eq!(c.service_name, "web-frontend");
+        let e = parse(&["--service-name", "Web Frontend"]).unwrap_err();
+        assert!(e.contains("--service-name"), "{e}");
     }
 
     #[test]

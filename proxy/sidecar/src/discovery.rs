@@ -60,6 +60,7 @@ async fn stream_once(
             workload: cfg.workload.clone(),
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_version,
+            metrics_address: cfg.metrics.unwrap_or(cfg.admin).to_string(),
         })),
     })
     .await?;
@@ -118,9 +119,13 @@ async fn stream_once(
                     ca_generation = next.trust.generation,
                     outbound = ?next.outbound,
                     access_log = ?next.access_log,
+                    tracing = ?next.tracing,
                     "discovery view applied"
                 );
                 crate::logging::set_access_log(next.access_log);
+                metrics
+                    .tracer
+                    .apply(&crate::trace::Settings::from(&next.tracing));
                 metrics
                     .discovery_version
                     .set(i64::try_from(next.version).unwrap_or(i64::MAX));

@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::error::Error;
 use crate::logging::AccessFormat;
-use crate::metrics::{DirectionLabels, Metrics, RequestLabels};
+use crate::metrics::Metrics;
 
 /// The body type the proxy moves in both directions.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -99,6 +99,8 @@ struct JsonAccess<'a> {
     bytes_received: Option<u64>,
     mtls: bool,
     error: &'a str,
+    /// W3C trace id of the request; `null` for connections.
+    trace_id: Option<String>,
 }
 
 /// One finished request, logged as a single `access` event and counted.
@@ -122,6 +124,8 @@ pub struct Access<'a> {
     pub authority: String,
     /// Request path.
     pub path: &'a str,
+    /// The trace the request runs in (logged as 32 hex digits).
+    pub trace_id: [u8; 16],
     /// When the request arrived.
     pub start: Instant,
 }
@@ -130,22 +134,10 @@ pub struct Access<'a> {
 
 impl Access<'_> {
     /// Emits the access-log event (target `access`; fields are a stable interface that
-    /// tests and log pipelines rely on) and records metrics.
-    pub fn finish(self, status: StatusCode, error: Option<&Error>, metrics: &Metrics) {
+    /// tests and log pipelines rely on) at the response head. The request's metrics are
+    /// recorded when its response ends ([`crate::telemetry::Observed`]).
+    pub fn finish(self, status: StatusCode, error: Option<&Error>) {
         let elapsed = self.start.elapsed();
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                direction: self.direction,
-                status_code: status.as_u16(),
-            })
-            .inc();
-        metrics
-            .request_duration
-            .get_or_create(&DirectionLabels {
-                direction: self.direction,
-            })
-            .observe(elapsed.as_secs_f64());
         let format = crate::logging::access_format();
         if format == AccessFormat::Off || !tracing::enabled!(target: "access", tracing::Level::INFO)
         {
@@ -174,6 +166,7 @@ impl Access<'_> {
                 bytes_received: None,
                 mtls: true,
                 error: &error,
+                trace_id: Some(crate::trace::hex(&self.trace_id)),
             };
             if crate::logging::write_access_json(&record) {
                 return;
@@ -186,7 +179,8 @@ impl Access<'_> {
             write!(
                 line,
                 "request direction={:?} protocol={:?} src={:?} dst={:?} service={} endpoint={} \
-                 method={} authority={} path={:?} status={} duration_ms={:?} mtls=true error={}",
+                 method={} authority={} path={:?} status={} duration_ms={:?} mtls=true \
+                 trace_id={} error={}",
                 self.direction,
                 self.protocol,
                 self.src,
@@ -198,6 +192,7 @@ impl Access<'_> {
                 self.path,
                 status.as_u16(),
                 duration_ms,
+                crate::trace::hex(&self.trace_id),
                 error
             )
         });
@@ -218,6 +213,7 @@ impl Access<'_> {
             status = status.as_u16(),
             duration_ms = duration_ms,
             mtls = true,
+            trace_id = %crate::trace::hex(&self.trace_id),
             error = %error,
             "request"
         );
@@ -309,6 +305,7 @@ impl TunnelAccess {
                 // Passed through or blocked connections never reach a mesh peer.
                 mtls: self.dst != "-",
                 error: &error,
+                trace_id: None,
             };
             if crate::logging::write_access_json(&record) {
                 return;

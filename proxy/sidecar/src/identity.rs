@@ -674,7 +674,13 @@ mod tests {
             let (tx, certs) = watch::channel(None);
             let (views, views_rx) = watch::channel(Arc::new(View::default()));
             let mut registry = Registry::default();
-            let metrics = Metrics::new(&mut registry);
+            let metrics = Metrics::new(
+                &mut registry,
+                crate::telemetry::Local::peer(
+                    &trellis_identity::SpiffeId::parse("spiffe://t/ns/t/sa/t").unwrap(),
+                ),
+                crate::trace::Tracer::new(&mut Registry::default()).0,
+            );
             tokio::spawn(keep_certified(ca.request_fn(), tx, views_rx, metrics));
             Self {
                 ca,

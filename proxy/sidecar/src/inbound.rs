@@ -31,6 +31,10 @@ use crate::error::Error;
 use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
+use crate::telemetry::{
+    DST_SERVICE, DST_WORKLOAD, HttpLabels, Local, Pending, SRC_WORKLOAD, method_label,
+};
+use crate::trace::{attr, int_attr};
 
 /// How long the TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -188,12 +192,15 @@ impl Inbound {
             return;
         }
         debug!(%remote, %peer, "mTLS connection accepted");
-        let peer = Arc::new(peer);
+        // The peer's label values, once per connection rather than per request.
+        let peer = Arc::new((Local::peer(&peer), peer));
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &peer, app_ip).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(this.handle(req, &peer.1, &peer.0, app_ip).await)
+            }
         });
         crate::transport::serve_http2(
             TokioIo::new(tls),
@@ -228,6 +235,7 @@ impl Inbound {
         &self,
         req: Request<Incoming>,
         peer: &SpiffeId,
+        peer_labels: &Local,
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         if req.method() == http::Method::CONNECT {
@@ -235,11 +243,50 @@ impl Inbound {
             return Box::pin(self.tunnel(req, peer, orig)).await;
         }
         let start = Instant::now();
-        let app = self.app_addr(orig, None);
+        let m = &self.metrics;
+        let (service_name, service_namespace) =
+            m.claimed.claimed_service(req.headers().get(&DST_SERVICE));
+        let labels = HttpLabels {
+            http_request_method: method_label(req.method()),
+            http_response_status_code: 0,
+            rpc_grpc_status_code: None,
+            source_workload: m.claimed.claimed(req.headers().get(&SRC_WORKLOAD)),
+            source_namespace: peer_labels.namespace.clone(),
+            source_principal: peer_labels.principal.clone(),
+            destination_workload: m.local.workload.clone(),
+            destination_namespace: m.local.namespace.clone(),
+            destination_principal: m.local.principal.clone(),
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            connection_security_policy: "mutual_tls",
+        };
         let h2 = req
             .headers()
             .get(&ORIG_PROTO)
             .is_some_and(|v| v == "HTTP/2");
+        let parent = crate::trace::extract(req.headers());
+        let pending = Pending::new(labels, start, &m.tracer, parent.as_ref(), true, || {
+            // The authority the client used (h2 `:authority`, else Host).
+            let authority: Option<http::uri::Authority> = req
+                .uri()
+                .authority()
+                .cloned()
+                .or_else(|| req.headers().get(HOST)?.to_str().ok()?.parse().ok());
+            let (host, port) = authority
+                .as_ref()
+                .map(|a| (a.host(), a.port_u16().unwrap_or(80)))
+                .unwrap_or_default();
+            vec![
+                attr("http.request.method", req.method().as_str()),
+                attr("url.path", req.uri().path()),
+                attr("url.scheme", "http"),
+                attr("server.address", host),
+                int_attr("server.port", i64::from(port)),
+                attr("network.protocol.version", if h2 { "2" } else { "1.1" }),
+                attr("trellis.source.principal", peer.as_str()),
+            ]
+        });
+        let app = self.app_addr(orig, None);
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let access = Access {
             direction: "inbound",
@@ -255,14 +302,19 @@ impl Inbound {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             path: &path,
+            trace_id: pending.trace.trace_id,
             start,
         };
-        let (resp, err) = match self.forward(req, peer, app, h2).await {
+        let (resp, err) = match self.forward(req, peer, app, h2, &pending).await {
             Ok(r) => (r, None),
             Err(e) => (error_response(&e), Some(e)),
         };
-        access.finish(resp.status(), err.as_ref(), &self.metrics);
-        resp
+        access.finish(resp.status(), err.as_ref());
+        let (mut parts, body) = resp.into_parts();
+        // Overwritten: the app cannot speak for this proxy.
+        parts.headers.insert(&DST_WORKLOAD, m.local.header.clone());
+        let body = pending.observe(&m.http_server, &mut parts, body);
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
     async fn tunnel(
@@ -297,10 +349,14 @@ impl Inbound {
         peer: &SpiffeId,
         app: SocketAddr,
         h2: bool,
+        pending: &Pending,
     ) -> Result<Response<Body>, Error> {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(&ORIG_PROTO);
+        parts.headers.remove(&SRC_WORKLOAD);
+        parts.headers.remove(&DST_SERVICE);
+        pending.inject(&mut parts.headers);
         if !h2 && let Some(a) = parts.uri.authority() {
             let host =
                 HeaderValue::from_str(a.as_str()).map_err(|_| Error::BadHost(a.to_string()))?;
@@ -314,7 +370,7 @@ impl Inbound {
         } else {
             http::Version::HTTP_11
         };
-        let req = Request::from_parts(parts, body.boxed_unsync());
+        let req = Request::from_parts(parts, pending.count(body).boxed_unsync());
         let send = async {
             if h2 {
                 self.app_h2.send(app, req).await

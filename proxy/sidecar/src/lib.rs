@@ -29,6 +29,8 @@ pub mod inbound;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod telemetry;
+pub mod trace;
 pub mod transport;
 pub mod tunnel;
 

@@ -1,21 +1,16 @@
-//! The proxy's Prometheus metrics. Label sets are small and bounded: direction and
-//! status code, never paths or peer addresses.
+//! The proxy's Prometheus metrics. Label sets are bounded: never paths, hosts or peer
+//! addresses. The HTTP request families, with mesh labels, live in [`crate::telemetry`].
+
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Labels of a finished request.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// `inbound` or `outbound`.
-    pub direction: &'static str,
-    /// HTTP status code returned to the client.
-    pub status_code: u16,
-}
+use crate::telemetry::{HttpFamilies, Interner, Local, MAX_CLAIMED_NAMES, MAX_KNOWN_NAMES};
+use crate::trace::Tracer;
 
 /// Labels of a finished tunnelled connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -43,10 +38,18 @@ pub struct ListenerLabels {
 /// All proxy metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// Requests by direction and status.
-    pub requests: Family<RequestLabels, Counter>,
-    /// Request latency by direction.
-    pub request_duration: Family<DirectionLabels, Histogram>,
+    /// Inbound requests (`http_server_*`), with mesh labels.
+    pub http_server: HttpFamilies,
+    /// Outbound requests (`http_client_*`), with mesh labels.
+    pub http_client: HttpFamilies,
+    /// This proxy's workload as label values.
+    pub local: Arc<Local>,
+    /// Names peers claimed in the telemetry headers, interned and capped.
+    pub claimed: Arc<Interner>,
+    /// Service, namespace and identity names from discovery, interned and capped.
+    pub known: Arc<Interner>,
+    /// Starts and queues spans.
+    pub tracer: Arc<Tracer>,
     /// Tunnelled or passed-through connections (TCP, TLS, upgrades) by outcome.
     pub tcp_connections: Family<TcpLabels, Counter>,
     /// Failed mTLS handshakes by direction.
@@ -72,13 +75,16 @@ pub struct Metrics {
 // === impl Metrics ===
 
 impl Metrics {
-    /// Creates the metrics and registers them under `trellis_proxy_`.
-    pub fn new(registry: &mut Registry) -> Self {
+    /// Creates the metrics: the HTTP families under their semantic-convention names,
+    /// everything else under `trellis_proxy_`. `local` labels this proxy's side.
+    pub fn new(registry: &mut Registry, local: Local, tracer: Arc<Tracer>) -> Self {
         let m = Self {
-            requests: Family::default(),
-            request_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-            }),
+            http_server: HttpFamilies::register("server", registry),
+            http_client: HttpFamilies::register("client", registry),
+            local: Arc::new(local),
+            claimed: Arc::new(Interner::new(MAX_CLAIMED_NAMES)),
+            known: Arc::new(Interner::new(MAX_KNOWN_NAMES)),
+            tracer,
             tls_failures: Family::default(),
             tcp_connections: Family::default(),
             discovery_version: Gauge::default(),
@@ -91,12 +97,6 @@ impl Metrics {
             connections_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis_proxy");
-        r.register("requests", "HTTP requests handled", m.requests.clone());
-        r.register(
-            "request_duration_seconds",
-            "Time from request received to response headers",
-            m.request_duration.clone(),
-        );
         r.register(
             "tcp_connections",
             "Tunnelled or passed-through TCP connections",
@@ -148,12 +148,9 @@ impl Metrics {
             m.connections_refused.clone(),
         );
         // The fixed label sets exist from the start, at 0: a series that appears only with
-        // its first event breaks `rate()` and "no errors" alerts. Request counts stay
-        // created on demand: their status codes are not known in advance.
+        // its first event breaks `rate()` and "no errors" alerts. Request series stay
+        // created on demand: their peers and status codes are not known in advance.
         for direction in ["inbound", "outbound"] {
-            let _ = m
-                .request_duration
-                .get_or_create(&DirectionLabels { direction });
             let _ = m.tls_failures.get_or_create(&DirectionLabels { direction });
             for outcome in ["ok", "error", "blocked"] {
                 let _ = m

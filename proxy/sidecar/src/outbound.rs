@@ -41,6 +41,10 @@ use crate::error::Error;
 use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
 use crate::identity::Certified;
 use crate::metrics::Metrics;
+use crate::telemetry::{
+    DST_SERVICE, DST_WORKLOAD, HttpLabels, Pending, SRC_WORKLOAD, method_label, unknown,
+};
+use crate::trace::{attr, int_attr};
 use balance::Balancer;
 use pool::Pool;
 use route::{Target, View, endpoint_identity};
@@ -287,7 +291,40 @@ impl Outbound {
         proto: AppProto,
     ) -> Response<Body> {
         let start = Instant::now();
+        let m = &self.metrics;
+        let labels = HttpLabels {
+            http_request_method: method_label(req.method()),
+            http_response_status_code: 0,
+            rpc_grpc_status_code: None,
+            source_workload: m.local.workload.clone(),
+            source_namespace: m.local.namespace.clone(),
+            source_principal: m.local.principal.clone(),
+            destination_workload: unknown(),
+            destination_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_service_name: unknown(),
+            destination_service_namespace: unknown(),
+            connection_security_policy: "mutual_tls",
+        };
         let authority = authority_of(&req);
+        let parent = crate::trace::extract(req.headers());
+        let mut pending = Pending::new(labels, start, &m.tracer, parent.as_ref(), false, || {
+            let (host, port) = authority
+                .as_ref()
+                .map(|a| (a.host(), a.port_u16().unwrap_or(80)))
+                .unwrap_or_default();
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            vec![
+                attr("http.request.method", req.method().as_str()),
+                attr("url.full", format!("http://{host}:{port}{target}")),
+                attr("server.address", host),
+                int_attr("server.port", i64::from(port)),
+                attr(
+                    "network.protocol.version",
+                    if proto == AppProto::Http2 { "2" } else { "1.1" },
+                ),
+            ]
+        });
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let mut access = Access {
             direction: "outbound",
@@ -302,10 +339,11 @@ impl Outbound {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             path: &path,
+            trace_id: pending.trace.trace_id,
             start,
         };
         let result = self
-            .forward(req, authority, routing, proto, &mut access)
+            .forward(req, authority, routing, proto, &mut access, &mut pending)
             .await;
         let (dst, resp, err) = match result {
             Ok((dst, resp)) => (Some(dst), resp, None),
@@ -313,8 +351,14 @@ impl Outbound {
         };
         let dst = dst.map(|d| d.to_string());
         access.dst = dst.as_deref().unwrap_or("-");
-        access.finish(resp.status(), err.as_ref(), &self.metrics);
-        resp
+        access.finish(resp.status(), err.as_ref());
+        let (mut parts, body) = resp.into_parts();
+        // The peer's answer, for the metrics only: the app never sees it.
+        if let Some(w) = parts.headers.remove(&DST_WORKLOAD) {
+            pending.labels.destination_workload = m.claimed.claimed(Some(&w));
+        }
+        let body = pending.observe(&m.http_client, &mut parts, body);
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
     async fn forward(
@@ -324,6 +368,7 @@ impl Outbound {
         routing: &Routing,
         proto: AppProto,
         access: &mut Access<'_>,
+        pending: &mut Pending,
     ) -> Result<(SpiffeId, Response<Body>), Error> {
         if req.method() == Method::CONNECT {
             return Err(Error::BadHost(
@@ -353,8 +398,22 @@ impl Outbound {
             Err(e) => return Err(e),
         };
         access.service = target.service.to_string();
+        let known = &self.metrics.known;
+        let labels = &mut pending.labels;
+        labels.destination_service_name = known.known(&target.service.name);
+        labels.destination_service_namespace = known.known(&target.service.namespace);
         let (mut sender, endpoint, identity) = self.connect(&target).await?;
         access.endpoint = endpoint.to_string();
+        labels.destination_principal = known.known(identity.as_str());
+        labels.destination_namespace = known.known(identity.namespace());
+        if let Some(span) = pending.span.as_mut() {
+            span.push(attr("network.peer.address", endpoint.to_string()));
+            span.push(attr(
+                "trellis.destination.service",
+                target.service.to_string(),
+            ));
+            span.push(attr("trellis.destination.principal", identity.as_str()));
+        }
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -364,6 +423,18 @@ impl Outbound {
         parts
             .headers
             .insert(&ORIG_PROTO, HeaderValue::from_static(proto.label()));
+        // What the peer cannot learn from our certificate, for its metrics (overwriting
+        // whatever the app sent under these names).
+        parts
+            .headers
+            .insert(&SRC_WORKLOAD, self.metrics.local.header.clone());
+        pending.inject(&mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{}.{}",
+            target.service.name, target.service.namespace
+        )) {
+            parts.headers.insert(&DST_SERVICE, v);
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -376,7 +447,7 @@ impl Outbound {
             .build()
             .map_err(|e| Error::BadHost(e.to_string()))?;
         parts.version = http::Version::HTTP_2;
-        let upstream = Request::from_parts(parts, body.boxed_unsync());
+        let upstream = Request::from_parts(parts, pending.count(body).boxed_unsync());
 
         let in_flight = self.balancer.start(endpoint);
         let timeout = self.settings.request_timeout;

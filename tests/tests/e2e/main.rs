@@ -20,3 +20,5 @@ mod mtls;
 mod protocols;
 mod request_path;
 mod rotation;
+mod telemetry;
+mod tracing;

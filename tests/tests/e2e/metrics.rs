@@ -105,8 +105,9 @@ fn parse_doc(doc: &str) -> anyhow::Result<Vec<Row>> {
         let cells: Vec<&str> = inner.split('|').map(str::trim).collect();
         let Some(name) = cells
             .first()
-            .and_then(|c| c.strip_prefix("`trellis_"))
+            .and_then(|c| c.strip_prefix('`'))
             .and_then(|c| c.strip_suffix('`'))
+            .filter(|n| n.starts_with("trellis_") || n.starts_with("http_"))
         else {
             continue;
         };
@@ -136,7 +137,7 @@ fn parse_doc(doc: &str) -> anyhow::Result<Vec<Row>> {
         .into_iter()
         .find(|p| p.doc() == mode)
         .with_context(|| format!("line {at}: unknown present value {mode:?}"))?;
-        let name = format!("trellis_{name}");
+        let name = name.to_owned();
         ensure!(
             !rows.iter().any(|r| r.name == name),
             "line {at}: {name} documented twice"
@@ -486,10 +487,9 @@ async fn every_metric_of_a_local_mesh_is_documented() -> anyhow::Result<()> {
         response.starts_with("HTTP/1.1 400"),
         "webhook answered {response}"
     );
-    let requests =
-        |d: &str| format!(r#"trellis_proxy_requests_total{{direction="{d}",status_code="200"}}"#);
-    wait_for_series(client.admin, &requests("outbound"), || client.log()).await?;
-    wait_for_series(web.admin, &requests("inbound"), || web.log()).await?;
+    let requests = |kind: &str| trellis_e2e::request_series(kind, "client", "web", "demo", 200);
+    wait_for_series(client.admin, &requests("client"), || client.log()).await?;
+    wait_for_series(web.admin, &requests("server"), || web.log()).await?;
     let refused = r#"trellis_proxy_tls_handshake_failures_total{direction="inbound"}"#;
     wait_for_series(web.admin, refused, || web.log()).await?;
     let reviews = r#"trellis_webhook_reviews_total{result="invalid"}"#;

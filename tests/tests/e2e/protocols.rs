@@ -550,7 +550,8 @@ async fn access_log_format_and_switch_come_from_the_mesh_config() {
             "service",
             "src",
             "status",
-            "time"
+            "time",
+            "trace_id"
         ],
         "{line}"
     );

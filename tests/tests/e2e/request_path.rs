@@ -137,8 +137,22 @@ async fn bytes_and_identities_cross_the_mesh() {
         outbound[0]
     );
 
-    let series = r#"trellis_proxy_requests_total{direction="inbound",status_code="200"}"#;
-    assert_eq!(m.web.metric(series).await, Some(1.0));
+    // Recorded when each response ends, which may be a moment after the client has it.
+    let post = |kind| {
+        trellis_e2e::request_series(kind, "client", "web", "demo", 200)
+            .replace("\"GET\"", "\"POST\"")
+    };
+    let (server, client) = (post("server"), post("client"));
+    let counted = trellis_e2e::wait_until(std::time::Duration::from_secs(5), || async {
+        m.web.metric(&server).await == Some(1.0) && m.client.metric(&client).await == Some(1.0)
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "web: {:?}, client: {:?}",
+        m.web.metric(&server).await,
+        m.client.metric(&client).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

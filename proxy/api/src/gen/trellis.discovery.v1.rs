@@ -30,6 +30,12 @@ pub struct Hello {
     /// server always starts a new stream with a full view.
     #[prost(uint64, tag = "3")]
     pub last_version: u64,
+    /// Where this proxy's Prometheus metrics can be read ("ip:port", path /metrics): its
+    /// --metrics listener if it has one, else its admin listener. Informational, shown in the
+    /// control plane's /debug/proxies so that `trellis stat` can find the proxies of a local
+    /// mesh; empty from proxies that predate it.
+    #[prost(string, tag = "4")]
+    pub metrics_address: ::prost::alloc::string::String,
 }
 /// The proxy applied a version.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -106,6 +112,24 @@ pub struct DiscoveryResponse {
     /// force. UNSET: the proxy keeps its own default (text lines).
     #[prost(enumeration = "AccessLog", tag = "18")]
     pub access_log: i32,
+    /// Distributed tracing for every proxy: trellis-config's `tracing`. Like the two
+    /// settings above, every response carries the value in force; absent means off (the
+    /// proxy still passes trace context on, but records no spans).
+    #[prost(message, optional, tag = "19")]
+    pub tracing: ::core::option::Option<Tracing>,
+}
+/// Where and how often proxies record spans.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Tracing {
+    /// Probability of sampling a new trace, in millionths (1% = 10000). A request that
+    /// arrives with a sampling decision keeps it.
+    #[prost(uint32, tag = "1")]
+    pub sampling_per_million: u32,
+    /// Where spans go: "" (nowhere: tracing off), "mesh" (the control plane's telemetry
+    /// gateway, over the proxy's mTLS connection to it), or the URL of an OTLP/gRPC
+    /// collector ("<http://otel-collector.monitoring:4317">).
+    #[prost(string, tag = "2")]
+    pub otlp: ::prost::alloc::string::String,
 }
 /// A service in the mesh and where its endpoints are.
 #[derive(Clone, PartialEq, ::prost::Message)]

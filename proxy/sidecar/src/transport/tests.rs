@@ -105,7 +105,13 @@ fn get(path: &str, extra_headers: usize) -> String {
 #[tokio::test]
 async fn accept_loop_refuses_over_the_cap_and_admits_again_after_a_close() {
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::new(
+        &mut registry,
+        crate::telemetry::Local::peer(
+            &trellis_identity::SpiffeId::parse("spiffe://t/ns/t/sa/t").unwrap(),
+        ),
+        crate::trace::Tracer::new(&mut Registry::default()).0,
+    );
     let cap = Limits {
         max_connections: 2,
         ..Limits::default()

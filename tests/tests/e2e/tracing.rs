@@ -1,0 +1,309 @@
+//! Traces through three workloads, end to end: client-1 calls `web`, whose app calls
+//! `api` passing the trace headers on. The proxies record a CLIENT and a SERVER span per
+//! hop and export them (`tracing.otlp: mesh`) to the control plane's telemetry gateway,
+//! which sends them to the Application Insights ingestion stand-in: Request and
+//! Dependency envelopes with each workload's role, one operation id, parent ids linking
+//! the hops. Then sampling goes to 0 live: no more spans, context still propagated.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use trellis_e2e::{ControlPlane, EchoServer, Launch, Proxy, free_port, http_get, wait_until};
+use trellis_telemetry::stand_in::IngestionStandIn;
+
+use crate::request_path::loopback;
+
+fn mesh(client_in: SocketAddr, web_in: SocketAddr, api_in: SocketAddr) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{ name: web, namespace: demo }}
+spec:
+  selector: {{ app: web }}
+  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{ name: api, namespace: demo }}
+spec:
+  selector: {{ app: api }}
+  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
+---
+apiVersion: local.trellis.dev/v1alpha1
+kind: Workload
+metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
+spec: {{ serviceAccount: web, meshAddress: "{web_in}" }}
+---
+apiVersion: local.trellis.dev/v1alpha1
+kind: Workload
+metadata: {{ name: api-1, namespace: demo, labels: {{ app: api }} }}
+spec: {{ serviceAccount: api, meshAddress: "{api_in}" }}
+---
+apiVersion: local.trellis.dev/v1alpha1
+kind: Workload
+metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
+spec: {{ serviceAccount: client, meshAddress: "{client_in}" }}
+"#
+    )
+}
+
+fn mesh_config(tracing: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: trellis-config, namespace: trellis-system}}\ndata:\n  tracing: '{tracing}'\n"
+    )
+}
+
+/// The `web` app: answers every request by calling `api.demo` through its own proxy
+/// (at `outbound`, known once the proxy started) with the trace headers it received, as
+/// an instrumented app would.
+async fn relay(outbound: Arc<OnceLock<SocketAddr>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let outbound = outbound.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let outbound = *outbound.get().unwrap();
+                        async move {
+                            let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
+                                hyper_util::client::legacy::Client::builder(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .build_http();
+                            let mut next = http::Request::get(format!("http://{outbound}/api"))
+                                .header("host", "api.demo");
+                            for h in [
+                                "traceparent",
+                                "b3",
+                                "x-b3-traceid",
+                                "x-b3-spanid",
+                                "x-b3-sampled",
+                            ] {
+                                if let Some(v) = req.headers().get(h) {
+                                    next = next.header(h, v);
+                                }
+                            }
+                            let resp = client
+                                .request(next.body(Empty::new()).unwrap())
+                                .await
+                                .unwrap();
+                            let status = resp.status();
+                            let body = resp.into_body().collect().await.unwrap().to_bytes();
+                            let reply = format!("web-1 -> {}", String::from_utf8_lossy(&body));
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(reply)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn base(e: &Value) -> &Value {
+    &e["data"]["baseData"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_crosses_three_workloads_into_application_insights() {
+    let ingestion = IngestionStandIn::start().await.unwrap();
+    let (client_in, web_in, api_in) = (
+        loopback(free_port()),
+        loopback(free_port()),
+        loopback(free_port()),
+    );
+    let (connection, ca) = (ingestion.connection_string(), ingestion.ca_pem().to_owned());
+    let cp = ControlPlane::start_with(&mesh(client_in, web_in, api_in), |dir| {
+        std::fs::write(
+            dir.join("mesh-config.yaml"),
+            mesh_config("{sampling: 100, otlp: mesh}"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ingestion-ca.pem"), ca).unwrap();
+        Launch {
+            args: vec![
+                "--mesh-config".into(),
+                dir.join("mesh-config.yaml").display().to_string(),
+            ],
+            env: vec![
+                ("APPLICATIONINSIGHTS_CONNECTION_STRING".into(), connection),
+                (
+                    "TRELLIS_AZURE_EXTRA_ROOTS".into(),
+                    dir.join("ingestion-ca.pem").display().to_string(),
+                ),
+            ],
+        }
+    })
+    .await;
+    let api_app = EchoServer::start("api-1").await;
+    let api = Proxy::start(&cp, "api-1", "demo", "api", api_in, api_app.addr).await;
+    let web_out = Arc::new(OnceLock::new());
+    let web_app = relay(web_out.clone()).await;
+    let web = Proxy::start(&cp, "web-1", "demo", "web", web_in, web_app).await;
+    web_out.set(web.outbound).unwrap();
+    let client_app = EchoServer::start("client-1").await;
+    let client = Proxy::start(
+        &cp,
+        "client-1",
+        "demo",
+        "client",
+        client_in,
+        client_app.addr,
+    )
+    .await;
+
+    let (status, _, body) = http_get(client.outbound, "web.demo", "/checkout")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, Bytes::from_static(b"web-1 -> hello from api-1 /api"));
+    // api's app saw a context naming api's proxy's SERVER span as parent.
+    let seen = api_app.received();
+    let traceparent = seen[0].headers["traceparent"].to_str().unwrap().to_owned();
+    assert!(
+        traceparent.starts_with("00-") && traceparent.ends_with("-01"),
+        "{traceparent}"
+    );
+
+    let envelopes = ingestion
+        .wait_for(4, Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\ncontrol plane log:\n{}", cp.log()));
+    assert_eq!(envelopes.len(), 4, "{envelopes:#?}");
+    let find = |kind: &str, role: &str| {
+        envelopes
+            .iter()
+            .find(|e| e["data"]["baseType"] == kind && e["tags"]["ai.cloud.role"] == role)
+            .unwrap_or_else(|| panic!("no {kind} for {role}: {envelopes:#?}"))
+    };
+    let client_dep = find("RemoteDependencyData", "demo.client");
+    let web_req = find("RequestData", "demo.web");
+    let web_dep = find("RemoteDependencyData", "demo.web");
+    let api_req = find("RequestData", "demo.api");
+    // One operation: the trace id api's app was handed.
+    let trace_id = &traceparent[3..35];
+    for e in [client_dep, web_req, web_dep, api_req] {
+        assert_eq!(e["tags"]["ai.operation.id"], trace_id, "{e:#}");
+        let code = &base(e)[if e["data"]["baseType"] == "RequestData" {
+            "responseCode"
+        } else {
+            "resultCode"
+        }];
+        assert_eq!(code, "200", "{e:#}");
+        let d = base(e)["duration"].as_str().unwrap();
+        assert!(d.starts_with("0.00:00:0"), "{d}");
+    }
+    // Each hop's parent is the span before it.
+    assert!(
+        client_dep["tags"].get("ai.operation.parentId").is_none(),
+        "{client_dep:#}"
+    );
+    assert_eq!(
+        web_req["tags"]["ai.operation.parentId"],
+        base(client_dep)["id"]
+    );
+    assert_eq!(
+        web_dep["tags"]["ai.operation.parentId"],
+        base(web_req)["id"]
+    );
+    assert_eq!(
+        api_req["tags"]["ai.operation.parentId"],
+        base(web_dep)["id"]
+    );
+    // The context api's app got names api's SERVER span.
+    assert_eq!(&traceparent[36..52], base(api_req)["id"].as_str().unwrap());
+    // Instances, targets and identities.
+    assert_eq!(client_dep["tags"]["ai.cloud.roleInstance"], "client-1");
+    assert_eq!(api_req["tags"]["ai.cloud.roleInstance"], "api-1");
+    assert_eq!(base(web_dep)["target"], "api.demo:80");
+    assert_eq!(
+        base(web_dep)["properties"]["trellis.destination.principal"],
+        "spiffe://cluster.local/ns/demo/sa/api"
+    );
+    assert_eq!(
+        base(api_req)["properties"]["trellis.source.principal"],
+        "spiffe://cluster.local/ns/demo/sa/web"
+    );
+    // The access log carries the same trace id.
+    assert!(
+        client
+            .access_log()
+            .iter()
+            .any(|l| l.contains(&format!("trace_id={trace_id}"))),
+        "{:?}",
+        client.access_log()
+    );
+    // And the control plane's local view shows the trace whole.
+    let (_, _, traces) = http_get(cp.admin, "localhost", "/debug/traces")
+        .await
+        .unwrap();
+    let traces: Value = serde_json::from_slice(&traces).unwrap();
+    let t = traces
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["trace_id"] == trace_id)
+        .unwrap_or_else(|| panic!("{traces:#}"));
+    assert_eq!(t["spans"].as_array().unwrap().len(), 4, "{t:#}");
+
+    // Sampling off, live: requests still carry context, but no span is recorded.
+    std::fs::write(
+        cp.dir.path().join("mesh-config.yaml"),
+        mesh_config("{sampling: 0, otlp: mesh}"),
+    )
+    .unwrap();
+    let applied = wait_until(Duration::from_secs(10), || async {
+        client.config().await["discovery"]["tracing"]["sampling_per_million"] == 0
+            && web.config().await["discovery"]["tracing"]["sampling_per_million"] == 0
+            && api.config().await["discovery"]["tracing"]["sampling_per_million"] == 0
+    })
+    .await;
+    assert!(applied.is_ok(), "{}", client.config().await);
+    for _ in 0..5 {
+        let (status, _, _) = http_get(client.outbound, "web.demo", "/quiet")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    let quiet = api_app.received();
+    let last = quiet.last().unwrap().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        last.ends_with("-00"),
+        "not sampled, still propagated: {last}"
+    );
+    // Give a batch time to go out (the proxies batch for up to 2 s), then check none did.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ingestion.envelopes().len(),
+        4,
+        "{:#?}",
+        ingestion.envelopes()
+    );
+    let exported = client
+        .metric("trellis_proxy_spans_exported_total")
+        .await
+        .unwrap();
+    assert_eq!(exported, 1.0);
+}
