@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use crate::check::{self, ProxyStatus, ServiceAcks};
 use crate::http::HttpClient;
 use crate::stat;
+use crate::tap;
 
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
 /// The demo app that answers slower, to show latency-aware (peak-EWMA) balancing.
@@ -157,7 +158,11 @@ async fn run_in(
         state.join("trust-bundle.pem").display()
     ));
 
-    // 2. Workloads: app + proxy each, with a token from the local issuer.
+    // 2. Workloads: app + proxy each, with a token from the local issuer. Every proxy
+    // serves `/tap` to holders of one demo tap token.
+    let tap_token_file = state.join("tap-token");
+    let tap_token = random_hex(16)?;
+    write_private(&tap_token_file, &tap_token)?;
     for w in workloads {
         let token = issue_token(addon, state, w).await?;
         let token_file = tokens.join(format!("{}.jwt", w.name));
@@ -187,6 +192,7 @@ async fn run_in(
             &w.inbound.to_string(),
         ]);
         p.args(["--admin", &w.admin.to_string(), "--app", &w.app.to_string()]);
+        p.arg("--tap-token-file").arg(&tap_token_file);
         procs.spawn(&format!("{}-proxy", w.name), p, &logs)?;
     }
     for w in workloads {
@@ -230,16 +236,43 @@ async fn run_in(
         workloads[1].inbound,
         probe_without_certificate(&state.join("trust-bundle.pem"), workloads[1].inbound).await
     ));
+    let admin_flag = if cp_admin.port() == 9090 {
+        String::new()
+    } else {
+        format!(" --admin {cp_admin}")
+    };
     say(&format!(
-        "live golden metrics: run `trellis stat{}` in another terminal (add --by edge or --by service)",
-        if cp_admin.port() == 9090 {
-            String::new()
-        } else {
-            format!(" --admin {cp_admin}")
-        }
+        "live golden metrics: run `trellis stat{admin_flag}` in another terminal (add --by edge or --by service)"
+    ));
+    say(&format!(
+        "live requests: `trellis tap{admin_flag} --token-file {0}` or `trellis top{admin_flag} --token-file {0}`",
+        tap_token_file.display()
     ));
     let started = Instant::now();
     let admins: Vec<SocketAddr> = workloads.iter().map(|w| w.admin).collect();
+    // The demo taps its own proxies too: the first requests as tap shows them, and the
+    // busiest paths at the end, as `trellis top` counts them (inbound: once per request).
+    let top = std::sync::Arc::new(std::sync::Mutex::new(tap::Top::default()));
+    let mut taps = tap::sessions(&http, &admins, &tap_token);
+    let collector = {
+        let top = top.clone();
+        tokio::spawn(async move {
+            let mut shown = 0;
+            while let Some(msg) = taps.recv().await {
+                if let tap::Msg::Event(e) = msg
+                    && e.inbound()
+                {
+                    if shown < TAP_SHOWN {
+                        shown += 1;
+                        say(&format!("     tap: {}", e.line()));
+                    }
+                    top.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .add(&e);
+                }
+            }
+        })
+    };
     // The last scrape the live line was computed from, and when.
     let mut last = (stat::scrape_all(&http, &admins).await, Instant::now());
     let mut served: BTreeMap<String, u64> = BTreeMap::new();
@@ -356,6 +389,15 @@ async fn run_in(
             ));
         }
     }
+    collector.abort();
+    say("busiest paths (trellis top):");
+    let table = top
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .table(5);
+    for line in table.lines() {
+        say(&format!("  {line}"));
+    }
     // Golden metrics, as `trellis stat` computes them, over the whole run.
     let samples = stat::scrape_all(&http, &admins).await;
     let secs = started.elapsed().as_secs_f64();
@@ -388,6 +430,9 @@ async fn run_in(
     }
     Ok(())
 }
+
+/// Tap lines the demo prints as they happen.
+const TAP_SHOWN: usize = 3;
 
 /// Every this many requests the demo prints the workloads' golden metrics since the last.
 const LIVE_EVERY: u64 = 10;
@@ -648,6 +693,16 @@ async fn issue_token(addon: &Path, state: &Path, w: &Workload) -> anyhow::Result
         );
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// `n` random bytes from the kernel, as hex (the demo's tap token).
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {

@@ -1,4 +1,4 @@
-//! A tiny HTTP/1.1 client for the demo: admin endpoints and the demo traffic.
+//! A tiny HTTP/1.1 client for the CLI: admin endpoints, the demo traffic, tap streams.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,5 +50,20 @@ impl HttpClient {
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+
+    /// GET `path` from `addr` with `Authorization: Bearer <token>`, for a response that
+    /// streams: the head within 5 s, then the body as it comes (no timeout).
+    pub(crate) async fn get_stream(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+    ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .header(http::header::HOST, "localhost")
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::new())?;
+        Ok(tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await??)
     }
 }

@@ -13,6 +13,7 @@ mod demo;
 mod demo_app;
 mod http;
 mod stat;
+mod tap;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,6 +41,10 @@ enum Command {
     /// Golden metrics from the proxies: success rate, requests per second and latency
     /// percentiles per workload, service or edge.
     Stat(stat::Args),
+    /// The live request stream of the proxies: every request as it finishes.
+    Tap(tap::TapArgs),
+    /// The busiest paths, live, from the proxies' request stream.
+    Top(tap::TopArgs),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -89,6 +94,8 @@ fn main() -> ExitCode {
             Command::Ca(args) => ca::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Stat(args) => stat::run(args).await,
+            Command::Tap(args) => tap::tap(args).await,
+            Command::Top(args) => tap::top(args).await,
             Command::DemoApp {
                 name,
                 listen,

@@ -365,11 +365,33 @@ pub(crate) async fn proxies_of(
     http: &HttpClient,
     admin: SocketAddr,
 ) -> anyhow::Result<Vec<SocketAddr>> {
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        #[serde(default)]
-        metrics_address: String,
-    }
+    listed(http, admin, |e| &e.metrics_address).await
+}
+
+/// The admin addresses (for `/tap`) of the proxies the control plane at `admin` knows,
+/// loopback only like [`proxies_of`].
+pub(crate) async fn admins_of(
+    http: &HttpClient,
+    admin: SocketAddr,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    listed(http, admin, |e| &e.admin_address).await
+}
+
+/// One proxy of `/debug/proxies`: the addresses it reported (empty from older proxies).
+#[derive(serde::Deserialize)]
+struct Listed {
+    #[serde(default)]
+    metrics_address: String,
+    #[serde(default)]
+    admin_address: String,
+}
+
+/// The loopback addresses `pick` reads from each proxy the control plane lists.
+async fn listed(
+    http: &HttpClient,
+    admin: SocketAddr,
+    pick: impl Fn(&Listed) -> &String,
+) -> anyhow::Result<Vec<SocketAddr>> {
     let r = http
         .get(admin, "localhost", "/debug/proxies")
         .await
@@ -379,10 +401,10 @@ pub(crate) async fn proxies_of(
         "control plane {admin}: /debug/proxies answered {}",
         r.status
     );
-    let entries: Vec<Entry> = serde_json::from_str(&r.body).context("/debug/proxies")?;
+    let entries: Vec<Listed> = serde_json::from_str(&r.body).context("/debug/proxies")?;
     Ok(entries
         .iter()
-        .filter_map(|e| e.metrics_address.parse::<SocketAddr>().ok())
+        .filter_map(|e| pick(e).parse::<SocketAddr>().ok())
         .filter(|a| a.ip().is_loopback())
         .collect())
 }

@@ -21,6 +21,8 @@ pub struct ProxyStatus {
     /// Where the proxy says its metrics can be read (`ip:port`, path `/metrics`); empty
     /// when it did not say. Informational.
     pub metrics_address: String,
+    /// The proxy's admin listener (`ip:port`), as it says. Informational.
+    pub admin_address: String,
     /// The remote socket address of the stream's connection, if the acceptor knew it.
     pub remote: Option<SocketAddr>,
     /// When the stream's Hello arrived.
@@ -119,6 +121,7 @@ mod tests {
             workload: "web-1".into(),
             proxy_version: "0.1.0".into(),
             metrics_address: String::new(),
+            admin_address: String::new(),
             remote: None,
             connected_since: SystemTime::UNIX_EPOCH,
             sent_version: 0,

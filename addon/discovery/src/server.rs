@@ -304,6 +304,7 @@ impl DiscoveryService {
                 workload: hello.workload,
                 proxy_version: hello.proxy_version,
                 metrics_address: hello.metrics_address,
+                admin_address: hello.admin_address,
                 remote,
                 connected_since: SystemTime::now(),
                 sent_version: 0,

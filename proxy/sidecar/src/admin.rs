@@ -2,7 +2,8 @@
 //! `/metrics` (Prometheus text) and `/config` (identity, certificate, trust bundle and
 //! CA generation, discovery view in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
 //! for Jobs without native sidecars), exists only when a token file is configured and
-//! needs `Authorization: Bearer <token>`.
+//! needs `Authorization: Bearer <token>`; so does `GET /tap`, the live request stream
+//! (`trellis tap`, `trellis top`), which exists only with `--tap-token-file`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -38,9 +39,13 @@ pub struct Admin {
     pub shutdown: CancellationToken,
     /// The bearer token `POST /shutdown` requires; `None` disables the endpoint.
     pub shutdown_token: Option<ShutdownToken>,
+    /// The live request stream `GET /tap` serves.
+    pub tap: Arc<crate::tap::Tap>,
+    /// The bearer token `GET /tap` requires; `None` disables the endpoint.
+    pub tap_token: Option<ShutdownToken>,
 }
 
-/// The secret that authorizes `POST /shutdown`. Never printed.
+/// A secret that authorizes an admin action (`POST /shutdown`, `GET /tap`). Never printed.
 #[derive(Clone)]
 pub struct ShutdownToken(Vec<u8>);
 
@@ -168,6 +173,7 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
         }
         match req.uri().path() {
+            "/tap" => self.tap(req),
             "/live" => text(StatusCode::OK, "live\n".into()),
             "/ready" => match self.is_ready() {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
@@ -188,7 +194,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: /live /ready /metrics /config\n".into(),
+                "endpoints: /live /ready /metrics /config /tap /shutdown\n".into(),
             ),
         }
     }
@@ -208,22 +214,68 @@ impl Admin {
                 .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
             return r;
         }
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        if !presented.is_some_and(|p| token.matches(p)) {
-            warn!("refused POST /shutdown: missing or wrong bearer token");
-            let mut r = text(StatusCode::UNAUTHORIZED, "bearer token required\n".into());
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return r;
+        if let Some(refused) = bearer(req, token, "POST /shutdown") {
+            return refused;
         }
         info!("POST /shutdown: draining");
         self.shutdown.cancel();
         text(StatusCode::ACCEPTED, "draining\n".into())
+    }
+
+    /// `GET /tap[?max=N]`: 404 when not configured, 401 without the right bearer token,
+    /// 429 when [`crate::tap::MAX_SESSIONS`] are open; else 200 and one JSON line per
+    /// finished request (`TapEvent`), a `{"dropped":N}` line when this session fell
+    /// behind, until the client leaves or N events were sent.
+    fn tap<B>(&self, req: &Request<B>) -> Response<Body> {
+        use futures_util::StreamExt as _;
+        use tokio::sync::broadcast::error::RecvError;
+
+        let Some(token) = &self.tap_token else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "/tap is disabled (no --tap-token-file)\n".into(),
+            );
+        };
+        if let Some(refused) = bearer(req, token, "GET /tap") {
+            return refused;
+        }
+        let max = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("max=")))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let Some(rx) = self.tap.subscribe() else {
+            return text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} tap sessions are open already\n",
+                    crate::tap::MAX_SESSIONS
+                ),
+            );
+        };
+        info!("tap session opened");
+        let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+            let line = match rx.recv().await {
+                Ok(event) => serde_json::to_string(&*event).ok()?,
+                Err(RecvError::Lagged(n)) => format!("{{\"dropped\":{n}}}"),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((line, rx))
+        })
+        .take(max)
+        .map(|mut line| {
+            line.push('\n');
+            Ok::<_, hyper::Error>(hyper::body::Frame::data(bytes::Bytes::from(line)))
+        });
+        let mut r = Response::new(http_body_util::BodyExt::boxed_unsync(
+            http_body_util::StreamBody::new(lines),
+        ));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        r
     }
 
     fn config_json(&self) -> String {
@@ -303,6 +355,24 @@ impl std::fmt::Debug for ShutdownToken {
     }
 }
 
+/// `None` when `req` carries `Authorization: Bearer <token>`, else the 401 to answer.
+fn bearer<B>(req: &Request<B>, token: &ShutdownToken, what: &str) -> Option<Response<Body>> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if presented.is_some_and(|p| token.matches(p)) {
+        return None;
+    }
+    warn!("refused {what}: missing or wrong bearer token");
+    let mut r = text(StatusCode::UNAUTHORIZED, "bearer token required\n".into());
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(r)
+}
+
 fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
@@ -321,7 +391,73 @@ mod tests {
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
             shutdown_token: token.map(|t| ShutdownToken(t.as_bytes().to_vec())),
+            tap: Arc::default(),
+            tap_token: token.map(|t| ShutdownToken(t.as_bytes().to_vec())),
         }
+    }
+
+    #[tokio::test]
+    async fn tap_needs_its_token_caps_sessions_and_streams_events() {
+        use http_body_util::BodyExt as _;
+        assert_eq!(
+            call(&admin(None), Method::GET, "/tap", None),
+            StatusCode::NOT_FOUND
+        );
+        let a = admin(Some("s3cret"));
+        assert_eq!(
+            call(&a, Method::GET, "/tap", None),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&a, Method::GET, "/tap", Some("Bearer nope")),
+            StatusCode::UNAUTHORIZED
+        );
+        let req = |q: &str| {
+            Request::get(format!("/tap{q}"))
+                .header(header::AUTHORIZATION, "Bearer s3cret")
+                .body(())
+                .unwrap()
+        };
+        let sessions: Vec<_> = (0..crate::tap::MAX_SESSIONS)
+            .map(|_| a.handle(&req("")))
+            .collect();
+        assert!(sessions.iter().all(|r| r.status() == StatusCode::OK));
+        assert_eq!(a.handle(&req("")).status(), StatusCode::TOO_MANY_REQUESTS);
+        drop(sessions);
+        let resp = a.handle(&req("?max=2"));
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
+        for path in ["/a", "/b", "/c"] {
+            a.tap.publish(crate::tap::TapEvent {
+                time: "t".into(),
+                direction: "inbound",
+                method: "GET".into(),
+                authority: "web.demo".into(),
+                path: path.into(),
+                status: 200,
+                grpc_status: None,
+                duration_ms: 1.5,
+                request_bytes: 0,
+                response_bytes: 2,
+                source_workload: "client".into(),
+                source_principal: "spiffe://cluster.local/ns/demo/sa/client".into(),
+                destination_workload: "web".into(),
+                destination_principal: "spiffe://cluster.local/ns/demo/sa/web".into(),
+                destination_service: "web.demo".into(),
+                trace_id: "ab".repeat(16),
+            });
+        }
+        // `max=2`: two lines, then the stream ends.
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let lines: Vec<serde_json::Value> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["path"], "/a");
+        assert_eq!(lines[1]["path"], "/b");
+        assert_eq!(lines[1]["destination_workload"], "web");
     }
 
     fn call(a: &Admin, method: Method, path: &str, auth: Option<&str>) -> StatusCode {

@@ -43,6 +43,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ),
         None => None,
     };
+    let tap_token = match &cfg.tap_token_file {
+        Some(path) => Some(
+            ShutdownToken::from_file(path)
+                .with_context(|| format!("reading --tap-token-file {}", path.display()))?,
+        ),
+        None => None,
+    };
     let limits = Limits::from(&*cfg);
 
     // Bind everything before starting work, so a busy port fails at once with its name.
@@ -163,6 +170,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         registry,
         shutdown: shutdown.clone(),
         shutdown_token,
+        tap: metrics.tap.clone(),
+        tap_token,
     });
 
     let accept = TaskTracker::new();

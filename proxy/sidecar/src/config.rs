@@ -147,6 +147,10 @@ pub struct Args {
     /// (for Jobs without native sidecars). Without it, /shutdown does not exist (404).
     #[arg(long, env = "TRELLIS_PROXY_SHUTDOWN_TOKEN_FILE")]
     pub shutdown_token_file: Option<PathBuf>,
+    /// File holding the bearer token that enables `GET /tap` on the admin port (the live
+    /// request stream of `trellis tap` / `trellis top`). Without it, /tap does not exist.
+    #[arg(long, env = "TRELLIS_PROXY_TAP_TOKEN_FILE")]
+    pub tap_token_file: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -198,6 +202,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Token file enabling `POST /shutdown` on the admin port.
     pub shutdown_token_file: Option<PathBuf>,
+    /// Token file enabling `GET /tap` on the admin port.
+    pub tap_token_file: Option<PathBuf>,
 }
 
 // === impl Config ===
@@ -251,6 +257,7 @@ impl TryFrom<Args> for Config {
             max_connections: a.max_connections,
             idle_timeout: a.idle_timeout,
             shutdown_token_file: a.shutdown_token_file,
+            tap_token_file: a.tap_token_file,
         })
     }
 }

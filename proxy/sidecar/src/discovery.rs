@@ -61,6 +61,7 @@ async fn stream_once(
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             last_version,
             metrics_address: cfg.metrics.unwrap_or(cfg.admin).to_string(),
+            admin_address: cfg.admin.to_string(),
         })),
     })
     .await?;

@@ -265,7 +265,18 @@ impl Inbound {
             .get(&ORIG_PROTO)
             .is_some_and(|v| v == "HTTP/2");
         let parent = crate::trace::extract(req.headers());
-        let pending = Pending::new(labels, start, &m.tracer, parent.as_ref(), true, || {
+        let tap = || crate::tap::TapStart {
+            direction: "inbound",
+            authority: req
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .or_else(|| Some(req.headers().get(HOST)?.to_str().ok()?.to_owned()))
+                .unwrap_or_default(),
+            path: req.uri().path().to_owned(),
+            method: req.method().to_string(),
+        };
+        let attributes = || {
             // The authority the client used (h2 `:authority`, else Host).
             let authority: Option<http::uri::Authority> = req
                 .uri()
@@ -285,7 +296,8 @@ impl Inbound {
                 attr("network.protocol.version", if h2 { "2" } else { "1.1" }),
                 attr("trellis.source.principal", peer.as_str()),
             ]
-        });
+        };
+        let pending = Pending::new(m, labels, start, parent.as_ref(), true, attributes, tap);
         let app = self.app_addr(orig, None);
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let access = Access {

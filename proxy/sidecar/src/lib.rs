@@ -29,6 +29,7 @@ pub mod inbound;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod tap;
 pub mod telemetry;
 pub mod trace;
 pub mod transport;

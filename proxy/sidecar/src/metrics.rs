@@ -50,6 +50,8 @@ pub struct Metrics {
     pub known: Arc<Interner>,
     /// Starts and queues spans.
     pub tracer: Arc<Tracer>,
+    /// Live request stream for `GET /tap`.
+    pub tap: Arc<crate::tap::Tap>,
     /// Tunnelled or passed-through connections (TCP, TLS, upgrades) by outcome.
     pub tcp_connections: Family<TcpLabels, Counter>,
     /// Failed mTLS handshakes by direction.
@@ -85,6 +87,7 @@ impl Metrics {
             claimed: Arc::new(Interner::new(MAX_CLAIMED_NAMES)),
             known: Arc::new(Interner::new(MAX_KNOWN_NAMES)),
             tracer,
+            tap: Arc::default(),
             tls_failures: Family::default(),
             tcp_connections: Family::default(),
             discovery_version: Gauge::default(),

@@ -308,7 +308,16 @@ impl Outbound {
         };
         let authority = authority_of(&req);
         let parent = crate::trace::extract(req.headers());
-        let mut pending = Pending::new(labels, start, &m.tracer, parent.as_ref(), false, || {
+        let tap = || crate::tap::TapStart {
+            direction: "outbound",
+            authority: authority
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            path: req.uri().path().to_owned(),
+            method: req.method().to_string(),
+        };
+        let attributes = || {
             let (host, port) = authority
                 .as_ref()
                 .map(|a| (a.host(), a.port_u16().unwrap_or(80)))
@@ -324,7 +333,8 @@ impl Outbound {
                     if proto == AppProto::Http2 { "2" } else { "1.1" },
                 ),
             ]
-        });
+        };
+        let mut pending = Pending::new(m, labels, start, parent.as_ref(), false, attributes, tap);
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let mut access = Access {
             direction: "outbound",

@@ -303,21 +303,26 @@ pub struct Pending {
     pub b3: Option<crate::trace::B3Kind>,
     /// The request's span, when sampled.
     pub span: Option<crate::trace::Pending>,
+    /// What a tap event needs, when a tap session was open at the start.
+    tap: Option<(Arc<crate::tap::Tap>, crate::tap::TapStart)>,
     start: Instant,
 }
 
 impl Pending {
     /// A request that arrived at `start` with the trace context `parent`: it runs under a
-    /// new span of `tracer`, recorded when sampled (`server`: a SERVER span, else CLIENT)
-    /// with the attributes `attributes` builds (called only then).
+    /// new span of the metrics' tracer, recorded when sampled (`server`: a SERVER span,
+    /// else CLIENT) with the attributes `attributes` builds (called only then); `tap`
+    /// builds its tap details, called only while a tap session is open.
     pub fn new(
+        metrics: &crate::metrics::Metrics,
         labels: HttpLabels,
         start: Instant,
-        tracer: &Arc<crate::trace::Tracer>,
         parent: Option<&crate::trace::Parent>,
         server: bool,
         attributes: impl FnOnce() -> Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+        tap: impl FnOnce() -> crate::tap::TapStart,
     ) -> Self {
+        let tracer = &metrics.tracer;
         let trace = tracer.start(parent);
         let span = trace.sampled.then(|| {
             crate::trace::Pending::new(
@@ -334,6 +339,7 @@ impl Pending {
             trace,
             b3: parent.and_then(|p| p.b3),
             span,
+            tap: metrics.tap.active().then(|| (metrics.tap.clone(), tap())),
             start,
         }
     }
@@ -365,6 +371,9 @@ impl Pending {
             &head.headers,
         );
         record.span = self.span;
+        record.tap = self
+            .tap
+            .map(|(tap, start)| (tap, start, self.trace.trace_id));
         Observed::new(body, record)
     }
 }
@@ -378,6 +387,7 @@ pub struct Record {
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     span: Option<crate::trace::Pending>,
+    tap: Option<(Arc<crate::tap::Tap>, crate::tap::TapStart, [u8; 16])>,
 }
 
 impl Record {
@@ -400,6 +410,7 @@ impl Record {
             request_bytes,
             response_bytes: 0,
             span: None,
+            tap: None,
         }
     }
 
@@ -411,7 +422,33 @@ impl Record {
             request_bytes,
             response_bytes,
             span,
+            tap,
         } = self;
+        let elapsed = start.elapsed();
+        let request_bytes = request_bytes.load(Ordering::Relaxed);
+        if let Some((tap, started, trace_id)) = tap {
+            tap.publish(crate::tap::TapEvent {
+                time: crate::logging::access_time().to_string(),
+                direction: started.direction,
+                method: started.method,
+                authority: started.authority,
+                path: started.path,
+                status: labels.http_response_status_code,
+                grpc_status: labels.rpc_grpc_status_code,
+                duration_ms: elapsed.as_secs_f64() * 1e3,
+                request_bytes,
+                response_bytes,
+                source_workload: labels.source_workload.to_string(),
+                source_principal: labels.source_principal.to_string(),
+                destination_workload: labels.destination_workload.to_string(),
+                destination_principal: labels.destination_principal.to_string(),
+                destination_service: format!(
+                    "{}.{}",
+                    labels.destination_service_name, labels.destination_service_namespace
+                ),
+                trace_id: crate::trace::hex(&trace_id),
+            });
+        }
         if let Some(span) = span {
             span.finish(
                 labels.http_response_status_code,
@@ -421,13 +458,13 @@ impl Record {
         families
             .duration
             .get_or_create(&labels)
-            .observe(start.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         #[allow(clippy::cast_precision_loss)] // bucket boundaries, not exact sizes
         {
             families
                 .request_size
                 .get_or_create(&labels)
-                .observe(request_bytes.load(Ordering::Relaxed) as f64);
+                .observe(request_bytes as f64);
             families
                 .response_size
                 .get_or_create(&labels)

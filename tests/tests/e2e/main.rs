@@ -20,5 +20,6 @@ mod mtls;
 mod protocols;
 mod request_path;
 mod rotation;
+mod tap;
 mod telemetry;
 mod tracing;

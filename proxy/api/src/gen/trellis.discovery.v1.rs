@@ -36,6 +36,10 @@ pub struct Hello {
     /// mesh; empty from proxies that predate it.
     #[prost(string, tag = "4")]
     pub metrics_address: ::prost::alloc::string::String,
+    /// This proxy's admin listener ("ip:port", loopback), where `trellis tap` reads /tap in a
+    /// local mesh. Informational, like metrics_address.
+    #[prost(string, tag = "5")]
+    pub admin_address: ::prost::alloc::string::String,
 }
 /// The proxy applied a version.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
