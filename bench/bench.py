@@ -71,11 +71,30 @@ PORTS = {
     "TRELLIS_B2_ADMIN": 27423,
     "TRELLIS_CP_ADMIN": 27490,
 }
+# The telemetry variants (`--paths trellis-quiet,trellis-traced`): the same chain, each with its
+# own control plane and ports (27600.., 27700..), differing only in trellis-config.
+for _prefix, _base in (("TRELLIS_QUIET", 27600), ("TRELLIS_TRACED", 27700)):
+    for _k in [k for k in PORTS if k.startswith("TRELLIS_") and not k.startswith(("TRELLIS_QUIET", "TRELLIS_TRACED"))]:
+        PORTS[_prefix + _k[len("TRELLIS"):]] = PORTS[_k] - 27400 + _base
 
-PATHS = ["direct", "trellis", "haproxy", "envoy"]
+# trellis-config (the ConfigMap file) per Trellis path; None: none, i.e. as shipped (access log
+# on, text; tracing off).
+MESH_CONFIG = {
+    "trellis": None,
+    # Telemetry off: no access log, no tracing (metrics cannot be turned off).
+    "trellis-quiet": {"proxy": "accessLog: false"},
+    # Telemetry on, worst case: access log on and every request traced, spans exported to the
+    # control plane's gateway (its recent-traces sink; no Application Insights here).
+    "trellis-traced": {"tracing": "{sampling: 100, otlp: mesh}"},
+}
+PORT_PREFIX = {"trellis": "TRELLIS", "trellis-quiet": "TRELLIS_QUIET", "trellis-traced": "TRELLIS_TRACED"}
+
+PATHS = ["direct", "trellis", "haproxy", "envoy", "trellis-quiet", "trellis-traced"]
 LABEL = {
     "direct": "direct (client -> nginx)",
     "trellis": "Trellis",
+    "trellis-quiet": "Trellis, access log and tracing off",
+    "trellis-traced": "Trellis, access log on, 100% traced",
     "haproxy": "HAProxy",
     "envoy": "Envoy",
 }
@@ -316,19 +335,29 @@ def start_envoy(procs: Procs, run: Path, subst: dict, envoy: str) -> None:
         )
 
 
-def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict) -> None:
+def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict, path: str = "trellis") -> None:
     """Like `trellis demo`: control plane, tokens from its local issuer, two proxies."""
-    state = run / "trellis"
+    pre = PORT_PREFIX[path]
+    P = {k.replace(pre, "TRELLIS", 1): v for k, v in PORTS.items() if k.startswith(pre + "_")
+         and (pre != "TRELLIS" or not k.startswith(("TRELLIS_QUIET", "TRELLIS_TRACED")))}
+    state = run / path
     config = state / "config"
     config.mkdir(parents=True, exist_ok=True)
-    render(CONF / "trellis-mesh.yaml", config / "mesh.yaml", subst)
+    render(CONF / "trellis-mesh.yaml", config / "mesh.yaml", dict(subst, **P))
     addon, proxy = str(bins / "trellis-addon"), str(bins / "trellis-proxy")
-    cp_admin = f"127.0.0.1:{PORTS['TRELLIS_CP_ADMIN']}"
-    grpc = f"127.0.0.1:{PORTS['TRELLIS_CP_GRPC']}"
-    procs.start("trellis-control-plane", [
+    cp_admin = f"127.0.0.1:{P['TRELLIS_CP_ADMIN']}"
+    grpc = f"127.0.0.1:{P['TRELLIS_CP_GRPC']}"
+    cp_argv = [
         addon, "run", "--config-dir", str(config), "--state-dir", str(state),
         "--grpc-addr", grpc, "--admin-addr", cp_admin,
-    ])
+    ]
+    if MESH_CONFIG[path]:
+        data = "".join(f"  {k}: '{v}'\n" for k, v in MESH_CONFIG[path].items())
+        (state / "trellis-config.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: trellis-config, namespace: trellis-system}\n"
+            f"data:\n{data}")
+        cp_argv += ["--mesh-config", str(state / "trellis-config.yaml")]
+    procs.start(f"{path}-control-plane", cp_argv)
     wait_http(f"http://{cp_admin}/ready", procs, "trellis control plane")
     for hop, workload, sa, out, inb, adm in (
         ("a", "client-1", "client", "TRELLIS_A_OUT", "TRELLIS_A_IN", "TRELLIS_A_ADMIN"),
@@ -345,15 +374,15 @@ def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict) -
         token_file = state / f"{workload}.jwt"
         token_file.write_text(tok.stdout.strip())
         token_file.chmod(0o600)
-        procs.start(f"trellis-{hop}", [
+        procs.start(f"{path}-{hop}", [
             proxy, "--control-plane", grpc, "--ca-roots", str(state / "ca/root-cert.pem"),
             "--token-file", str(token_file), "--namespace", "bench", "--service-account", sa,
             "--workload", workload,
-            "--outbound", f"127.0.0.1:{PORTS[out]}", "--inbound", f"127.0.0.1:{PORTS[inb]}",
-            "--admin", f"127.0.0.1:{PORTS[adm]}", "--app", f"127.0.0.1:{app}",
+            "--outbound", f"127.0.0.1:{P[out]}", "--inbound", f"127.0.0.1:{P[inb]}",
+            "--admin", f"127.0.0.1:{P[adm]}", "--app", f"127.0.0.1:{app}",
         ], env=env)
     for adm in ("TRELLIS_A_ADMIN", "TRELLIS_B_ADMIN", "TRELLIS_B2_ADMIN"):
-        wait_http(f"http://127.0.0.1:{PORTS[adm]}/ready", procs, "trellis proxy")
+        wait_http(f"http://127.0.0.1:{P[adm]}/ready", procs, f"{path} proxy")
 
 
 def h2c_probe(port: int, host: str) -> tuple[bool, str]:
@@ -531,7 +560,7 @@ def main() -> None:
     (run / "logs").mkdir(parents=True, exist_ok=True)
     (run / "raw").mkdir(exist_ok=True)
     bins = Path(args.bin_dir)
-    if "trellis" in paths:
+    if any(p.startswith("trellis") for p in paths):
         # Measure a private copy: others may rebuild target/release while the batch runs.
         (run / "bin").mkdir(exist_ok=True)
         for b in ("trellis-addon", "trellis-proxy"):
@@ -569,9 +598,9 @@ def main() -> None:
         "trellis_git": subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                                       capture_output=True, text=True).stdout.strip(),
         "versions": tool_versions(args.oha),
-        "trellis_proxy_sha256": sha256(bins / "trellis-proxy") if "trellis" in paths else None,
+        "trellis_proxy_sha256": sha256(bins / "trellis-proxy") if any(p.startswith("trellis") for p in paths) else None,
         "trellis_proxy_built": dt.datetime.fromtimestamp((bins / "trellis-proxy").stat().st_mtime).isoformat(timespec="seconds")
-        if "trellis" in paths else None,
+        if any(p.startswith("trellis") for p in paths) else None,
     }
     log(f"results -> {run}; nice {meta['nice']}; load average {' '.join(meta['loadavg_start'])}")
 
@@ -588,8 +617,9 @@ def main() -> None:
             start_envoy(procs, run, subst, find_envoy())
         tenv = {"TRELLIS_LOG": args.trellis_log} if args.trellis_log else {}
         tenv.update(kv.split("=", 1) for kv in args.trellis_env)
-        if "trellis" in paths:
-            start_trellis(procs, run, subst, bins, tenv)
+        for p in paths:
+            if p.startswith("trellis"):
+                start_trellis(procs, run, subst, bins, tenv, p)
 
         chains = {
             "direct": {"h1": PORTS["BACKEND_H1"], "h2": PORTS["BACKEND_H2C"], "pids": {}},
@@ -598,6 +628,11 @@ def main() -> None:
             "trellis": {"h1": PORTS["TRELLIS_A_OUT"], "h2": PORTS["TRELLIS_A_OUT"], "h2_host": SERVICE_HOST_H2,
                         "procs": {"A": "trellis-a", "B": "trellis-b", "B2": "trellis-b2"},
                         "hops": {"h1": ["A", "B"], "h2": ["A", "B2"]}},
+            **{v: {"h1": PORTS[f"{PORT_PREFIX[v]}_A_OUT"], "h2": PORTS[f"{PORT_PREFIX[v]}_A_OUT"],
+                   "h2_host": SERVICE_HOST_H2,
+                   "procs": {"A": f"{v}-a", "B": f"{v}-b", "B2": f"{v}-b2"},
+                   "hops": {"h1": ["A", "B"], "h2": ["A", "B2"]}}
+               for v in ("trellis-quiet", "trellis-traced")},
             "haproxy": {"h1": PORTS["HAPROXY_A_H1"], "h2": PORTS["HAPROXY_A_H2C"],
                         "procs": {"A": "haproxy-a", "B": "haproxy-b"}},
             "envoy": {"h1": PORTS["ENVOY_A"], "h2": PORTS["ENVOY_A"], "procs": {"A": "envoy-a", "B": "envoy-b"}},
@@ -984,6 +1019,26 @@ def render_md(meta: dict, data: dict, paths: list[str], targets: list[dict]) -> 
             fmt = (lambda x: f"{x:,.0f}") if "req/s" in t["metric"] and "@" not in t["metric"] else \
                 (lambda x: f"{x:.1f}") if ("MiB" in t["metric"] or "CPU" in t["metric"]) else (lambda x: f"{x:.3f}")
             L.append(f"| {t['metric']} | {t['target']} | {fmt(t['trellis'])} | {fmt(t['haproxy'])} | {r} | {'yes' if t['met'] else '**no**'} |")
+    q, t = data.get("trellis-quiet"), data.get("trellis-traced")
+    if q and t:
+        L.append("")
+        L.append("**Telemetry cost (same batch): access log + 100% tracing on vs both off (metrics always on)**")
+        L.append("")
+        L.append("| measure | off | on | on / off | cost |")
+        L.append("|---|---:|---:|---:|---:|")
+        for proto in ("h1", "h2"):
+            mq, mt = q.get(f"{proto}-max"), t.get(f"{proto}-max")
+            if mq and mt and mq["rps"]:
+                r = mt["rps"] / mq["rps"]
+                L.append(f"| max req/s ({proto}) | {mq['rps']:,.0f} | {mt['rps']:,.0f} | {r:.3f} | {(1 - r) * 100:+.1f}% throughput |")
+            fq, ft = q.get(f"{proto}-fixed"), t.get(f"{proto}-fixed")
+            if fq and ft:
+                for k, what in (("p50_ms", "p50 @1k req/s, ms"), ("p99_ms", "p99 @1k req/s, ms")):
+                    r = ft[k] / fq[k] if fq[k] else float("nan")
+                    L.append(f"| {what} ({proto}) | {fq[k]:.3f} | {ft[k]:.3f} | {r:.3f} | {ft[k] - fq[k]:+.3f} ms |")
+                cq, ct = fq.get("cpu_ms_per_1k_per_hop"), ft.get("cpu_ms_per_1k_per_hop")
+                if cq and ct:
+                    L.append(f"| CPU ms / 1k req / hop ({proto} @1k) | {cq:.1f} | {ct:.1f} | {ct / cq:.3f} | {(ct / cq - 1) * 100:+.1f}% CPU |")
     bad = [(p, k, data[p][k]["not_ok"]) for p in paths for k in ("h1-fixed", "h1-max", "h2-fixed", "h2-max")
            if k in data[p] and data[p][k].get("not_ok")]
     if bad:

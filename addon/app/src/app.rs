@@ -375,7 +375,20 @@ async fn run(
         trellis_ca::Metrics::new(&mut registry),
     )
     .with_rate_limit(callers.rate_limit);
-    let (gateway, recent) = telemetry_gateway(&args, &mut registry)?;
+    // The gateway weighs spans by the mesh's sampling rate (Application Insights'
+    // sampleRate), which the config may change live.
+    let sampling = {
+        let mut proxies = applied.proxies.clone();
+        let (tx, rx) = watch::channel(proxies.borrow().tracing.sampling_per_million);
+        tokio::spawn(async move {
+            while proxies.changed().await.is_ok() {
+                let rate = proxies.borrow_and_update().tracing.sampling_per_million;
+                tx.send_if_modified(|r| std::mem::replace(r, rate) != rate);
+            }
+        });
+        rx
+    };
+    let (gateway, recent) = telemetry_gateway(&args, &mut registry, sampling)?;
     let admin = Arc::new(Admin {
         snapshots: snap_rx,
         source: status_rx,
@@ -514,6 +527,7 @@ const APPINSIGHTS_ENV: &str = "APPLICATIONINSIGHTS_CONNECTION_STRING";
 fn telemetry_gateway(
     args: &RunArgs,
     registry: &mut Registry,
+    sampling: watch::Receiver<u32>,
 ) -> anyhow::Result<(trellis_telemetry::Gateway, trellis_telemetry::Recent)> {
     let recent = trellis_telemetry::Recent::new(trellis_telemetry::DEFAULT_RECENT_SPANS);
     let connection_string = match &args.appinsights_connection_string_file {
@@ -541,7 +555,7 @@ fn telemetry_gateway(
                 })?),
                 None => None,
             };
-            let exporter = trellis_telemetry::app_insights_exporter(&cs, roots.as_deref())
+            let exporter = trellis_telemetry::Sampled::new(&cs, roots.as_deref(), sampling)
                 .context("Application Insights connection string")?;
             info!("telemetry gateway: spans to Application Insights and /debug/traces");
             trellis_telemetry::Gateway::spawn(

@@ -22,6 +22,7 @@ mod exporter;
 mod gateway;
 mod metrics;
 mod recent;
+mod sampled;
 #[cfg(feature = "test-util")]
 pub mod stand_in;
 mod worker;
@@ -36,3 +37,4 @@ pub use gateway::{
 };
 pub use metrics::Metrics;
 pub use recent::{DEFAULT_RECENT_SPANS, Recent, SpanView, Tee, TraceView};
+pub use sampled::Sampled;

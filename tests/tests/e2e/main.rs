@@ -23,3 +23,4 @@ mod rotation;
 mod tap;
 mod telemetry;
 mod tracing;
+mod workbook;
