@@ -236,6 +236,7 @@ async fn run_in(
         workloads[1].inbound,
         probe_without_certificate(&state.join("trust-bundle.pem"), workloads[1].inbound).await
     ));
+    // The flag the other commands need to find this control plane, if not the default.
     let admin_flag = if cp_admin.port() == 9090 {
         String::new()
     } else {
@@ -247,6 +248,9 @@ async fn run_in(
     say(&format!(
         "live requests: `trellis tap{admin_flag} --token-file {0}` or `trellis top{admin_flag} --token-file {0}`",
         tap_token_file.display()
+    ));
+    say(&format!(
+        "service graph, golden metrics and traces in a browser: run `trellis dashboard{admin_flag}` in another terminal and open http://127.0.0.1:9091/"
     ));
     let started = Instant::now();
     let admins: Vec<SocketAddr> = workloads.iter().map(|w| w.admin).collect();

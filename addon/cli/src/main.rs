@@ -3,12 +3,15 @@
 //! Owns the user-facing commands. Today: `trellis demo` (the local profile: the whole
 //! mesh as processes on this machine) and the small demo app it runs, and `trellis ca`
 //! (CA material in Key Vault or a `cacerts` directory, through `trellis-azure` and
-//! `trellis-ca`), and `trellis check` (the running mesh: CA expiry, proxies in sync).
-//! `inject`, `stat`/`top`/`tap` and `dashboard` come with later issues. Talks to the running binaries only through their command lines and HTTP
+//! `trellis-ca`), `trellis check` (the running mesh: CA expiry, proxies in sync),
+//! `trellis stat` (golden metrics from the proxies) and `trellis dashboard` (the same, as a
+//! live local web page with the service graph). `inject`, `top` and `tap` come with later
+//! issues. Talks to the running binaries only through their command lines and HTTP
 //! endpoints.
 
 mod ca;
 mod check;
+mod dashboard;
 mod demo;
 mod demo_app;
 mod http;
@@ -45,6 +48,8 @@ enum Command {
     Tap(tap::TapArgs),
     /// The busiest paths, live, from the proxies' request stream.
     Top(tap::TopArgs),
+    /// Serves a local web page: the service graph and golden metrics, live.
+    Dashboard(dashboard::Args),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
             Command::Stat(args) => stat::run(args).await,
             Command::Tap(args) => tap::tap(args).await,
             Command::Top(args) => tap::top(args).await,
+            Command::Dashboard(args) => dashboard::run(args).await,
             Command::DemoApp {
                 name,
                 listen,

@@ -412,17 +412,9 @@ async fn listed(
 /// Scrapes every proxy; one that does not answer is reported on stderr and left out.
 pub(crate) async fn scrape_all(http: &HttpClient, proxies: &[SocketAddr]) -> Vec<Sample> {
     let mut all = Vec::new();
-    for p in proxies {
-        let got = http.get(*p, "localhost", "/metrics").await;
-        match got.and_then(|r| {
-            anyhow::ensure!(r.status.is_success(), "answered {}", r.status);
-            parse(&r.body)
-        }) {
-            Ok(samples) => all.extend(samples.into_iter().map(|mut s| {
-                // Series of different proxies must not meet in the delta.
-                s.labels.push(("proxy".to_owned(), p.to_string()));
-                s
-            })),
+    for (p, got) in scrape_each(http, proxies).await {
+        match got {
+            Ok(samples) => all.extend(samples),
             Err(e) => eprintln!("trellis stat: proxy {p}: {e:#}"),
         }
     }
@@ -460,6 +452,116 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         print!("{}", table(&rows, args.by));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One caller -> serving workload edge and its golden metrics over a window, for the
+/// dashboard's service graph: [`rows`] `By::Edge` with the two ends kept apart.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Edge {
+    /// The caller's namespace (from its certificate).
+    pub(crate) source_namespace: String,
+    /// The caller's workload (`--service-name`).
+    pub(crate) source_workload: String,
+    /// The serving workload's namespace, or `unknown` (the caller's proxy answered itself).
+    pub(crate) destination_namespace: String,
+    /// The serving workload, or `unknown`.
+    pub(crate) destination_workload: String,
+    /// Requests in the window (what the caller got, the proxy's own error answers
+    /// included).
+    pub(crate) requests: f64,
+    /// Fraction of them that succeeded (`None`: no requests).
+    pub(crate) success: Option<f64>,
+    /// Requests per second.
+    pub(crate) rps: f64,
+    /// 99th percentile latency, seconds (`None`: no requests).
+    pub(crate) p99: Option<f64>,
+}
+
+/// Every edge with a calling-side series in `after`, with the change from `before` over
+/// `secs` seconds. Unlike [`rows`], an edge with no requests in the window is kept (with
+/// zero requests), so a graph does not lose an idle edge. Pure.
+pub(crate) fn edges(before: &[Sample], after: &[Sample], secs: f64) -> Vec<Edge> {
+    const FAMILY: &str = "http_client_request_duration_seconds";
+    let earlier: BTreeMap<String, f64> = before.iter().map(|s| (s.key(), s.value)).collect();
+    let mut groups: BTreeMap<[String; 4], Acc> = BTreeMap::new();
+    for s in after {
+        let Some(suffix) = s.name.strip_prefix(FAMILY) else {
+            continue;
+        };
+        let was = earlier.get(&s.key()).copied().unwrap_or(0.0);
+        // As in `rows`: a counter that went down belongs to a restarted proxy.
+        let delta = if s.value >= was {
+            s.value - was
+        } else {
+            s.value
+        };
+        let key = [
+            "source_namespace",
+            "source_workload",
+            "destination_namespace",
+            "destination_workload",
+        ]
+        .map(|l| s.label(l).to_owned());
+        let acc = groups.entry(key).or_default();
+        match suffix {
+            "_count" => {
+                acc.requests += delta;
+                if !succeeded(s) {
+                    acc.failures += delta;
+                }
+            }
+            "_bucket" => *acc.buckets.entry(s.label("le").to_owned()).or_default() += delta,
+            _ => {}
+        }
+    }
+    groups
+        .into_iter()
+        .map(|([sn, sw, dn, dw], a)| {
+            let has = a.requests > 0.0;
+            Edge {
+                source_namespace: sn,
+                source_workload: sw,
+                destination_namespace: dn,
+                destination_workload: dw,
+                requests: a.requests,
+                success: has.then(|| (a.requests - a.failures) / a.requests),
+                rps: if secs > 0.0 { a.requests / secs } else { 0.0 },
+                p99: has
+                    .then(|| quantile(0.99, &sorted_buckets(&a.buckets)))
+                    .flatten(),
+            }
+        })
+        .collect()
+}
+
+/// Scrapes every proxy, each outcome kept apart (its samples, or why it could not
+/// be read), for a caller that reports failures itself rather than on stderr.
+pub(crate) async fn scrape_each(
+    http: &HttpClient,
+    proxies: &[SocketAddr],
+) -> Vec<(SocketAddr, anyhow::Result<Vec<Sample>>)> {
+    let mut out = Vec::with_capacity(proxies.len());
+    for p in proxies {
+        let got = http.get(*p, "localhost", "/metrics").await;
+        let samples = got.and_then(|r| {
+            anyhow::ensure!(r.status.is_success(), "answered {}", r.status);
+            parse(&r.body)
+        });
+        out.push((
+            *p,
+            samples.map(|samples| {
+                samples
+                    .into_iter()
+                    .map(|mut s| {
+                        // Series of different proxies must not meet in the delta.
+                        s.labels.push(("proxy".to_owned(), p.to_string()));
+                        s
+                    })
+                    .collect()
+            }),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -584,6 +686,74 @@ mod tests {
         let text = table(&rows, By::Workload);
         assert!(text.starts_with("NAMESPACE  WORKLOAD  SUCCESS"), "{text}");
         assert!(text.contains("web       75.00%   4.00"), "{text}");
+    }
+
+    #[test]
+    fn edges_keep_both_ends_and_idle_edges() {
+        let before = parse(&series(
+            "client",
+            "web",
+            200,
+            "",
+            10.0,
+            &[("0.001", 10.0), ("+Inf", 10.0)],
+        ))
+        .unwrap();
+        let after = parse(
+            &(series(
+                "client",
+                "web",
+                200,
+                "",
+                30.0,
+                &[("0.001", 30.0), ("+Inf", 30.0)],
+            ) + &series(
+                "client",
+                "web",
+                503,
+                "",
+                5.0,
+                &[("0.001", 5.0), ("+Inf", 5.0)],
+            ) + &series(
+                "client",
+                "api",
+                200,
+                "",
+                4.0,
+                &[("0.001", 4.0), ("+Inf", 4.0)],
+            ) + &series("server", "web", 200, "", 99.0, &[("+Inf", 99.0)])),
+        )
+        .unwrap();
+        let before = [
+            before,
+            parse(&series("client", "api", 200, "", 4.0, &[("+Inf", 4.0)])).unwrap(),
+        ]
+        .concat();
+        let e = edges(&before, &after, 5.0);
+        assert_eq!(e.len(), 2, "{e:?}");
+        // Idle in the window, still an edge.
+        assert_eq!(
+            (
+                e[0].destination_workload.as_str(),
+                e[0].requests,
+                e[0].success,
+                e[0].p99
+            ),
+            ("api", 0.0, None, None)
+        );
+        let web = &e[1];
+        assert_eq!(
+            (
+                web.source_namespace.as_str(),
+                web.source_workload.as_str(),
+                web.destination_namespace.as_str(),
+                web.destination_workload.as_str()
+            ),
+            ("demo", "client", "demo", "web")
+        );
+        assert_eq!((web.requests, web.rps), (25.0, 5.0));
+        assert_eq!(web.success, Some(0.8));
+        assert!((web.p99.unwrap() - 0.00099).abs() < 1e-12, "{web:?}");
     }
 
     #[test]

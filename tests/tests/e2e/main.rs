@@ -11,6 +11,7 @@ mod apps;
 mod bad_config;
 mod capture;
 mod control_plane_down;
+mod dashboard;
 mod endpoints;
 mod generated;
 mod kubernetes;
