@@ -71,10 +71,12 @@ PORTS = {
     "TRELLIS_B2_ADMIN": 27423,
     "TRELLIS_CP_ADMIN": 27490,
 }
-# The telemetry variants (`--paths trellis-quiet,trellis-traced`): the same chain, each with its
-# own control plane and ports (27600.., 27700..), differing only in trellis-config.
-for _prefix, _base in (("TRELLIS_QUIET", 27600), ("TRELLIS_TRACED", 27700)):
-    for _k in [k for k in PORTS if k.startswith("TRELLIS_") and not k.startswith(("TRELLIS_QUIET", "TRELLIS_TRACED"))]:
+# The telemetry variants (`--paths trellis-quiet,trellis-traced,trellis-traced-all`): the same
+# chain, each with its own control plane and ports (27600.., 27700.., 27800..), differing only
+# in trellis-config.
+VARIANT_PREFIXES = ("TRELLIS_QUIET", "TRELLIS_TRACED", "TRELLIS_ALLTRACED")
+for _prefix, _base in zip(VARIANT_PREFIXES, (27600, 27700, 27800)):
+    for _k in [k for k in PORTS if k.startswith("TRELLIS_") and not k.startswith(VARIANT_PREFIXES)]:
         PORTS[_prefix + _k[len("TRELLIS"):]] = PORTS[_k] - 27400 + _base
 
 # trellis-config (the ConfigMap file) per Trellis path; None: none, i.e. as shipped (access log
@@ -83,18 +85,23 @@ MESH_CONFIG = {
     "trellis": None,
     # Telemetry off: no access log, no tracing (metrics cannot be turned off).
     "trellis-quiet": {"proxy": "accessLog: false"},
-    # Telemetry on, worst case: access log on and every request traced, spans exported to the
-    # control plane's gateway (its recent-traces sink; no Application Insights here).
-    "trellis-traced": {"tracing": "{sampling: 100, otlp: mesh}"},
+    # Telemetry on as configured by default once tracing is enabled: access log on, 1% of new
+    # traces recorded and exported to the control plane's gateway (its recent-traces sink; no
+    # Application Insights here).
+    "trellis-traced": {"tracing": "{sampling: 1, otlp: mesh}"},
+    # The worst case: every request traced (4 spans per request through the chain).
+    "trellis-traced-all": {"tracing": "{sampling: 100, otlp: mesh}"},
 }
-PORT_PREFIX = {"trellis": "TRELLIS", "trellis-quiet": "TRELLIS_QUIET", "trellis-traced": "TRELLIS_TRACED"}
+PORT_PREFIX = {"trellis": "TRELLIS", "trellis-quiet": "TRELLIS_QUIET", "trellis-traced": "TRELLIS_TRACED",
+               "trellis-traced-all": "TRELLIS_ALLTRACED"}
 
-PATHS = ["direct", "trellis", "haproxy", "envoy", "trellis-quiet", "trellis-traced"]
+PATHS = ["direct", "trellis", "haproxy", "envoy", "trellis-quiet", "trellis-traced", "trellis-traced-all"]
 LABEL = {
     "direct": "direct (client -> nginx)",
     "trellis": "Trellis",
     "trellis-quiet": "Trellis, access log and tracing off",
-    "trellis-traced": "Trellis, access log on, 100% traced",
+    "trellis-traced": "Trellis, access log on, 1% traced",
+    "trellis-traced-all": "Trellis, access log on, 100% traced",
     "haproxy": "HAProxy",
     "envoy": "Envoy",
 }
@@ -339,7 +346,7 @@ def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict, p
     """Like `trellis demo`: control plane, tokens from its local issuer, two proxies."""
     pre = PORT_PREFIX[path]
     P = {k.replace(pre, "TRELLIS", 1): v for k, v in PORTS.items() if k.startswith(pre + "_")
-         and (pre != "TRELLIS" or not k.startswith(("TRELLIS_QUIET", "TRELLIS_TRACED")))}
+         and (pre != "TRELLIS" or not k.startswith(VARIANT_PREFIXES))}
     state = run / path
     config = state / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -632,7 +639,7 @@ def main() -> None:
                    "h2_host": SERVICE_HOST_H2,
                    "procs": {"A": f"{v}-a", "B": f"{v}-b", "B2": f"{v}-b2"},
                    "hops": {"h1": ["A", "B"], "h2": ["A", "B2"]}}
-               for v in ("trellis-quiet", "trellis-traced")},
+               for v in ("trellis-quiet", "trellis-traced", "trellis-traced-all")},
             "haproxy": {"h1": PORTS["HAPROXY_A_H1"], "h2": PORTS["HAPROXY_A_H2C"],
                         "procs": {"A": "haproxy-a", "B": "haproxy-b"}},
             "envoy": {"h1": PORTS["ENVOY_A"], "h2": PORTS["ENVOY_A"], "procs": {"A": "envoy-a", "B": "envoy-b"}},
@@ -1019,10 +1026,14 @@ def render_md(meta: dict, data: dict, paths: list[str], targets: list[dict]) -> 
             fmt = (lambda x: f"{x:,.0f}") if "req/s" in t["metric"] and "@" not in t["metric"] else \
                 (lambda x: f"{x:.1f}") if ("MiB" in t["metric"] or "CPU" in t["metric"]) else (lambda x: f"{x:.3f}")
             L.append(f"| {t['metric']} | {t['target']} | {fmt(t['trellis'])} | {fmt(t['haproxy'])} | {r} | {'yes' if t['met'] else '**no**'} |")
-    q, t = data.get("trellis-quiet"), data.get("trellis-traced")
-    if q and t:
+    q = data.get("trellis-quiet")
+    for tname, what in (("trellis-traced", "access log + tracing at 1% (the default sampling)"),
+                        ("trellis-traced-all", "access log + tracing at 100% (worst case)")):
+        t = data.get(tname)
+        if not (q and t):
+            continue
         L.append("")
-        L.append("**Telemetry cost (same batch): access log + 100% tracing on vs both off (metrics always on)**")
+        L.append(f"**Telemetry cost (same batch): {what} vs both off (metrics always on)**")
         L.append("")
         L.append("| measure | off | on | on / off | cost |")
         L.append("|---|---:|---:|---:|---:|")
@@ -1030,7 +1041,7 @@ def render_md(meta: dict, data: dict, paths: list[str], targets: list[dict]) -> 
             mq, mt = q.get(f"{proto}-max"), t.get(f"{proto}-max")
             if mq and mt and mq["rps"]:
                 r = mt["rps"] / mq["rps"]
-                L.append(f"| max req/s ({proto}) | {mq['rps']:,.0f} | {mt['rps']:,.0f} | {r:.3f} | {(1 - r) * 100:+.1f}% throughput |")
+                L.append(f"| max req/s ({proto}) | {mq['rps']:,.0f} | {mt['rps']:,.0f} | {r:.3f} | {(r - 1) * 100:+.1f}% throughput |")
             fq, ft = q.get(f"{proto}-fixed"), t.get(f"{proto}-fixed")
             if fq and ft:
                 for k, what in (("p50_ms", "p50 @1k req/s, ms"), ("p99_ms", "p99 @1k req/s, ms")):

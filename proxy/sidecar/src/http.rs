@@ -100,7 +100,7 @@ struct JsonAccess<'a> {
     mtls: bool,
     error: &'a str,
     /// W3C trace id of the request; `null` for connections.
-    trace_id: Option<String>,
+    trace_id: Option<&'a str>,
 }
 
 /// One finished request, logged as a single `access` event and counted.
@@ -133,40 +133,80 @@ pub struct Access<'a> {
 // === impl Access ===
 
 impl Access<'_> {
-    /// Emits the access-log event (target `access`; fields are a stable interface that
-    /// tests and log pipelines rely on) at the response head. The request's metrics are
-    /// recorded when its response ends ([`crate::telemetry::Observed`]).
-    pub fn finish(self, status: StatusCode, error: Option<&Error>) {
-        let elapsed = self.start.elapsed();
+    /// The request's access line as known at the response head, to be written when the
+    /// response ends ([`AccessLine::write`], from [`crate::telemetry::Observed`]) with the
+    /// body sizes and the full duration; `None` when the access log is off (nothing is
+    /// copied then).
+    pub fn line(self, status: StatusCode, error: Option<&Error>) -> Option<AccessLine> {
         let format = crate::logging::access_format();
         if format == AccessFormat::Off || !tracing::enabled!(target: "access", tracing::Level::INFO)
         {
-            return;
+            return None;
         }
-        let error = error.map(ToString::to_string).unwrap_or_default();
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        if format == AccessFormat::Json {
-            let authority = self.authority.to_string();
+        Some(AccessLine {
+            direction: self.direction,
+            protocol: self.protocol,
+            src: self.src.to_owned(),
+            dst: self.dst.to_owned(),
+            service: self.service,
+            endpoint: self.endpoint,
+            method: self.method.clone(),
+            authority: self.authority,
+            path: self.path.to_owned(),
+            status: status.as_u16(),
+            error: error.map(ToString::to_string).unwrap_or_default(),
+            trace_id: self.trace_id,
+            start: self.start,
+        })
+    }
+}
+
+/// One request's access line, owned, waiting for its response to end.
+#[derive(Debug)]
+pub struct AccessLine {
+    direction: &'static str,
+    protocol: &'static str,
+    src: String,
+    dst: String,
+    service: String,
+    endpoint: String,
+    method: http::Method,
+    authority: String,
+    path: String,
+    status: u16,
+    error: String,
+    trace_id: [u8; 16],
+    start: Instant,
+}
+
+impl AccessLine {
+    /// Writes the access event (target `access`; fields are a stable interface that tests
+    /// and log pipelines rely on): the request is over, `received` request body bytes came
+    /// from the client and `sent` response body bytes went back.
+    pub fn write(self, received: u64, sent: u64) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let trace_id = crate::trace::hex(&self.trace_id);
+        if crate::logging::access_format() == AccessFormat::Json {
             let record = JsonAccess {
                 time: crate::logging::access_time().to_string(),
                 kind: "request",
                 direction: self.direction,
                 protocol: self.protocol,
-                src: self.src,
-                dst: self.dst,
+                src: &self.src,
+                dst: &self.dst,
                 service: &self.service,
                 endpoint: &self.endpoint,
                 orig_dst: None,
                 method: Some(self.method.as_str()),
-                authority: Some(&authority),
-                path: Some(self.path),
-                status: Some(status.as_u16()),
+                authority: Some(&self.authority),
+                path: Some(&self.path),
+                status: Some(self.status),
                 duration_ms,
-                bytes_sent: None,
-                bytes_received: None,
+                bytes_sent: Some(sent),
+                bytes_received: Some(received),
                 mtls: true,
-                error: &error,
-                trace_id: Some(crate::trace::hex(&self.trace_id)),
+                error: &self.error,
+                trace_id: Some(&trace_id),
             };
             if crate::logging::write_access_json(&record) {
                 return;
@@ -179,8 +219,8 @@ impl Access<'_> {
             write!(
                 line,
                 "request direction={:?} protocol={:?} src={:?} dst={:?} service={} endpoint={} \
-                 method={} authority={} path={:?} status={} duration_ms={:?} mtls=true \
-                 trace_id={} error={}",
+                 method={} authority={} path={:?} status={} duration_ms={:?} bytes_sent={} \
+                 bytes_received={} mtls=true trace_id={} error={}",
                 self.direction,
                 self.protocol,
                 self.src,
@@ -190,10 +230,12 @@ impl Access<'_> {
                 self.method,
                 self.authority,
                 self.path,
-                status.as_u16(),
+                self.status,
                 duration_ms,
-                crate::trace::hex(&self.trace_id),
-                error
+                sent,
+                received,
+                trace_id,
+                self.error
             )
         });
         if direct {
@@ -210,11 +252,13 @@ impl Access<'_> {
             method = %self.method,
             authority = %self.authority,
             path = self.path,
-            status = status.as_u16(),
+            status = self.status,
             duration_ms = duration_ms,
+            bytes_sent = sent,
+            bytes_received = received,
             mtls = true,
-            trace_id = %crate::trace::hex(&self.trace_id),
-            error = %error,
+            trace_id = %trace_id,
+            error = %self.error,
             "request"
         );
     }

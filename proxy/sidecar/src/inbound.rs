@@ -321,11 +321,11 @@ impl Inbound {
             Ok(r) => (r, None),
             Err(e) => (error_response(&e), Some(e)),
         };
-        access.finish(resp.status(), err.as_ref());
+        let line = access.line(resp.status(), err.as_ref());
         let (mut parts, body) = resp.into_parts();
         // Overwritten: the app cannot speak for this proxy.
         parts.headers.insert(&DST_WORKLOAD, m.local.header.clone());
-        let body = pending.observe(&m.http_server, &mut parts, body);
+        let body = pending.observe(&m.http_server, &mut parts, body, line);
         Response::from_parts(parts, body.boxed_unsync())
     }
 

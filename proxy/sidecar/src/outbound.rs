@@ -361,13 +361,13 @@ impl Outbound {
         };
         let dst = dst.map(|d| d.to_string());
         access.dst = dst.as_deref().unwrap_or("-");
-        access.finish(resp.status(), err.as_ref());
+        let line = access.line(resp.status(), err.as_ref());
         let (mut parts, body) = resp.into_parts();
         // The peer's answer, for the metrics only: the app never sees it.
         if let Some(w) = parts.headers.remove(&DST_WORKLOAD) {
             pending.labels.destination_workload = m.claimed.claimed(Some(&w));
         }
-        let body = pending.observe(&m.http_client, &mut parts, body);
+        let body = pending.observe(&m.http_client, &mut parts, body, line);
         Response::from_parts(parts, body.boxed_unsync())
     }
 

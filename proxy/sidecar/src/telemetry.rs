@@ -354,13 +354,15 @@ impl Pending {
         Counted::new(body, self.request_bytes.clone())
     }
 
-    /// Wraps the response body so that the request is recorded in `families` when it
-    /// ends; the status code and a trailers-only gRPC status come from `head`.
+    /// Wraps the response body so that the request is recorded in `families` (and its
+    /// access line written) when it ends; the status code and a trailers-only gRPC
+    /// status come from `head`.
     pub fn observe<B>(
         mut self,
         families: &HttpFamilies,
         head: &mut http::response::Parts,
         body: B,
+        access: Option<crate::http::AccessLine>,
     ) -> Observed<B> {
         self.labels.http_response_status_code = head.status.as_u16();
         let mut record = Record::new(
@@ -371,6 +373,7 @@ impl Pending {
             &head.headers,
         );
         record.span = self.span;
+        record.access = access;
         record.tap = self
             .tap
             .map(|(tap, start)| (tap, start, self.trace.trace_id));
@@ -388,6 +391,7 @@ pub struct Record {
     response_bytes: u64,
     span: Option<crate::trace::Pending>,
     tap: Option<(Arc<crate::tap::Tap>, crate::tap::TapStart, [u8; 16])>,
+    access: Option<crate::http::AccessLine>,
 }
 
 impl Record {
@@ -411,6 +415,7 @@ impl Record {
             response_bytes: 0,
             span: None,
             tap: None,
+            access: None,
         }
     }
 
@@ -423,9 +428,13 @@ impl Record {
             response_bytes,
             span,
             tap,
+            access,
         } = self;
         let elapsed = start.elapsed();
         let request_bytes = request_bytes.load(Ordering::Relaxed);
+        if let Some(line) = access {
+            line.write(request_bytes, response_bytes);
+        }
         if let Some((tap, started, trace_id)) = tap {
             tap.publish(crate::tap::TapEvent {
                 time: crate::logging::access_time().to_string(),

@@ -173,12 +173,34 @@ fn hex_id<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 /// Bytes as lower-case hex (trace and span ids as W3C writes them).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        let [hi, lo] = hex_pair(*b);
+        s.push(char::from(hi));
+        s.push(char::from(lo));
     }
     s
+}
+
+/// One byte as two lower-case hex digits (every request writes a traceparent: no
+/// formatting machinery on that path).
+fn hex_pair(b: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]
+}
+
+/// `00-{trace}-{span}-{flags}`, the 55 bytes of a version-00 traceparent.
+fn traceparent(trace: &[u8; 16], span: &[u8; 8], sampled: bool) -> [u8; 55] {
+    let mut out = [b'-'; 55];
+    out[..2].copy_from_slice(b"00");
+    for (i, b) in trace.iter().enumerate() {
+        out[3 + 2 * i..5 + 2 * i].copy_from_slice(&hex_pair(*b));
+    }
+    for (i, b) in span.iter().enumerate() {
+        out[36 + 2 * i..38 + 2 * i].copy_from_slice(&hex_pair(*b));
+    }
+    out[53..].copy_from_slice(if sampled { b"01" } else { b"00" });
+    out
 }
 
 /// The span a request runs under: its ids, and whether it is recorded.
@@ -203,19 +225,22 @@ impl Context {
     /// Writes this context into `headers` for the next hop: `traceparent` always, and
     /// the B3 form the request came with, if any.
     pub fn inject(&self, headers: &mut HeaderMap, b3: Option<B3Kind>) {
-        let (trace, span) = (hex(&self.trace_id), hex(&self.span_id));
-        let flag = if self.sampled { "01" } else { "00" };
-        if let Ok(v) = HeaderValue::from_str(&format!("00-{trace}-{span}-{flag}")) {
+        let tp = traceparent(&self.trace_id, &self.span_id, self.sampled);
+        if let Ok(v) = HeaderValue::from_bytes(&tp) {
             headers.insert(&TRACEPARENT, v);
         }
+        let Some(b3) = b3 else {
+            return;
+        };
+        let (trace, span) = (hex(&self.trace_id), hex(&self.span_id));
         let sampled = if self.sampled { "1" } else { "0" };
         match b3 {
-            Some(B3Kind::Single) => {
+            B3Kind::Single => {
                 if let Ok(v) = HeaderValue::from_str(&format!("{trace}-{span}-{sampled}")) {
                     headers.insert(&B3, v);
                 }
             }
-            Some(B3Kind::Multi) => {
+            B3Kind::Multi => {
                 let mut set = |name: &HeaderName, v: String| {
                     if let Ok(v) = HeaderValue::from_str(&v) {
                         headers.insert(name, v);
@@ -231,7 +256,6 @@ impl Context {
                     }
                 }
             }
-            None => {}
         }
     }
 }
@@ -658,6 +682,22 @@ mod tests {
         .unwrap();
         assert_eq!(hex(&p.trace_id), "0000000000000000a3ce929d0e0e4736");
         assert_eq!((p.sampled, p.b3), (Some(true), Some(B3Kind::Multi)));
+    }
+
+    #[test]
+    fn traceparent_bytes_match_the_formatted_form() {
+        let (t, s) = ([0xab; 16], [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        let tp = traceparent(&t, &s, true);
+        assert_eq!(
+            std::str::from_utf8(&tp).unwrap(),
+            format!("00-{}-0123456789abcdef-01", "ab".repeat(16))
+        );
+        assert!(
+            std::str::from_utf8(&traceparent(&t, &s, false))
+                .unwrap()
+                .ends_with("-00")
+        );
+        assert_eq!(hex(&[0x00, 0x0f, 0xf0, 0xff]), "000ff0ff");
     }
 
     #[test]

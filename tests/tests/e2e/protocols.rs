@@ -562,6 +562,9 @@ async fn access_log_format_and_switch_come_from_the_mesh_config() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["mtls"], true);
     assert_eq!(line["service"], "demo/web");
+    // Written when the response ended: the body sizes are known.
+    assert_eq!(line["bytes_received"], 0, "{line}");
+    assert!(line["bytes_sent"].as_u64().is_some_and(|n| n > 0), "{line}");
     // The server side writes JSON too, with the caller's identity.
     let inbound = wait_until(Duration::from_secs(5), || async {
         json_lines("server-1")

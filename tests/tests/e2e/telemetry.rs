@@ -120,6 +120,26 @@ async fn golden_metrics_count_known_traffic_exactly() {
     );
     assert_eq!(size("request", labels), Some(0.0), "{server}");
 
+    // The access lines, written as each response ended (flushed every 50 ms), carry
+    // the body sizes.
+    let posts = || -> Vec<String> {
+        m.web
+            .access_log()
+            .into_iter()
+            .filter(|l| l.contains("method=POST"))
+            .collect()
+    };
+    let _ = wait_until(Duration::from_secs(5), || async { posts().len() >= 3 }).await;
+    let posts = posts();
+    assert_eq!(posts.len(), 3, "{posts:?}");
+    let sent = format!("bytes_sent={} ", "hello from web-1 /up".len());
+    for l in &posts {
+        assert!(
+            l.contains(&sent) && l.contains("bytes_received=1000 "),
+            "{l}"
+        );
+    }
+
     // `trellis stat` reads the same numbers.
     let out = tokio::process::Command::new(trellis_e2e::mesh::bin("trellis"))
         .args(["stat", "--since-start", "--json"])
