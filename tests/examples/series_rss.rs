@@ -16,29 +16,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use trellis_e2e::{ControlPlane, EchoServer, Proxy, free_port, http_get, http_request};
 
-fn mesh(client_in: SocketAddr, web_in: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{ name: web, namespace: demo }}
-spec:
-  selector: {{ app: web }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
-spec: {{ serviceAccount: web, meshAddress: "{web_in}" }}
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccount: client, meshAddress: "{client_in}" }}
-"#
-    )
-}
-
 /// VmRSS of `pid`, KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -63,7 +40,11 @@ async fn series(admin: SocketAddr, family: &str) -> anyhow::Result<usize> {
 async fn main() -> anyhow::Result<()> {
     let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let (client_in, web_in) = (lo(free_port()), lo(free_port()));
-    let cp = ControlPlane::start(&mesh(client_in, web_in)).await;
+    let workloads = [
+        ("web-1", "web", "web", web_in),
+        ("client-1", "client", "client", client_in),
+    ];
+    let cp = ControlPlane::start(&trellis_e2e::mesh_yaml("demo", &["web"], &workloads)).await;
     let web_app = EchoServer::start("web-1").await;
     let client_app = EchoServer::start("client-1").await;
     let web = Proxy::start(&cp, "web-1", "demo", "web", web_in, web_app.addr).await;

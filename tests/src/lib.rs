@@ -24,6 +24,6 @@ pub mod netns;
 
 pub use app::{EchoServer, Recorded};
 pub use mesh::{
-    ControlPlane, Launch, Load, Proxy, TRUST_DOMAIN, free_port, http_get, http_request,
+    ControlPlane, Launch, Load, Proxy, TRUST_DOMAIN, free_port, http_get, http_request, mesh_yaml,
     request_series, wait_until,
 };

@@ -399,6 +399,30 @@ impl Proxy {
     }
 }
 
+/// A local-profile mesh (the YAML of `--config-dir`), all in namespace `ns`: a Service per
+/// name in `services` (port 80 to 8080, selecting `app: <name>`) and a Workload per
+/// `(name, service account, app label, mesh address)` in `workloads`.
+pub fn mesh_yaml(
+    ns: &str,
+    services: &[&str],
+    workloads: &[(&str, &str, &str, SocketAddr)],
+) -> String {
+    let mut docs: Vec<String> = services
+        .iter()
+        .map(|s| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{ name: {s}, namespace: {ns} }}\nspec:\n  selector: {{ app: {s} }}\n  ports: [{{ name: http, port: 80, targetPort: 8080 }}]\n"
+            )
+        })
+        .collect();
+    docs.extend(workloads.iter().map(|(name, sa, app, addr)| {
+        format!(
+            "apiVersion: local.trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: {ns}, labels: {{ app: {app} }} }}\nspec: {{ serviceAccount: {sa}, meshAddress: \"{addr}\" }}\n"
+        )
+    }));
+    docs.join("---\n")
+}
+
 /// The `_count` series of one request family (`kind`: `server` for a proxy's inbound
 /// requests, `client` for its outbound ones) for a call from service account `src` to
 /// service account `dst` (each proxy's `--service-name` defaults to its service

@@ -342,11 +342,22 @@ pub(crate) fn table(rows: &[Row], by: By) -> String {
             format!("{}", r.requests.round()),
         ]);
     }
-    let widths: Vec<usize> = (0..lines[0].len())
-        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
+    columns(&lines)
+}
+
+/// Rows of cells as aligned columns, two spaces apart, one line each.
+pub(crate) fn columns(lines: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..lines.first().map_or(0, Vec::len))
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
-    for l in &lines {
+    for l in lines {
         let cells: Vec<String> = l
             .iter()
             .zip(&widths)

@@ -385,20 +385,7 @@ impl Top {
                 format!("{success:.2}%"),
             ]);
         }
-        let widths: Vec<usize> = (0..lines[0].len())
-            .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for l in &lines {
-            let cells: Vec<String> = l
-                .iter()
-                .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            out.push_str(cells.join("  ").trim_end());
-            out.push('\n');
-        }
-        out
+        crate::stat::columns(&lines)
     }
 }
 

@@ -15,32 +15,13 @@ use crate::request_path::loopback;
 
 /// Services `web` and `client` in `demo`, with `client-1` and `web-1` as their workloads.
 fn demo_mesh(client_in: SocketAddr, web1_in: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{ name: web, namespace: demo }}
-spec:
-  selector: {{ app: web }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: v1
-kind: Service
-metadata: {{ name: client, namespace: demo }}
-spec:
-  selector: {{ app: client }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccount: client, meshAddress: "{client_in}" }}
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
-spec: {{ serviceAccount: web, meshAddress: "{web1_in}" }}
-"#
+    trellis_e2e::mesh_yaml(
+        "demo",
+        &["web", "client"],
+        &[
+            ("client-1", "client", "client", client_in),
+            ("web-1", "web", "web", web1_in),
+        ],
     )
 }
 

@@ -8,25 +8,13 @@ use trellis_e2e::{ControlPlane, EchoServer, Proxy, free_port, http_get, http_req
 /// The mesh of most scenarios: service `web` backed by workload `web-1` whose proxy
 /// listens on `web_inbound`; workload `client-1` with no service.
 pub(crate) fn two_workloads(client_inbound: SocketAddr, web_inbound: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{ name: web, namespace: demo }}
-spec:
-  selector: {{ app: web }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
-spec: {{ serviceAccount: web, meshAddress: "{web_inbound}" }}
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccount: client, meshAddress: "{client_inbound}" }}
-"#
+    trellis_e2e::mesh_yaml(
+        "demo",
+        &["web"],
+        &[
+            ("web-1", "web", "web", web_inbound),
+            ("client-1", "client", "client", client_inbound),
+        ],
     )
 }
 

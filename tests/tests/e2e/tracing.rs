@@ -20,37 +20,14 @@ use trellis_telemetry::stand_in::IngestionStandIn;
 use crate::request_path::loopback;
 
 fn mesh(client_in: SocketAddr, web_in: SocketAddr, api_in: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{ name: web, namespace: demo }}
-spec:
-  selector: {{ app: web }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: v1
-kind: Service
-metadata: {{ name: api, namespace: demo }}
-spec:
-  selector: {{ app: api }}
-  ports: [{{ name: http, port: 80, targetPort: 8080 }}]
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: web-1, namespace: demo, labels: {{ app: web }} }}
-spec: {{ serviceAccount: web, meshAddress: "{web_in}" }}
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: api-1, namespace: demo, labels: {{ app: api }} }}
-spec: {{ serviceAccount: api, meshAddress: "{api_in}" }}
----
-apiVersion: local.trellis.dev/v1alpha1
-kind: Workload
-metadata: {{ name: client-1, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccount: client, meshAddress: "{client_in}" }}
-"#
+    trellis_e2e::mesh_yaml(
+        "demo",
+        &["web", "api"],
+        &[
+            ("web-1", "web", "web", web_in),
+            ("api-1", "api", "api", api_in),
+            ("client-1", "client", "client", client_in),
+        ],
     )
 }
 
