@@ -4,10 +4,10 @@
 //! mesh as processes on this machine) and the small demo app it runs, and `trellis ca`
 //! (CA material in Key Vault or a `cacerts` directory, through `trellis-azure` and
 //! `trellis-ca`), `trellis check` (the running mesh: CA expiry, proxies in sync),
-//! `trellis stat` (golden metrics from the proxies) and `trellis dashboard` (the same, as a
-//! live local web page with the service graph). `inject`, `top` and `tap` come with later
-//! issues. Talks to the running binaries only through their command lines and HTTP
-//! endpoints.
+//! `trellis stat` (golden metrics from the proxies), `trellis dashboard` (the same, as a
+//! live local web page with the service graph), `trellis tap`/`top` (the proxies' live
+//! request stream) and `trellis inject` (the sidecar injector offline, on YAML). Talks to
+//! the running binaries only through their command lines and HTTP endpoints.
 
 mod ca;
 mod check;
@@ -15,6 +15,7 @@ mod dashboard;
 mod demo;
 mod demo_app;
 mod http;
+mod inject;
 mod stat;
 mod tap;
 
@@ -50,6 +51,9 @@ enum Command {
     Top(tap::TopArgs),
     /// Serves a local web page: the service graph and golden metrics, live.
     Dashboard(dashboard::Args),
+    /// Adds the Trellis proxy to the pods and pod templates of YAML on stdin, as the
+    /// sidecar injector does (the same decision); writes the result to stdout.
+    Inject(inject::Args),
     /// The demo's application: an HTTP server that answers with who it is and who called.
     #[command(hide = true)]
     DemoApp {
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
             Command::Tap(args) => tap::tap(args).await,
             Command::Top(args) => tap::top(args).await,
             Command::Dashboard(args) => dashboard::run(args).await,
+            Command::Inject(args) => inject::run(args),
             Command::DemoApp {
                 name,
                 listen,
