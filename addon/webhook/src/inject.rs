@@ -645,16 +645,25 @@ fn proxy_container(config: &InjectConfig, s: &Summary) -> Value {
         })),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
-    if s.mode == SidecarMode::Native
-        && let Value::Object(m) = &mut c
-    {
+    if let Value::Object(m) = &mut c {
+        // The kubelet starts the next container only once this hook returns, in both
+        // modes: the app never runs before its proxy holds a certificate and a view.
         m.insert(
-            "restartPolicy".to_owned(),
-            Value::String("Always".to_owned()),
+            "lifecycle".to_owned(),
+            json!({ "postStart": { "exec": { "command": [PROXY_BINARY, "wait", "--timeout", "120s"] } } }),
         );
+        if s.mode == SidecarMode::Native {
+            m.insert(
+                "restartPolicy".to_owned(),
+                Value::String("Always".to_owned()),
+            );
+        }
     }
     c
 }
+
+/// Where the proxy image puts the binary (images/proxy/Dockerfile).
+pub(crate) const PROXY_BINARY: &str = "/usr/local/bin/trellis-proxy";
 
 fn shutdown_mount() -> Value {
     json!({ "name": SHUTDOWN_VOLUME, "mountPath": SHUTDOWN_DIR, "readOnly": true })

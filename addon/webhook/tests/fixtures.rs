@@ -232,6 +232,11 @@ fn a_namespace_opt_in_gets_a_native_sidecar_with_least_privilege() {
 
     let proxy = container(&pod["spec"]["initContainers"], "trellis-proxy");
     assert_eq!(proxy["restartPolicy"], "Always");
+    // The app starts only once the proxy is ready.
+    assert_eq!(
+        proxy["lifecycle"]["postStart"]["exec"]["command"],
+        serde_json::json!(["/usr/local/bin/trellis-proxy", "wait", "--timeout", "120s"])
+    );
     assert_eq!(proxy["args"], json!(["run"]));
     assert_eq!(
         proxy["securityContext"],
@@ -387,6 +392,11 @@ fn classic_sidecar_on_1_28_runs_first_with_capture_last() {
     assert_eq!(names(&pod["spec"]["containers"]), ["trellis-proxy", "web"]);
     let proxy = container(&pod["spec"]["containers"], "trellis-proxy");
     assert!(proxy.get("restartPolicy").is_none());
+    // A classic sidecar holds the app containers with its postStart hook.
+    assert_eq!(
+        proxy["lifecycle"]["postStart"]["exec"]["command"][1],
+        "wait"
+    );
     assert_eq!(proxy["securityContext"]["runAsUser"], 1337);
     assert_eq!(pod["metadata"]["labels"]["trellis.dev/proxy"], "classic");
     // `kubectl logs` and `exec` pick the app, not the proxy now in front of it.

@@ -32,6 +32,21 @@ enum Command {
     /// Program this network namespace's iptables so the app's TCP is captured by the
     /// proxy (run once per pod, as root, before the app starts).
     Init(InitArgs),
+    /// Wait until this pod's proxy is ready (`GET /ready` on its admin port answers 200):
+    /// the injected sidecar's postStart hook, which holds the app's containers until the
+    /// proxy has its certificate and view. Exits 0 when ready, 1 at the timeout.
+    Wait(WaitArgs),
+}
+
+/// Flags of `trellis-proxy wait`.
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The proxy's admin listener.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin: std::net::SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 /// EX_CONFIG from sysexits.h: the configuration is wrong.
@@ -56,6 +71,7 @@ fn main() -> ExitCode {
     };
     match (cli.command, cli.run) {
         (Some(Command::Init(args)), _) => init(&args),
+        (Some(Command::Wait(args)), _) => wait(&args),
         (Some(Command::Run(args)), _) => run(*args),
         (None, Some(args)) => run(args),
         // clap refuses an empty command line (`run` has required flags), so this is
@@ -76,6 +92,57 @@ fn init(args: &InitArgs) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `trellis-proxy wait`: polls `/ready` every 200 ms on a one-thread runtime.
+fn wait(args: &WaitArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-proxy wait: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + args.timeout;
+        let step = std::time::Duration::from_millis(200);
+        loop {
+            let attempt = tokio::time::timeout(step * 5, ready_status(args.admin)).await;
+            let last = match attempt {
+                Ok(Ok(status)) if status.starts_with("HTTP/1.1 200") => return ExitCode::SUCCESS,
+                Ok(Ok(status)) => status,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer within 1s".to_owned(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                eprintln!(
+                    "trellis-proxy wait: the proxy at {} was not ready within {} (last: {last})",
+                    args.admin,
+                    humantime::format_duration(args.timeout)
+                );
+                return ExitCode::FAILURE;
+            }
+            tokio::time::sleep(step).await;
+        }
+    })
+}
+
+/// The status line `GET /ready` gets from the admin listener at `admin`.
+async fn ready_status(admin: std::net::SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await?;
+    tcp.write_all(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 64];
+    let n = tcp.read(&mut head).await?;
+    Ok(String::from_utf8_lossy(&head[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned())
 }
 
 /// `trellis-proxy run`.

@@ -367,3 +367,30 @@ async fn explicit_mode_carries_grpc_from_an_http2_client() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trellis_proxy_wait_returns_once_the_proxy_is_ready_and_fails_at_its_timeout() {
+    let m = start_mesh().await;
+    let wait = |admin: SocketAddr, timeout: &str| {
+        tokio::process::Command::new(trellis_e2e::mesh::bin("trellis-proxy"))
+            .args(["wait", "--admin", &admin.to_string(), "--timeout", timeout])
+            .output()
+    };
+    let ready = wait(m.web.admin, "10s").await.unwrap();
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    // Nobody listens there: it keeps trying, then says why it gave up.
+    let nobody = loopback(free_port());
+    let started = std::time::Instant::now();
+    let out = wait(nobody, "1s").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "gave up early"
+    );
+    assert!(stderr.contains("was not ready within 1s"), "{stderr}");
+}
