@@ -169,15 +169,16 @@ struct Acc {
     buckets: BTreeMap<String, f64>,
 }
 
-/// The rows for the change from `before` to `after` over `secs` seconds (`before` empty:
-/// everything since the proxies started). Pure.
-pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Vec<Row> {
-    let family = match by {
-        By::Workload => "http_server_request_duration_seconds",
-        By::Service | By::Edge => "http_client_request_duration_seconds",
-    };
+/// The change from `before` to `after` in `family` (a request-duration family), summed
+/// per `key` of each series: requests, failures and cumulative buckets. Pure.
+fn accumulate<K: Ord>(
+    before: &[Sample],
+    after: &[Sample],
+    family: &str,
+    key: impl Fn(&Sample) -> K,
+) -> BTreeMap<K, Acc> {
     let earlier: BTreeMap<String, f64> = before.iter().map(|s| (s.key(), s.value)).collect();
-    let mut groups: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut groups: BTreeMap<K, Acc> = BTreeMap::new();
     for s in after {
         let Some(suffix) = s.name.strip_prefix(family) else {
             continue;
@@ -189,27 +190,7 @@ pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Ve
         } else {
             s.value
         };
-        let key = match by {
-            By::Workload => (
-                s.label("destination_namespace").to_owned(),
-                s.label("destination_workload").to_owned(),
-            ),
-            By::Service => (
-                s.label("destination_service_namespace").to_owned(),
-                s.label("destination_service_name").to_owned(),
-            ),
-            By::Edge => (
-                s.label("source_namespace").to_owned(),
-                format!(
-                    "{}/{} -> {}/{}",
-                    s.label("source_namespace"),
-                    s.label("source_workload"),
-                    s.label("destination_namespace"),
-                    s.label("destination_workload")
-                ),
-            ),
-        };
-        let acc = groups.entry(key).or_default();
+        let acc = groups.entry(key(s)).or_default();
         match suffix {
             "_count" => {
                 acc.requests += delta;
@@ -221,6 +202,36 @@ pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Ve
             _ => {}
         }
     }
+    groups
+}
+
+/// The rows for the change from `before` to `after` over `secs` seconds (`before` empty:
+/// everything since the proxies started). Pure.
+pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Vec<Row> {
+    let family = match by {
+        By::Workload => "http_server_request_duration_seconds",
+        By::Service | By::Edge => "http_client_request_duration_seconds",
+    };
+    let groups = accumulate(before, after, family, |s| match by {
+        By::Workload => (
+            s.label("destination_namespace").to_owned(),
+            s.label("destination_workload").to_owned(),
+        ),
+        By::Service => (
+            s.label("destination_service_namespace").to_owned(),
+            s.label("destination_service_name").to_owned(),
+        ),
+        By::Edge => (
+            s.label("source_namespace").to_owned(),
+            format!(
+                "{}/{} -> {}/{}",
+                s.label("source_namespace"),
+                s.label("source_workload"),
+                s.label("destination_namespace"),
+                s.label("destination_workload")
+            ),
+        ),
+    });
     groups
         .into_iter()
         .filter(|(_, a)| a.requests > 0.0 || before.is_empty())
@@ -492,39 +503,15 @@ pub(crate) struct Edge {
 /// `secs` seconds. Unlike [`rows`], an edge with no requests in the window is kept (with
 /// zero requests), so a graph does not lose an idle edge. Pure.
 pub(crate) fn edges(before: &[Sample], after: &[Sample], secs: f64) -> Vec<Edge> {
-    const FAMILY: &str = "http_client_request_duration_seconds";
-    let earlier: BTreeMap<String, f64> = before.iter().map(|s| (s.key(), s.value)).collect();
-    let mut groups: BTreeMap<[String; 4], Acc> = BTreeMap::new();
-    for s in after {
-        let Some(suffix) = s.name.strip_prefix(FAMILY) else {
-            continue;
-        };
-        let was = earlier.get(&s.key()).copied().unwrap_or(0.0);
-        // As in `rows`: a counter that went down belongs to a restarted proxy.
-        let delta = if s.value >= was {
-            s.value - was
-        } else {
-            s.value
-        };
-        let key = [
+    let groups = accumulate(before, after, "http_client_request_duration_seconds", |s| {
+        [
             "source_namespace",
             "source_workload",
             "destination_namespace",
             "destination_workload",
         ]
-        .map(|l| s.label(l).to_owned());
-        let acc = groups.entry(key).or_default();
-        match suffix {
-            "_count" => {
-                acc.requests += delta;
-                if !succeeded(s) {
-                    acc.failures += delta;
-                }
-            }
-            "_bucket" => *acc.buckets.entry(s.label("le").to_owned()).or_default() += delta,
-            _ => {}
-        }
-    }
+        .map(|l| s.label(l).to_owned())
+    });
     groups
         .into_iter()
         .map(|([sn, sw, dn, dw], a)| {

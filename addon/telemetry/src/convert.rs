@@ -344,49 +344,36 @@ fn value(v: AnyValue) -> Option<Value> {
 fn array_value(values: Vec<AnyValue>) -> Value {
     use any_value::Value as V;
     let scalars: Vec<V> = values.iter().filter_map(|v| v.value.clone()).collect();
-    let array = if scalars.iter().all(|v| matches!(v, V::StringValue(_))) {
-        Some(Array::String(
-            scalars
-                .iter()
-                .filter_map(|v| match v {
-                    V::StringValue(s) => Some(StringValue::from(s.clone())),
-                    _ => None,
-                })
-                .collect(),
-        ))
-    } else if scalars.iter().all(|v| matches!(v, V::BoolValue(_))) {
-        Some(Array::Bool(
-            scalars
-                .iter()
-                .filter_map(|v| match v {
-                    V::BoolValue(b) => Some(*b),
-                    _ => None,
-                })
-                .collect(),
-        ))
-    } else if scalars.iter().all(|v| matches!(v, V::IntValue(_))) {
-        Some(Array::I64(
-            scalars
-                .iter()
-                .filter_map(|v| match v {
-                    V::IntValue(i) => Some(*i),
-                    _ => None,
-                })
-                .collect(),
-        ))
-    } else if scalars.iter().all(|v| matches!(v, V::DoubleValue(_))) {
-        Some(Array::F64(
-            scalars
-                .iter()
-                .filter_map(|v| match v {
-                    V::DoubleValue(d) => Some(*d),
-                    _ => None,
-                })
-                .collect(),
-        ))
-    } else {
-        None
-    };
+    // Every element through `pick`, or `None` as soon as one is of another type.
+    fn each<T>(scalars: &[V], pick: impl Fn(&V) -> Option<T>) -> Option<Vec<T>> {
+        scalars.iter().map(pick).collect()
+    }
+    let array = each(&scalars, |v| match v {
+        V::StringValue(s) => Some(StringValue::from(s.clone())),
+        _ => None,
+    })
+    .map(Array::String)
+    .or_else(|| {
+        each(&scalars, |v| match v {
+            V::BoolValue(b) => Some(*b),
+            _ => None,
+        })
+        .map(Array::Bool)
+    })
+    .or_else(|| {
+        each(&scalars, |v| match v {
+            V::IntValue(i) => Some(*i),
+            _ => None,
+        })
+        .map(Array::I64)
+    })
+    .or_else(|| {
+        each(&scalars, |v| match v {
+            V::DoubleValue(d) => Some(*d),
+            _ => None,
+        })
+        .map(Array::F64)
+    });
     match array {
         Some(array) if scalars.len() == values.len() => Value::Array(array),
         _ => Value::from(render(&V::ArrayValue(
