@@ -26,6 +26,10 @@
 //! - GET `.../<resource>/<name>`: the object, or 404 NotFound.
 //! - POST `.../<resource>`: creates the object from the body (its `uid` is `uid-<rv>`),
 //!   201; 409 AlreadyExists if the name is taken.
+//! - GET `/version`: a `version.Info`, v1.33.0 unless [`ApiStandIn::set_version`] says
+//!   otherwise.
+//! - Anything a test registered with [`ApiStandIn::handle`] (exact method and path):
+//!   that test's answer, for what the store does not model.
 //! - PUT `.../<resource>/<name>`: replaces the object; 409 Conflict when the body's
 //!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT
 //!   is recorded with its body and answer ([`ApiStandIn::writes`]).
@@ -86,8 +90,16 @@ pub struct Write {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotStorable(String);
 
+/// A test's answer to requests the store does not model ([`ApiStandIn::handle`]): the
+/// request's URI and body in, `(status, body)` out; a JSON string is sent as plain text.
+type Handler = Arc<dyn Fn(&Uri, &Bytes) -> (u16, Value) + Send + Sync>;
+
 #[derive(Default)]
 struct State {
+    /// The `GET /version` answer ([`ApiStandIn::set_version`]); 1.33.0 when unset.
+    version: Option<Value>,
+    /// Answers for exact `(method, path)` pairs, tried before the store.
+    handlers: BTreeMap<(Method, String), Handler>,
     /// The last resource version handed out.
     rv: u64,
     /// Objects by resource (URL plural), then `(namespace, name)`.
@@ -141,7 +153,7 @@ struct Route {
 }
 
 /// The resource (URL plural) of each kind the stand-in serves.
-const KINDS: [(&str, &str); 7] = [
+const KINDS: [(&str, &str); 12] = [
     ("Namespace", "namespaces"),
     ("Service", "services"),
     ("EndpointSlice", "endpointslices"),
@@ -149,6 +161,17 @@ const KINDS: [(&str, &str); 7] = [
     ("ConfigMap", "configmaps"),
     ("Lease", "leases"),
     ("Event", "events"),
+    ("Deployment", "deployments"),
+    (
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+    ),
+    (
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+    ),
+    ("CustomResourceDefinition", "customresourcedefinitions"),
+    ("ServiceAccount", "serviceaccounts"),
 ];
 
 /// The resource (URL plural) the stand-in stores objects of `kind` under, e.g. `pods` for
@@ -329,8 +352,50 @@ impl ApiStandIn {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Sets what `GET /version` answers: `git_version` like `v1.28.3`, from which
+    /// `major` and `minor` are taken.
+    pub fn set_version(&self, git_version: &str) {
+        let trimmed = git_version.trim_start_matches('v');
+        let mut parts = trimmed.split('.');
+        let major = parts.next().unwrap_or_default().to_owned();
+        let minor = parts.next().unwrap_or_default().to_owned();
+        self.lock().version = Some(version_info(&major, &minor, git_version));
+    }
+
+    /// Answers every `method` request to exactly `path` (no query) with `f`, before the
+    /// store is consulted: for what the stand-in does not model, such as
+    /// `SelfSubjectAccessReview`s, a pod's `proxy` subresource, or a dry-run create that
+    /// would pass through admission webhooks. A `Value::String` answer is sent as
+    /// `text/plain`, anything else as JSON.
+    pub fn handle(
+        &self,
+        method: Method,
+        path: &str,
+        f: impl Fn(&Uri, &Bytes) -> (u16, Value) + Send + Sync + 'static,
+    ) {
+        self.lock()
+            .handlers
+            .insert((method, path.to_owned()), Arc::new(f));
+    }
+
     /// Answers one request; shared by the in-process service and the HTTPS front.
     async fn serve(self, method: Method, uri: Uri, body: Bytes) -> Response<StandInBody> {
+        if method == Method::GET && uri.path() == "/version" {
+            let version =
+                (self.lock().version.clone()).unwrap_or_else(|| version_info("1", "33", "v1.33.0"));
+            return object_response(200, &version);
+        }
+        let handler = (self.lock().handlers)
+            .get(&(method.clone(), uri.path().to_owned()))
+            .cloned();
+        if let Some(handler) = handler {
+            let (code, value) = handler(&uri, &body);
+            return match value {
+                // A text answer (a pod's `/metrics` through the proxy subresource).
+                Value::String(text) => text_response(code, text),
+                value => object_response(code, &value),
+            };
+        }
         let Some(route) = Route::parse(&uri) else {
             return status_response(404, "NotFound", &format!("no route for {uri}"));
         };
@@ -720,6 +785,29 @@ fn object_response(code: u16, object: &Value) -> Response<StandInBody> {
     *response.status_mut() =
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
+}
+
+/// `text` as a `text/plain` body, with HTTP status `code`.
+fn text_response(code: u16, text: String) -> Response<StandInBody> {
+    let (tx, body) = StandInBody::channel();
+    let _ = tx.send(Bytes::from(text));
+    let mut response = Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// A `version.Info` as `GET /version` returns it.
+fn version_info(major: &str, minor: &str, git_version: &str) -> Value {
+    json!({
+        "major": major, "minor": minor, "gitVersion": git_version,
+        "gitCommit": "stand-in", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64",
+    })
 }
 
 fn gone_status() -> Value {

@@ -173,3 +173,37 @@ async fn a_wrong_token_is_401_and_a_foreign_ca_is_not_trusted() {
     );
     assert_eq!(api.requests("namespaces"), (0, 0), "no request got through");
 }
+
+#[tokio::test]
+async fn version_and_registered_handlers_are_answered() {
+    let api = ApiStandIn::default();
+    let client = api.client();
+    let v = client.apiserver_version().await.expect("version");
+    assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "33"));
+    api.set_version("v1.28.3");
+    let v = client.apiserver_version().await.expect("version");
+    assert_eq!(
+        (v.major.as_str(), v.minor.as_str(), v.git_version.as_str()),
+        ("1", "28", "v1.28.3")
+    );
+
+    let path = "/api/v1/namespaces/trellis-system/pods/cp-0:9090/proxy/metrics";
+    api.handle(http::Method::GET, path, |uri, _| {
+        (200, serde_json::json!({ "path": uri.path() }))
+    });
+    let req = http::Request::get(path).body(Vec::new()).unwrap();
+    let answer: serde_json::Value = client.request(req).await.expect("handled");
+    assert_eq!(answer["path"], path);
+    api.handle(http::Method::GET, "/metrics-text", |_, _| {
+        (200, serde_json::json!("up 1\n"))
+    });
+    let req = http::Request::get("/metrics-text")
+        .body(Vec::new())
+        .unwrap();
+    assert_eq!(client.request_text(req).await.expect("text"), "up 1\n");
+    // Another method on the same path is not handled: it falls through to the store,
+    // which has no route for a subresource.
+    let req = http::Request::post(path).body(Vec::new()).unwrap();
+    let err = client.request::<serde_json::Value>(req).await.unwrap_err();
+    assert!(err.to_string().contains("no route"), "{err}");
+}
