@@ -85,6 +85,8 @@ pub struct KubeSource {
     metrics: Option<Metrics>,
     status: watch::Sender<KubeStatus>,
     config: watch::Sender<Option<ConfigMapData>>,
+    /// The Namespace store, made here so handles can read it before `run` starts.
+    namespaces: (Store<Namespace>, Writer<Namespace>),
 }
 
 /// A cheap, cloneable view of a [`KubeSource`]'s progress and of the mesh ConfigMap.
@@ -92,6 +94,7 @@ pub struct KubeSource {
 pub struct KubeHandle {
     status: watch::Receiver<KubeStatus>,
     config: watch::Receiver<Option<ConfigMapData>>,
+    namespaces: Store<Namespace>,
 }
 
 /// What the source has done so far.
@@ -183,12 +186,14 @@ impl KubeSource {
     pub fn new(client: Client, settings: KubeSettings) -> Self {
         let (status, _) = watch::channel(KubeStatus::default());
         let (config, _) = watch::channel(None);
+        let (store, writer) = reflector::store();
         Self {
             client,
             settings,
             metrics: None,
             status,
             config,
+            namespaces: (store, writer),
         }
     }
 
@@ -203,6 +208,7 @@ impl KubeSource {
         KubeHandle {
             status: self.status.subscribe(),
             config: self.config.subscribe(),
+            namespaces: self.namespaces.0.clone(),
         }
     }
 
@@ -234,8 +240,8 @@ impl KubeSource {
             metrics,
             status,
             config,
+            namespaces: (namespaces, namespaces_w),
         } = self;
-        let (namespaces, namespaces_w) = reflector::store();
         let (services, services_w) = reflector::store();
         let (slices, slices_w) = reflector::store();
         let (pods, pods_w) = reflector::store();
@@ -535,6 +541,24 @@ impl KubeHandle {
     /// Status as it changes.
     pub fn status_changes(&self) -> watch::Receiver<KubeStatus> {
         self.status.clone()
+    }
+
+    /// The labels of Namespace `name` as last listed or watched; `None` when it is not
+    /// known (not yet listed, or deleted). For the sidecar injector's opt-in label.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let object = self.namespaces.get(&reflector::ObjectRef::new(name))?;
+        Some(object.metadata.labels.clone().unwrap_or_default())
+    }
+
+    /// The names of every Namespace known now, sorted. A Namespace added or deleted
+    /// changes the Namespace count in [`KubeStatus::kinds`] at the next rebuild, so
+    /// [`status_changes`](Self::status_changes) wakes readers of this list.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = (self.namespaces.state().iter())
+            .filter_map(|ns| ns.metadata.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The mesh ConfigMap's `data`: `None` while it does not exist (and until it has been

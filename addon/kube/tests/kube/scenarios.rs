@@ -470,3 +470,37 @@ async fn stops_when_nobody_receives_snapshots() {
     running.ready().await;
     running.abandon().await;
 }
+
+#[tokio::test]
+async fn the_handle_reads_namespace_labels_and_wakes_on_namespace_changes() {
+    let api = ApiStandIn::default();
+    api.apply(&namespace("demo"));
+    let running = Running::start(api.client(), DEBOUNCE);
+    running.ready().await;
+    let handle = running.handle.clone();
+    assert_eq!(handle.namespace_names(), ["demo"]);
+    assert_eq!(
+        handle.namespace_labels("demo").unwrap()["kubernetes.io/metadata.name"],
+        "demo"
+    );
+    assert_eq!(handle.namespace_labels("absent"), None);
+
+    let mut changes = handle.status_changes();
+    changes.borrow_and_update();
+    let mut labelled = namespace("shop");
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("trellis.dev/inject".into(), "enabled".into());
+    api.apply(&labelled);
+    tokio::time::timeout(Duration::from_secs(5), changes.changed())
+        .await
+        .expect("a new Namespace wakes status readers")
+        .unwrap();
+    assert_eq!(handle.namespace_names(), ["demo", "shop"]);
+    assert_eq!(
+        handle.namespace_labels("shop").unwrap()["trellis.dev/inject"],
+        "enabled"
+    );
+}
