@@ -286,8 +286,12 @@ impl Proxy {
         let log = cp.dir.path().join(format!("logs/{name}.log"));
         let (outbound, admin) = (loopback(free_port()), loopback(free_port()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin("trellis-proxy"))
-            .args(["--control-plane", &cp.grpc.to_string()])
+        let mut command = Command::new(bin("trellis-proxy"));
+        // `extra` may name the control plane another way (a DNS name).
+        if !extra.iter().any(|a| a.starts_with("--control-plane=")) {
+            command.args(["--control-plane", &cp.grpc.to_string()]);
+        }
+        let child = command
             .arg("--ca-roots")
             .arg(cp.root_pem())
             .arg("--token-file")

@@ -60,6 +60,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(addr) => Some(bind(addr, "--metrics").await?),
         None => None,
     };
+    // A metrics listener on every IPv4 address (`0.0.0.0`, what the injector sets) also
+    // listens on every IPv6 address where the host has IPv6, so a scraper reaches it on
+    // dual-stack and IPv6-only clusters too.
+    let metrics6 = match cfg.metrics {
+        Some(addr) if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) => {
+            bind_v6(std::net::Ipv6Addr::UNSPECIFIED, addr.port(), "--metrics")?
+        }
+        _ => None,
+    };
     // Transparent mode: iptables sends IPv6 to ::1 (outbound) and the pod's IPv6 address
     // (inbound), so the same ports are also bound v6-only where the host has IPv6.
     let (outbound6, inbound6) = match cfg.mode {
@@ -127,7 +136,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Box::pin(async move {
                 let certified = certs.borrow().clone().ok_or("no certificate yet")?;
                 let tls = certified.client_config(&cfg.control_plane_identity)?;
-                Ok(crate::control::connect(cfg.control_plane, tls).await?)
+                Ok(crate::control::connect(cfg.control_plane.clone(), tls).await?)
             })
         })
     };
@@ -194,13 +203,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     accept.close();
     // The admin port outlives the drain: probes see 503 and scrapes still work.
     let (admin_stop, admin_tasks) = (CancellationToken::new(), TaskTracker::new());
-    let metrics_accept = metrics_l.map(|l| {
-        tokio::spawn(
-            admin
-                .clone()
-                .serve_metrics(l, admin_stop.clone(), admin_tasks.clone()),
-        )
-    });
+    let metrics_accept: Vec<_> = (metrics_l.into_iter().chain(metrics6))
+        .map(|l| {
+            tokio::spawn(
+                admin
+                    .clone()
+                    .serve_metrics(l, admin_stop.clone(), admin_tasks.clone()),
+            )
+        })
+        .collect();
     let admin_accept = tokio::spawn(admin.serve(admin_l, admin_stop.clone(), admin_tasks.clone()));
 
     shutdown.cancelled().await;
@@ -218,7 +229,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     admin_stop.cancel();
     let _ = admin_accept.await;
-    if let Some(metrics_accept) = metrics_accept {
+    for metrics_accept in metrics_accept {
         let _ = metrics_accept.await;
     }
     admin_tasks.close();
@@ -244,7 +255,7 @@ fn bind_v6(ip: std::net::Ipv6Addr, port: u16, flag: &str) -> anyhow::Result<Opti
     let socket = match Socket::new(Domain::IPV6, Type::STREAM, None) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%addr, error = %e, "no IPv6: IPv6 traffic will not be captured");
+            tracing::warn!(%addr, error = %e, flag, "no IPv6: this listener is IPv4 only");
             return Ok(None);
         }
     };
@@ -258,7 +269,7 @@ fn bind_v6(ip: std::net::Ipv6Addr, port: u16, flag: &str) -> anyhow::Result<Opti
     match setup() {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            tracing::warn!(%addr, error = %e, "no IPv6 address: IPv6 traffic will not be captured");
+            tracing::warn!(%addr, error = %e, flag, "no IPv6 address: this listener is IPv4 only");
             return Ok(None);
         }
         Err(e) => {

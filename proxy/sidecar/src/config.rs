@@ -4,8 +4,10 @@
 //! Parsed once into [`Config`]; invalid values are reported naming the flag, the
 //! variable and the value, and the binary exits with 64 (EX_CONFIG).
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use trellis_identity::SpiffeId;
@@ -23,6 +25,80 @@ pub const DEFAULT_INBOUND: &str = "0.0.0.0:15006";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
 /// Default address of the local application.
 pub const DEFAULT_APP: &str = "127.0.0.1:8080";
+
+/// Where the control plane listens: a socket address, or a DNS name and a port. A name is
+/// resolved on every connect, not once at start, so a reconnect follows a Service whose
+/// address changed (on a cluster the injector passes the Service's DNS name, never an IP
+/// that a reinstall could change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPlaneAddr {
+    /// `ip:port` (`[v6]:port` for IPv6).
+    Socket(SocketAddr),
+    /// `name:port`; the name is a DNS name (letters, digits, `-` and `.`).
+    Name {
+        /// The DNS name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl ControlPlaneAddr {
+    /// Opens a TCP connection: to the address, or to the first of the name's addresses
+    /// that accepts (each resolution is fresh).
+    pub async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        match self {
+            Self::Socket(addr) => tokio::net::TcpStream::connect(addr).await,
+            Self::Name { host, port } => {
+                tokio::net::TcpStream::connect((host.as_str(), *port)).await
+            }
+        }
+    }
+}
+
+impl FromStr for ControlPlaneAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Self::Socket(addr));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+            format!("{s:?} is not host:port (e.g. trellis-control-plane.trellis-system.svc:15010)")
+        })?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: port {port:?} is not a number from 1 to 65535"))?;
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        let name = host.strip_suffix('.').unwrap_or(host);
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
+            return Err(format!(
+                "{s:?}: {host:?} is neither an IP address nor a DNS name"
+            ));
+        }
+        Ok(Self::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ControlPlaneAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Socket(addr) => addr.fmt(f),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,8 +132,10 @@ pub enum Error {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Control-plane gRPC address (identity + discovery).
+    /// `ip:port` or `dns-name:port` (e.g. `trellis-control-plane.trellis-system.svc:15010`);
+    /// a name is resolved again on every connect.
     #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE", default_value = DEFAULT_CONTROL_PLANE)]
-    pub control_plane: SocketAddr,
+    pub control_plane: ControlPlaneAddr,
     /// SPIFFE ID the control plane must present.
     #[arg(long, env = "TRELLIS_PROXY_CONTROL_PLANE_IDENTITY", default_value = DEFAULT_CONTROL_PLANE_IDENTITY)]
     pub control_plane_identity: SpiffeId,
@@ -157,7 +235,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Control-plane address.
-    pub control_plane: SocketAddr,
+    pub control_plane: ControlPlaneAddr,
     /// Identity the control plane must present.
     pub control_plane_identity: SpiffeId,
     /// Bootstrap trust roots file.
@@ -340,5 +418,60 @@ mod tests {
     fn listeners_must_differ() {
         let e = parse(&["--outbound", "127.0.0.1:15020"]).unwrap_err();
         assert!(e.contains("same address"), "{e}");
+    }
+
+    #[test]
+    fn the_control_plane_is_an_address_or_a_dns_name() {
+        let flag = |v: &str| format!("--control-plane={v}");
+        let at = |v: &str| parse(&[&flag(v)]).map(|c| c.control_plane);
+        assert_eq!(
+            at("10.96.0.15:15010").unwrap(),
+            ControlPlaneAddr::Socket("10.96.0.15:15010".parse().unwrap())
+        );
+        assert_eq!(
+            at("[fd00::15]:15010").unwrap(),
+            ControlPlaneAddr::Socket("[fd00::15]:15010".parse().unwrap())
+        );
+        let named = at("trellis-control-plane.trellis-system.svc:15010").unwrap();
+        assert_eq!(
+            named,
+            ControlPlaneAddr::Name {
+                host: "trellis-control-plane.trellis-system.svc".into(),
+                port: 15010
+            }
+        );
+        assert_eq!(
+            named.to_string(),
+            "trellis-control-plane.trellis-system.svc:15010"
+        );
+        for (bad, says) in [
+            ("trellis-control-plane", "not host:port"),
+            ("cp.svc:0", "port \"0\""),
+            ("cp.svc:http", "port \"http\""),
+            ("cp..svc:15010", "neither an IP address nor a DNS name"),
+            ("-cp.svc:15010", "neither an IP address nor a DNS name"),
+            ("cp_1.svc:15010", "neither an IP address nor a DNS name"),
+            (":15010", "neither an IP address nor a DNS name"),
+            ("fd00::15:15010", "neither an IP address nor a DNS name"),
+        ] {
+            let e = at(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(
+                e.contains("--control-plane"),
+                "{bad}: the flag is named: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_named_control_plane_is_resolved_at_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr: ControlPlaneAddr = format!("localhost:{port}").parse().unwrap();
+        let (connected, accepted) = tokio::join!(addr.connect(), listener.accept());
+        assert_eq!(
+            connected.unwrap().peer_addr().unwrap(),
+            accepted.unwrap().0.local_addr().unwrap()
+        );
     }
 }

@@ -52,7 +52,7 @@ async fn stream_once(
     backoff: &mut Backoff,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let tls = certified.client_config(&cfg.control_plane_identity)?;
-    let channel = crate::control::connect(cfg.control_plane, tls).await?;
+    let channel = crate::control::connect(cfg.control_plane.clone(), tls).await?;
     let (tx, rx) = mpsc::channel(16);
     let last_version = view_tx.borrow().snapshot.version;
     tx.send(DiscoveryRequest {

@@ -195,7 +195,7 @@ async fn certify_once(
     let roots = control_plane_roots(bootstrap, latest)?;
     let tls =
         trellis_identity::client_config(None, &roots, &cfg.control_plane_identity, &[ALPN_H2])?;
-    let channel = crate::control::connect(cfg.control_plane, tls).await?;
+    let channel = crate::control::connect(cfg.control_plane.clone(), tls).await?;
     let resp = IdentityClient::new(channel)
         .certify(CertifyRequest {
             csr_der: csr.csr_der,

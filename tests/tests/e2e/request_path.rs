@@ -394,3 +394,48 @@ async fn trellis_proxy_wait_returns_once_the_proxy_is_ready_and_fails_at_its_tim
     );
     assert!(stderr.contains("was not ready within 1s"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_finds_its_control_plane_by_name_and_serves_metrics_on_ipv4_and_ipv6() {
+    // On a cluster the injector passes the control plane's Service name and
+    // `--metrics 0.0.0.0:15090`; here `localhost` stands for the name.
+    let port = free_port();
+    let m = start_mesh().await;
+    let by_name = format!("--control-plane=localhost:{}", m.cp.grpc.port());
+    let metrics = format!("0.0.0.0:{port}");
+    let app = EchoServer::start("named-1").await;
+    let named = Proxy::start_with(
+        &m.cp,
+        "named-1",
+        "demo",
+        "client",
+        loopback(free_port()),
+        app.addr,
+        &[&by_name, "--metrics", &metrics],
+    )
+    .await;
+    // Ready means it got its certificate and view over the named address.
+    let (status, _, body) = http_request(
+        named.outbound,
+        http::Method::GET,
+        "web.demo",
+        "/by-name",
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let (status, _, body) = http_get(addr, "localhost", "/metrics").await.unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "{addr}: {body}");
+        assert!(
+            body.contains("trellis_proxy_certificate_expiration_timestamp_seconds"),
+            "{addr}: {body}"
+        );
+        // The metrics-only listener serves nothing else, on either family.
+        let (status, _, _) = http_get(addr, "localhost", "/config").await.unwrap();
+        assert_eq!(status, 404, "{addr}");
+    }
+}
