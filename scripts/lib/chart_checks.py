@@ -139,7 +139,8 @@ def assertions(docs, podmonitor_schema):
         dep = find(ds, "Deployment", "trellis-control-plane")
         c = dep["spec"]["template"]["spec"]["containers"][0]
         args = c["args"]
-        need = ["run", "--kubernetes", "--grpc-addr=0.0.0.0:15010", "--admin-addr=127.0.0.1:9090",
+        need = ["run", "--kubernetes", "--grpc-addr=0.0.0.0:15010", "--admin-addr=127.0.0.1:9091",
+                "--metrics-addr=0.0.0.0:9090",
                 "--webhook-listen=0.0.0.0:9443", "--webhook-cert=/etc/trellis/webhook/tls.crt",
                 "--webhook-key=/etc/trellis/webhook/tls.key", "--token-issuer=oidc",
                 "--state-dir=/var/run/trellis/state"]

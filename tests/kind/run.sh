@@ -129,7 +129,7 @@ for w in web api; do
 done
 
 step "8. Run trellis check and a rejected config edit"
-kubectl -n "${NS}" exec deploy/trellis-control-plane -c control-plane -- trellis check --admin 127.0.0.1:9090
+kubectl -n "${NS}" exec deploy/trellis-control-plane -c control-plane -- trellis check --admin 127.0.0.1:9091
 if out="$(kubectl -n "${NS}" patch configmap trellis-config --type merge \
   -p '{"data":{"proxy":"logLevel: loud\n"}}' 2>&1)"; then
   die "the webhook admitted a bad trellis-config: ${out}"

@@ -3,7 +3,8 @@
 //! `/debug/acks` (per service: the version it last changed at and how many of the proxies
 //! that receive it applied that version), `/debug/snapshot` (the mesh as the control plane
 //! sees it), `/debug/source` (config reload status) and `/debug/ca` (CA source, generation,
-//! expiry, trust bundle).
+//! expiry, trust bundle). `--metrics-addr` serves `/metrics` alone on a second listener
+//! that may face out of the pod.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,6 +21,34 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::MeshSnapshot;
 use trellis_controller::SourceStatus;
 use trellis_discovery::DiscoveryService;
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoints {
+    /// The admin port (loopback): everything.
+    All,
+    /// `--metrics-addr`: `GET /metrics` and nothing else, so it may face out of the pod.
+    MetricsOnly,
+}
+
+/// `trellis_build_info{version}` = 1: which build this replica runs, for `trellis check`'s
+/// version skew against the proxies (`trellis_discovery_proxies_by_version`).
+pub(crate) fn register_build_info(registry: &mut Registry) {
+    #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+    struct Build {
+        version: &'static str,
+    }
+    let info = prometheus_client::metrics::family::Family::<Build, Gauge>::default();
+    info.get_or_create(&Build {
+        version: env!("CARGO_PKG_VERSION"),
+    })
+    .set(1);
+    registry.register(
+        "trellis_build_info",
+        "1, labelled with the build version of this control plane",
+        info,
+    );
+}
 
 /// What the admin endpoints read.
 pub(crate) struct Admin {
@@ -35,7 +65,12 @@ pub(crate) struct Admin {
 
 impl Admin {
     /// Serves until `shutdown`.
-    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        endpoints: Endpoints,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let tcp = tokio::select! {
                 r = listener.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
@@ -45,13 +80,30 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(&req)) }
+                    async move {
+                        Ok::<_, Infallible>(match endpoints {
+                            Endpoints::All => this.handle(&req),
+                            Endpoints::MetricsOnly => this.handle_metrics_only(&req),
+                        })
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
             });
         }
+    }
+
+    /// The metrics-only listener: `/metrics` as on the admin port, 404 for the rest.
+    fn handle_metrics_only<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/metrics" {
+            return self.handle(req);
+        }
+        reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "this listener serves /metrics only\n".into(),
+        )
     }
 
     /// Answers one request; generic over the body, which no endpoint reads, so tests can

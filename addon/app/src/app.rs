@@ -20,7 +20,7 @@ use trellis_controller::{FileSource, SourceStatus};
 use trellis_discovery::DiscoveryService;
 use trellis_identity::{ClientAuth, SpiffeId, Svid, TrustBundle};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Endpoints};
 use crate::cli::{EXIT_CONFIG, RunArgs, TokenIssuer};
 use crate::config_watch::{Applier, watch_config_map, watch_file};
 use crate::mesh_config::{MeshConfig, RunningTrustDomain};
@@ -47,6 +47,7 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
         }
     };
     let mut registry = Registry::default();
+    crate::admin::register_build_info(&mut registry);
     let webhook = match crate::webhook::Webhook::from_args(&args, &mut registry) {
         Ok(w) => w,
         Err(e) => {
@@ -319,6 +320,10 @@ async fn run(
 
     let grpc = bind(args.grpc_addr, "--grpc-addr").await?;
     let admin_l = bind(args.admin_addr, "--admin-addr").await?;
+    let metrics_l = match args.metrics_addr {
+        Some(addr) => Some(bind(addr, "--metrics-addr").await?),
+        None => None,
+    };
 
     // The control plane's own serving certificate comes from its own CA, renewed at 70%.
     let me = SpiffeId::new(
@@ -415,7 +420,14 @@ async fn run(
         proxy_log = %mesh_config.proxy.log_filter(),
         "trellis-addon serving"
     );
-    tokio::spawn(admin.serve(admin_l, shutdown.clone()));
+    if let Some(l) = metrics_l {
+        tokio::spawn(
+            admin
+                .clone()
+                .serve(l, Endpoints::MetricsOnly, shutdown.clone()),
+        );
+    }
+    tokio::spawn(admin.serve(admin_l, Endpoints::All, shutdown.clone()));
     let stop = shutdown.clone();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

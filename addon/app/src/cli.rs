@@ -74,6 +74,12 @@ pub(crate) struct RunArgs {
     /// Admin listener (/live /ready /metrics /debug/*); must be loopback.
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
     pub(crate) admin_addr: SocketAddr,
+    /// A listener that serves only `GET /metrics`, for scrapers outside the pod and
+    /// `trellis check` (through the API server's pod proxy): on a cluster `0.0.0.0:9090`,
+    /// with the admin port moved to `127.0.0.1:9091`. Off unless set: the admin port,
+    /// which also has `/debug/*`, stays on loopback.
+    #[arg(long, env = "TRELLIS_METRICS_ADDR")]
+    pub(crate) metrics_addr: Option<SocketAddr>,
     /// Trust domain of the mesh. Unset: the mesh config's `trustDomain`, else
     /// cluster.local. Set in both places, the two must be equal (else exit 64).
     #[arg(

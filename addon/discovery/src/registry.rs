@@ -62,6 +62,7 @@ pub(crate) struct Registration {
     id: u64,
     proxies: Proxies,
     metrics: Metrics,
+    version: crate::metrics::VersionLabel,
 }
 
 // === impl Proxies ===
@@ -72,12 +73,14 @@ impl Proxies {
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
+        let version = metrics.proxy_joined(&status.proxy_version);
         inner.by_stream.insert(id, status);
         metrics.connected_proxies.inc();
         Registration {
             id,
             proxies: self.clone(),
             metrics: metrics.clone(),
+            version,
         }
     }
 
@@ -106,8 +109,13 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.proxies.lock().by_stream.remove(&self.id);
+        let mut inner = self.proxies.lock();
+        inner.by_stream.remove(&self.id);
         self.metrics.connected_proxies.dec();
+        // Under the table's lock, as in `register`: a join and a leave of one version
+        // cannot interleave between the decrement and the removal of its series.
+        self.metrics.proxy_left(&self.version);
+        drop(inner);
     }
 }
 

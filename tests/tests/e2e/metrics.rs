@@ -615,3 +615,38 @@ fn the_check_reports_drift() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `--metrics-addr`: the registry of the admin port, and nothing else, on a listener that
+/// may face out of the pod (how `trellis check` and managed Prometheus read a replica on a
+/// cluster); with the build and the connected proxies' versions for version skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_metrics_listener_serves_metrics_only() -> anyhow::Result<()> {
+    let metrics = loopback(free_port());
+    let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
+    let cp = ControlPlane::start_with(&two_workloads(client_in, web_in), |_| Launch {
+        args: vec!["--metrics-addr".into(), metrics.to_string()],
+        env: Vec::new(),
+    })
+    .await;
+    let web_app = EchoServer::start("web-1").await;
+    let _web = Proxy::start(&cp, "web-1", "demo", "web", web_in, web_app.addr).await;
+    let version = env!("CARGO_PKG_VERSION");
+    let scraped = scrape(metrics).await?;
+    assert!(scraped.contains_key("trellis_discovery_connected_proxies"));
+    let (_, _, body) = http_get(metrics, "localhost", "/metrics").await?;
+    let body = String::from_utf8_lossy(&body);
+    for line in [
+        format!("trellis_build_info{{version=\"{version}\"}} 1"),
+        format!("trellis_discovery_proxies_by_version{{proxy_version=\"{version}\"}} 1"),
+        "trellis_discovery_connected_proxies 1".to_owned(),
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+    }
+    for path in ["/debug/proxies", "/debug/ca", "/ready"] {
+        let (status, _, _) = http_get(metrics, "localhost", path).await?;
+        assert_eq!(status, 404, "{path} on the metrics listener");
+        let (status, _, _) = http_get(cp.admin, "localhost", path).await?;
+        assert_eq!(status, 200, "{path} on the admin port");
+    }
+    Ok(())
+}
