@@ -1,11 +1,25 @@
-//! `trellis check`: is the running mesh healthy? Reads the control plane's admin
-//! endpoints (loopback) and prints one line per check, `ok`, `warn` or `FAIL`; exits 1 when
-//! any check fails. Today: the control plane answers, the CA (source, generation, expiry of
-//! the signing chain and of every root, a change in progress), whether every connected
-//! proxy is synced to the latest configuration (`/debug/proxies`; a proxy that refused its
-//! config fails), and whether every service is applied by every proxy that receives it
-//! (`/debug/acks`). Pre-install checks come with the Kubernetes profile.
+//! `trellis check`: is the mesh healthy, or can it be installed? Prints one line per check
+//! under grouped headings, like `linkerd check`: `✔` passed, `‼` a warning, `✖` failed
+//! with a `hint:` line under it saying what to do, then a summary; exits 1 when any check
+//! failed (warnings exit 0).
+//!
+//! Three ways to run it:
+//! - `trellis check` (the local profile): reads the control plane's loopback admin
+//!   endpoints (`--admin`): it answers (`control-plane`); the CA's source, generation, the
+//!   expiry of the signing chain and of every root, a change in progress (`trust`); every
+//!   connected proxy synced to the latest configuration (`/debug/proxies`; a proxy that
+//!   refused its config fails) and every service applied by every proxy that receives it
+//!   (`/debug/acks`) (`data-plane`).
+//! - `trellis check --kubernetes`: an installed mesh, through the Kubernetes API
+//!   (kubeconfig, `--context`, or the pod's ServiceAccount): see [`cluster`].
+//! - `trellis check --pre`: before installing: the cluster's version, the permissions the
+//!   chart needs, other meshes that would conflict ([`cluster`]).
+//!
+//! The decisions are pure functions over what was read (table-tested); reading is separate.
 
+mod cluster;
+
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -14,78 +28,254 @@ use crate::http::HttpClient;
 
 /// `trellis check` flags.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("kube_mode").args(["kubernetes", "pre"]).multiple(true)))]
 pub(crate) struct Args {
-    /// The control plane's admin address.
+    /// The control plane's admin address (local profile).
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin: SocketAddr,
     /// Warn when the signing chain or a root expires within this; fail when within a
     /// tenth of it (or already expired).
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
     warn_within: Duration,
+    /// Check the mesh installed in a cluster through the Kubernetes API (kubeconfig or the
+    /// pod's ServiceAccount) instead of a local control plane's admin port.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Only the pre-install checks (cluster version, permissions, other meshes); implies
+    /// --kubernetes.
+    #[arg(long)]
+    pre: bool,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, requires = "kube_mode")]
+    context: Option<String>,
+    /// The namespace Trellis is (or will be) installed in.
+    #[arg(long, default_value = cluster::NAMESPACE, requires = "kube_mode")]
+    namespace: String,
+    /// The namespace of the dry-run pod that tests injection; it must be labelled
+    /// `trellis.dev/inject=enabled`, as the injector's namespaceSelector requires (default:
+    /// the first namespace so labelled).
+    #[arg(long, requires = "kube_mode")]
+    injection_namespace: Option<String>,
 }
 
-/// One check's verdict.
+/// One check's verdict; ordered from fine to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Verdict {
+pub(crate) enum Verdict {
+    /// `✔`: passed.
     Ok,
+    /// `‼`: worth a look; does not fail the run.
     Warn,
+    /// `✖`: failed; the run exits 1.
     Fail,
 }
 
-/// Runs the checks and prints them.
-pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let http = HttpClient::new();
-    let mut worst = Verdict::Ok;
-    let mut say = |v: Verdict, line: String| {
-        let tag = match v {
-            Verdict::Ok => "ok  ",
-            Verdict::Warn => "warn",
-            Verdict::Fail => "FAIL",
-        };
-        println!("{tag} {line}");
-        worst = worst.max(v);
+impl Verdict {
+    /// The mark printed before the check's line.
+    pub(crate) fn mark(self) -> char {
+        match self {
+            Verdict::Ok => '✔',
+            Verdict::Warn => '‼',
+            Verdict::Fail => '✖',
+        }
+    }
+}
+
+/// One check's result: the heading it is printed under, its verdict, its line and, for a
+/// warning or failure, what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Check {
+    /// The group heading, e.g. `control-plane`.
+    pub(crate) group: &'static str,
+    /// Passed, warning or failed.
+    pub(crate) verdict: Verdict,
+    /// What was found, one line.
+    pub(crate) line: String,
+    /// What to do, printed under a warning or failure.
+    pub(crate) hint: Option<String>,
+}
+
+impl Check {
+    /// A check that passed.
+    pub(crate) fn ok(group: &'static str, line: impl Into<String>) -> Self {
+        Self {
+            group,
+            verdict: Verdict::Ok,
+            line: line.into(),
+            hint: None,
+        }
+    }
+
+    /// A check with `verdict` and `hint` (the hint is only printed when it is not `Ok`).
+    pub(crate) fn new(
+        group: &'static str,
+        verdict: Verdict,
+        line: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        Self {
+            group,
+            verdict,
+            line: line.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+/// The checks as printed: each group's heading (underlined) before its first check, one
+/// line per check, the hint under a warning or failure, then the summary
+/// ([`summary`]).
+pub(crate) fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    let mut group = None;
+    for check in checks {
+        if group != Some(check.group) {
+            if group.is_some() {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "{}", check.group);
+            let _ = writeln!(out, "{}", "-".repeat(check.group.chars().count()));
+            group = Some(check.group);
+        }
+        let _ = writeln!(out, "{} {}", check.verdict.mark(), check.line);
+        if let (Some(hint), Verdict::Warn | Verdict::Fail) = (&check.hint, check.verdict) {
+            let _ = writeln!(out, "    hint: {hint}");
+        }
+    }
+    if !checks.is_empty() {
+        out.push('\n');
+    }
+    let _ = writeln!(out, "{}", summary(checks));
+    out
+}
+
+/// `Status check results are ✔` (with the number of warnings, if any), or
+/// `✖ <n> checks failed` (and the warnings).
+pub(crate) fn summary(checks: &[Check]) -> String {
+    let count = |v: Verdict| checks.iter().filter(|c| c.verdict == v).count();
+    let (failed, warnings) = (count(Verdict::Fail), count(Verdict::Warn));
+    let warnings = match warnings {
+        0 => String::new(),
+        1 => "1 warning".to_owned(),
+        n => format!("{n} warnings"),
     };
-    let ca = match http.get(args.admin, "localhost", "/debug/ca").await {
-        Ok(r) if r.status.is_success() => serde_json::from_str::<serde_json::Value>(&r.body)?,
+    match failed {
+        0 if warnings.is_empty() => "Status check results are ✔".to_owned(),
+        0 => format!("Status check results are ✔ ({warnings})"),
+        n => {
+            let checks = if n == 1 { "check" } else { "checks" };
+            let and = if warnings.is_empty() {
+                String::new()
+            } else {
+                format!(", {warnings}")
+            };
+            format!("✖ {n} {checks} failed{and}")
+        }
+    }
+}
+
+/// Exit 1 when any check failed; warnings exit 0.
+pub(crate) fn exit_code(checks: &[Check]) -> ExitCode {
+    if checks.iter().any(|c| c.verdict == Verdict::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// How close `not_after` (unix seconds) is at `now`: `✖` when expired or within a tenth
+/// of `warn_within`, `‼` within it; the text is `<n> days left` or `EXPIRED`.
+pub(crate) fn expiry(not_after: u64, now: u64, warn_within: Duration) -> (Verdict, String) {
+    let left = not_after.saturating_sub(now);
+    let verdict = if left < warn_within.as_secs() / 10 {
+        Verdict::Fail
+    } else if left < warn_within.as_secs() {
+        Verdict::Warn
+    } else {
+        Verdict::Ok
+    };
+    let text = if not_after <= now {
+        "EXPIRED".to_owned()
+    } else {
+        format!("{} days left", left / 86_400)
+    };
+    (verdict, text)
+}
+
+/// Runs the checks `args` ask for, prints them and says how to exit.
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let checks = if args.kubernetes || args.pre {
+        let options = cluster::Options {
+            namespace: args.namespace,
+            injection_namespace: args.injection_namespace,
+            warn_within: args.warn_within,
+            now: SystemTime::now(),
+        };
+        cluster::run(args.context.as_deref(), args.pre, &options).await
+    } else {
+        local(args.admin, args.warn_within).await
+    };
+    print!("{}", render(&checks));
+    Ok(exit_code(&checks))
+}
+
+const CONTROL_PLANE: &str = "control-plane";
+const TRUST: &str = "trust";
+const DATA_PLANE: &str = "data-plane";
+
+/// The local profile's checks, from the control plane's admin endpoints at `admin`.
+async fn local(admin: SocketAddr, warn_within: Duration) -> Vec<Check> {
+    let http = HttpClient::new();
+    let mut checks = Vec::new();
+    let unreachable_hint = "is the control plane running? (`trellis demo` starts one; for a \
+        cluster use `trellis check --kubernetes`)";
+    let ca = match http.get(admin, "localhost", "/debug/ca").await {
+        Ok(r) if r.status.is_success() => serde_json::from_str::<serde_json::Value>(&r.body),
         Ok(r) => {
-            say(
+            checks.push(Check::new(
+                CONTROL_PLANE,
                 Verdict::Fail,
-                format!(
-                    "control plane {}: /debug/ca answered {}",
-                    args.admin, r.status
-                ),
-            );
-            return Ok(ExitCode::FAILURE);
+                format!("control plane {admin}: /debug/ca answered {}", r.status),
+                "is --admin the control plane's admin address?",
+            ));
+            return checks;
         }
         Err(e) => {
-            say(
+            checks.push(Check::new(
+                CONTROL_PLANE,
                 Verdict::Fail,
-                format!("control plane {} unreachable: {e:#}", args.admin),
-            );
-            return Ok(ExitCode::FAILURE);
+                format!("control plane {admin} unreachable: {e:#}"),
+                unreachable_hint,
+            ));
+            return checks;
         }
     };
-    say(Verdict::Ok, format!("control plane {} answers", args.admin));
+    let ca = match ca {
+        Ok(ca) => ca,
+        Err(e) => {
+            checks.push(Check::new(
+                CONTROL_PLANE,
+                Verdict::Fail,
+                format!("control plane {admin}: /debug/ca is not JSON: {e}"),
+                "is --admin the control plane's admin address?",
+            ));
+            return checks;
+        }
+    };
+    checks.push(Check::ok(
+        CONTROL_PLANE,
+        format!("control plane {admin} answers"),
+    ));
 
     let now = unix(SystemTime::now());
-    let expiry = |not_after: u64| -> (Verdict, String) {
-        let left = not_after.saturating_sub(now);
-        let verdict = if left < args.warn_within.as_secs() / 10 {
-            Verdict::Fail
-        } else if left < args.warn_within.as_secs() {
-            Verdict::Warn
-        } else {
-            Verdict::Ok
-        };
-        let text = if not_after <= now {
-            "EXPIRED".to_owned()
-        } else {
-            format!("{} days left", left / 86_400)
-        };
-        (verdict, text)
-    };
-    let (v, left) = expiry(ca["signing_not_after_unix"].as_u64().unwrap_or(0));
-    say(
+    let rotate = "rotate the CA before it expires (a new root or CA source in trellis-config; \
+                  `trellis ca show` lists the chain)";
+    let (v, left) = expiry(
+        ca["signing_not_after_unix"].as_u64().unwrap_or(0),
+        now,
+        warn_within,
+    );
+    checks.push(Check::new(
+        TRUST,
         v,
         format!(
             "CA: {}, generation {}, trust domain {}; signing chain {left}",
@@ -93,62 +283,106 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             ca["generation"],
             ca["trust_domain"].as_str().unwrap_or("?"),
         ),
-    );
+        rotate,
+    ));
     if let Some(p) = ca["pending"].as_str() {
-        say(
+        checks.push(Check::new(
+            TRUST,
             Verdict::Warn,
             format!("CA change in progress: {p} is staged, its roots are being pushed"),
-        );
+            "wait for the switch to finish (the propagation delay of trellis-config's ca)",
+        ));
     }
     for root in ca["roots"].as_array().into_iter().flatten() {
-        let (v, left) = expiry(root["not_after_unix"].as_u64().unwrap_or(0));
+        let (v, left) = expiry(
+            root["not_after_unix"].as_u64().unwrap_or(0),
+            now,
+            warn_within,
+        );
         let retiring = root["retiring_at_unix"]
             .as_u64()
             .map(|t| format!("; retiring in {}s (an earlier CA)", t.saturating_sub(now)))
             .unwrap_or_default();
-        say(
+        checks.push(Check::new(
+            TRUST,
             v,
             format!(
                 "trust root {} {}: {left}{retiring}",
                 root["fingerprint"].as_str().unwrap_or("?"),
                 root["subject"].as_str().unwrap_or("?"),
             ),
-        );
+            rotate,
+        ));
     }
 
-    match http.get(args.admin, "localhost", "/debug/proxies").await {
-        Ok(r) if r.status.is_success() => {
-            let proxies: Vec<ProxyStatus> = serde_json::from_str(&r.body)?;
-            for (v, line) in proxy_lines(&proxies) {
-                say(v, line);
-            }
-        }
-        Ok(r) => say(
+    let endpoint_failed = |path: &str, what: String| {
+        Check::new(
+            DATA_PLANE,
             Verdict::Fail,
-            format!("/debug/proxies answered {}", r.status),
-        ),
-        Err(e) => say(Verdict::Fail, format!("/debug/proxies: {e:#}")),
+            format!("{path} {what}"),
+            "is the control plane healthy? Its log says more",
+        )
+    };
+    match http.get(admin, "localhost", "/debug/proxies").await {
+        Ok(r) if r.status.is_success() => match serde_json::from_str::<Vec<ProxyStatus>>(&r.body) {
+            Ok(proxies) => {
+                checks.extend(proxy_lines(&proxies).into_iter().map(|(verdict, line)| {
+                    let hint = match verdict {
+                        Verdict::Fail => {
+                            "fix what the proxy refused (its reason is above); \
+                                              the proxy keeps its last good config"
+                        }
+                        _ => {
+                            "proxies behind are applying a newer config; if it lasts, \
+                                  read their logs"
+                        }
+                    };
+                    Check::new(DATA_PLANE, verdict, line, hint)
+                }))
+            }
+            Err(e) => checks.push(endpoint_failed(
+                "/debug/proxies",
+                format!("is not what was expected: {e}"),
+            )),
+        },
+        Ok(r) => checks.push(endpoint_failed(
+            "/debug/proxies",
+            format!("answered {}", r.status),
+        )),
+        Err(e) => checks.push(endpoint_failed("/debug/proxies:", format!("{e:#}"))),
     }
 
-    match http.get(args.admin, "localhost", "/debug/acks").await {
-        Ok(r) if r.status.is_success() => {
-            let acks: Vec<ServiceAcks> = serde_json::from_str(&r.body)?;
-            let (v, line) = config_line(&acks);
-            say(v, line);
-        }
+    match http.get(admin, "localhost", "/debug/acks").await {
+        Ok(r) if r.status.is_success() => match serde_json::from_str::<Vec<ServiceAcks>>(&r.body) {
+            Ok(acks) => {
+                let (verdict, line) = config_line(&acks);
+                checks.push(Check::new(
+                    DATA_PLANE,
+                    verdict,
+                    line,
+                    "the pending proxies are applying the change; if it lasts, read their logs",
+                ));
+            }
+            Err(e) => checks.push(endpoint_failed(
+                "/debug/acks",
+                format!("is not what was expected: {e}"),
+            )),
+        },
         // A control plane from before acks were tracked per service.
-        Ok(r) if r.status == http::StatusCode::NOT_FOUND => say(
+        Ok(r) if r.status == http::StatusCode::NOT_FOUND => checks.push(Check::new(
+            DATA_PLANE,
             Verdict::Warn,
-            "config: this control plane has no /debug/acks (older version); per-service application unknown".to_owned(),
-        ),
-        Ok(r) => say(Verdict::Fail, format!("/debug/acks answered {}", r.status)),
-        Err(e) => say(Verdict::Fail, format!("/debug/acks: {e:#}")),
+            "config: this control plane has no /debug/acks (older version); per-service \
+             application unknown",
+            "upgrade the control plane",
+        )),
+        Ok(r) => checks.push(endpoint_failed(
+            "/debug/acks",
+            format!("answered {}", r.status),
+        )),
+        Err(e) => checks.push(endpoint_failed("/debug/acks:", format!("{e:#}"))),
     }
-    Ok(if worst == Verdict::Fail {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    checks
 }
 
 /// One connected proxy, as `/debug/proxies` shows it (the fields read here).
@@ -329,7 +563,7 @@ fn listed(items: &[String], what: &str) -> String {
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
@@ -497,5 +731,96 @@ mod tests {
             application_line(&[], &[]),
             "config v0 applied by 0 of 0 proxies (every service: /debug/acks)"
         );
+    }
+
+    fn check(group: &'static str, verdict: Verdict, line: &str, hint: Option<&str>) -> Check {
+        Check {
+            group,
+            verdict,
+            line: line.to_owned(),
+            hint: hint.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn render_groups_lines_prints_hints_under_problems_and_sums_up() {
+        let checks = [
+            check("control-plane", Verdict::Ok, "answers", Some("not shown")),
+            check("trust", Verdict::Warn, "root: 20 days left", Some("rotate")),
+            check(
+                "trust",
+                Verdict::Fail,
+                "signing: EXPIRED",
+                Some("rotate now"),
+            ),
+            check("data-plane", Verdict::Fail, "proxy refused v3", None),
+        ];
+        assert_eq!(
+            render(&checks),
+            "control-plane\n\
+             -------------\n\
+             ✔ answers\n\
+             \n\
+             trust\n\
+             -----\n\
+             ‼ root: 20 days left\n    hint: rotate\n\
+             ✖ signing: EXPIRED\n    hint: rotate now\n\
+             \n\
+             data-plane\n\
+             ----------\n\
+             ✖ proxy refused v3\n\
+             \n\
+             ✖ 2 checks failed, 1 warning\n"
+        );
+        assert_eq!(exit_code(&checks), ExitCode::FAILURE);
+        assert_eq!(exit_code(&checks[..2]), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn summaries() {
+        let ok = check("g", Verdict::Ok, "a", None);
+        let warn = check("g", Verdict::Warn, "b", None);
+        let fail = check("g", Verdict::Fail, "c", None);
+        let cases: [(&[Check], &str); 6] = [
+            (&[], "Status check results are ✔"),
+            (std::slice::from_ref(&ok), "Status check results are ✔"),
+            (
+                &[ok.clone(), warn.clone()],
+                "Status check results are ✔ (1 warning)",
+            ),
+            (
+                &[warn.clone(), warn.clone()],
+                "Status check results are ✔ (2 warnings)",
+            ),
+            (&[fail.clone(), ok.clone()], "✖ 1 check failed"),
+            (&[fail.clone(), fail, warn], "✖ 2 checks failed, 1 warning"),
+        ];
+        for (checks, line) in cases {
+            assert_eq!(summary(checks), line);
+        }
+    }
+
+    #[test]
+    fn expiry_warns_within_the_window_and_fails_within_a_tenth() {
+        let window = Duration::from_secs(30 * 86_400);
+        let now = 1_000_000_000;
+        let day = 86_400;
+        let cases = [
+            (now + 31 * day, Verdict::Ok, "31 days left"),
+            (now + 30 * day, Verdict::Ok, "30 days left"),
+            (now + 30 * day - 1, Verdict::Warn, "29 days left"),
+            (now + 3 * day, Verdict::Warn, "3 days left"),
+            (now + 3 * day - 1, Verdict::Fail, "2 days left"),
+            (now + 1, Verdict::Fail, "0 days left"),
+            (now, Verdict::Fail, "EXPIRED"),
+            (0, Verdict::Fail, "EXPIRED"),
+        ];
+        for (not_after, verdict, text) in cases {
+            assert_eq!(
+                expiry(not_after, now, window),
+                (verdict, text.to_owned()),
+                "{not_after}"
+            );
+        }
     }
 }

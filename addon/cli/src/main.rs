@@ -3,11 +3,13 @@
 //! Owns the user-facing commands. Today: `trellis demo` (the local profile: the whole
 //! mesh as processes on this machine) and the small demo app it runs, and `trellis ca`
 //! (CA material in Key Vault or a `cacerts` directory, through `trellis-azure` and
-//! `trellis-ca`), `trellis check` (the running mesh: CA expiry, proxies in sync),
-//! `trellis stat` (golden metrics from the proxies), `trellis dashboard` (the same, as a
-//! live local web page with the service graph), `trellis tap`/`top` (the proxies' live
-//! request stream) and `trellis inject` (the sidecar injector offline, on YAML). Talks to
-//! the running binaries only through their command lines and HTTP endpoints.
+//! `trellis-ca`), `trellis check` (the running mesh: CA expiry, proxies in sync; with
+//! `--kubernetes`/`--pre`, an installed mesh or a cluster before install, through the
+//! Kubernetes API), `trellis stat` (golden metrics from the proxies), `trellis dashboard`
+//! (the same, as a live local web page with the service graph), `trellis tap`/`top` (the
+//! proxies' live request stream) and `trellis inject` (the sidecar injector offline, on
+//! YAML). Talks to the running binaries only through their command lines and HTTP
+//! endpoints, and to a cluster only through the Kubernetes API.
 
 mod ca;
 mod check;
@@ -40,7 +42,9 @@ enum Command {
     /// CA material: create it in Key Vault or as a `cacerts` directory, show a chain and
     /// check expiry.
     Ca(ca::Args),
-    /// Checks a running mesh: control plane, CA expiry, proxies on the latest config.
+    /// Checks a running mesh (control plane, CA expiry, proxies on the latest config), or
+    /// with --kubernetes one installed in a cluster, or with --pre a cluster before
+    /// install. Exits 1 when a check fails.
     Check(check::Args),
     /// Golden metrics from the proxies: success rate, requests per second and latency
     /// percentiles per workload, service or edge.

@@ -67,7 +67,18 @@ pub(crate) struct Sample {
 }
 
 impl Sample {
-    fn label(&self, name: &str) -> &str {
+    /// The metric name (for a histogram, with its `_bucket`/`_sum`/`_count` suffix).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The sample's value.
+    pub(crate) fn value(&self) -> f64 {
+        self.value
+    }
+
+    /// The value of label `name`, `""` when the sample has none.
+    pub(crate) fn label(&self, name: &str) -> &str {
         self.labels
             .iter()
             .find(|(k, _)| k == name)
@@ -87,11 +98,23 @@ impl Sample {
 /// The samples of the request-duration families in `text`; other lines are skipped, a
 /// malformed sample line is an error naming it.
 pub(crate) fn parse(text: &str) -> anyhow::Result<Vec<Sample>> {
+    parse_where(text, |name| {
+        name.starts_with("http_server_request_duration_seconds_")
+            || name.starts_with("http_client_request_duration_seconds_")
+    })
+}
+
+/// The samples in `text` whose metric name `keep` accepts (comments and other lines are
+/// skipped); a malformed sample line that is kept is an error naming it. `trellis check`
+/// reads the control plane's families with it.
+pub(crate) fn parse_where(text: &str, keep: impl Fn(&str) -> bool) -> anyhow::Result<Vec<Sample>> {
     let mut out = Vec::new();
     for line in text.lines() {
-        if !(line.starts_with("http_server_request_duration_seconds_")
-            || line.starts_with("http_client_request_duration_seconds_"))
-        {
+        if line.starts_with('#') {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        if name.is_empty() || !keep(name) {
             continue;
         }
         out.push(parse_line(line).with_context(|| format!("bad sample line: {line}"))?);

@@ -4,6 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+// The crate's one integration test binary; `trellis check` against the Kubernetes API
+// stand-in is a module of it.
+mod check;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -165,7 +165,7 @@ async fn every_proxy_acks_a_change_and_check_reports_it() -> anyhow::Result<()> 
     let (ok, text) = trellis_check(&cp).await?;
     assert!(ok, "{text}");
     assert!(
-        text.contains("ok   config: 2 services applied by every proxy that receives them"),
+        text.contains("✔ config: 2 services applied by every proxy that receives them"),
         "{text}"
     );
 
@@ -204,13 +204,13 @@ async fn every_proxy_acks_a_change_and_check_reports_it() -> anyhow::Result<()> 
     assert!(ok, "pending is a warning, not a failure: {text}");
     assert!(
         text.contains(&format!(
-            "warn config: demo/web v{web_v1} applied by 2 of 3 proxies (pending: {client_id})"
+            "‼ config: demo/web v{web_v1} applied by 2 of 3 proxies (pending: {client_id})"
         )),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "warn proxies behind the latest configuration: {client_id} acked v"
+            "‼ proxies behind the latest configuration: {client_id} acked v"
         )),
         "{text}"
     );
@@ -262,14 +262,15 @@ async fn every_proxy_acks_a_change_and_check_reports_it() -> anyhow::Result<()> 
     let (ok, text) = trellis_check(&cp).await?;
     assert!(ok, "{text}");
     assert!(
-        text.contains("ok   3 proxies connected, all on the latest configuration"),
+        text.contains("✔ 3 proxies connected, all on the latest configuration"),
         "{text}"
     );
     assert!(
-        text.contains("ok   config: 2 services applied by every proxy that receives them"),
+        text.contains("✔ config: 2 services applied by every proxy that receives them"),
         "{text}"
     );
-    assert!(!text.contains("warn") && !text.contains("FAIL"), "{text}");
+    assert!(!text.contains('‼') && !text.contains('✖'), "{text}");
+    assert!(text.ends_with("\nStatus check results are ✔\n"), "{text}");
     Ok(())
 }
 
@@ -383,7 +384,7 @@ async fn discovery_scope_limits_what_a_proxy_is_sent() -> anyhow::Result<()> {
     let (ok, text) = trellis_check(&cp).await?;
     assert!(ok, "{text}");
     assert!(
-        text.contains("ok   config: 2 services applied by every proxy that receives them"),
+        text.contains("✔ config: 2 services applied by every proxy that receives them"),
         "{text}"
     );
     Ok(())

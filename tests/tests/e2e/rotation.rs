@@ -188,7 +188,7 @@ async fn switch_under_load(
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("ok   CA: ") && text.contains("generation 2"),
+        text.contains("✔ CA: ") && text.contains("generation 2"),
         "{text}"
     );
     assert_eq!(text.matches("trust root ").count(), 1, "{text}");
@@ -199,7 +199,7 @@ async fn switch_under_load(
     let out = check("36500d");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("FAIL CA: "), "{text}");
+    assert!(text.contains("✖ CA: "), "{text}");
     cp
 }
 
