@@ -141,15 +141,21 @@ def assertions(docs, podmonitor_schema):
         args = c["args"]
         need = ["run", "--kubernetes", "--grpc-addr=0.0.0.0:15010", "--admin-addr=127.0.0.1:9091",
                 "--metrics-addr=0.0.0.0:9090",
-                "--webhook-listen=0.0.0.0:9443", "--webhook-cert=/etc/trellis/webhook/tls.crt",
-                "--webhook-key=/etc/trellis/webhook/tls.key", "--token-issuer=oidc",
+                "--webhook-listen=0.0.0.0:9443", "--token-issuer=oidc",
                 "--state-dir=/var/run/trellis/state"]
         missing = [a for a in need if a not in args]
         if missing:
             fail(f"[{p}] control plane args miss {missing}")
+        # The webhook certificate comes from the mesh CA (the caBundle is the mesh trust
+        # bundle): certificate files would override it with one the API server does not trust.
+        if any(a.startswith(("--webhook-cert", "--webhook-key")) for a in args):
+            fail(f"[{p}] control plane serves the webhook from certificate files: {args}")
         env = {e["name"] for e in c.get("env", [])}
         if "POD_NAME" not in env:
             fail(f"[{p}] POD_NAME not set")
+        # --kubernetes with --webhook-listen serves /inject, which exits 64 without an image.
+        if not {"TRELLIS_PROXY_IMAGE", "TRELLIS_PROXY_INIT_IMAGE"} <= env:
+            fail(f"[{p}] the injector's images are not set: {sorted(env)}")
         sc = c["securityContext"]
         if not (sc.get("readOnlyRootFilesystem") and sc.get("runAsNonRoot")
                 and sc["capabilities"]["drop"] == ["ALL"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The kind profile, end to end, on a machine with Docker, kind, kubectl, helm (3.x or 4.x)
-# and openssl: create a cluster, build and load the images, install the chart with
+# The kind profile, end to end, on a machine with Docker, kind, kubectl and helm (3.x or
+# 4.x): create a cluster, build and load the images, install the chart with
 # values-kind.yaml, run a three-service demo in an injected namespace, check mTLS
 # identities, golden metrics and `trellis check`, then delete the cluster.
 #
@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in docker kind kubectl helm openssl; do
+for tool in docker kind kubectl helm; do
   command -v "${tool}" >/dev/null || die "${tool} is not installed"
 done
 
@@ -53,7 +53,7 @@ docker build -f images/proxy/Dockerfile --target init -t "${INIT_IMAGE}" .
 docker pull -q "${BUSYBOX}"
 kind load docker-image --name "${CLUSTER}" "${CP_IMAGE}" "${PROXY_IMAGE}" "${INIT_IMAGE}" "${BUSYBOX}"
 
-step "3. Create the CA and webhook Secrets"
+step "3. Create the CA Secret"
 kubectl create namespace "${NS}"
 # The mesh CA: a root and an intermediate in the Istio cacerts layout, made by the CLI in
 # the control plane image, stored as the Secret the `secret` CA source reads.
@@ -62,15 +62,8 @@ docker run --rm --user "$(id -u):$(id -g)" -v "${work}/cacerts:/out" \
   --entrypoint /usr/local/bin/trellis "${CP_IMAGE}" \
   ca create-plugin --dir /out --trust-domain "${TD}" --force
 kubectl -n "${NS}" create secret generic cacerts --from-file="${work}/cacerts"
-# The webhook's serving certificate (not from the mesh CA, which signs only SPIFFE ids).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj "/CN=trellis-webhook-ca" -keyout "${work}/webhook-ca.key" -out "${work}/webhook-ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-  -subj "/CN=trellis-webhook.${NS}.svc" -keyout "${work}/tls.key" -out "${work}/tls.csr" 2>/dev/null
-printf 'subjectAltName=DNS:trellis-webhook.%s.svc\nextendedKeyUsage=serverAuth\n' "${NS}" >"${work}/ext.cnf"
-openssl x509 -req -in "${work}/tls.csr" -CA "${work}/webhook-ca.crt" -CAkey "${work}/webhook-ca.key" \
-  -CAcreateserial -days 2 -extfile "${work}/ext.cnf" -out "${work}/tls.crt" 2>/dev/null
-kubectl -n "${NS}" create secret tls trellis-webhook-tls --cert="${work}/tls.crt" --key="${work}/tls.key"
+# No webhook Secret: the control plane serves its webhooks with a certificate it issues
+# from this CA for trellis-webhook.trellis-system.svc.
 # The CA verifies proxies' ServiceAccount tokens against the API server's OIDC issuer,
 # whose discovery documents kind serves to authenticated callers only by default.
 kubectl create clusterrolebinding trellis-oidc-discovery \
@@ -78,9 +71,10 @@ kubectl create clusterrolebinding trellis-oidc-discovery \
 
 step "4. Install the chart with values-kind.yaml"
 helm install trellis charts/trellis -n "${NS}" -f charts/trellis/values-kind.yaml --wait --timeout 5m
-# caBundle: the chart leaves it empty; the controller keeps it current at runtime. Until
-# it has, set it to the CA that signed the webhook certificate (idempotent either way).
-ca_bundle="$(base64 <"${work}/webhook-ca.crt" | tr -d '\n')"
+# caBundle: the chart leaves it empty; the controller keeps it equal to the mesh trust
+# bundle at runtime. Until it has, set it to the mesh root the webhook certificate chains
+# to (idempotent either way).
+ca_bundle="$(base64 <"${work}/cacerts/root-cert.pem" | tr -d '\n')"
 for hook in mutatingwebhookconfiguration/trellis-sidecar-injector validatingwebhookconfiguration/trellis-config; do
   kubectl patch "${hook}" --type=json \
     -p "[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"${ca_bundle}\"}]"

@@ -1,6 +1,7 @@
 //! Wiring only: config -> load sources (exit 64 when bad) -> CA and issuer -> bind
-//! (naming a busy port) -> serve discovery + identity on one TLS gRPC port, admin on
-//! loopback -> stop on a signal.
+//! (naming a busy port) -> the admission webhooks (certificate from the mesh CA or
+//! files) -> serve discovery + identity on one TLS gRPC port, admin on loopback -> stop
+//! on a signal.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -55,6 +56,15 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // On a cluster the webhook listener also serves the sidecar injector, which cannot
+    // work without knowing which proxy image to add.
+    let injector = match crate::injector::InjectorSettings::for_run(&args, webhook.is_some()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("trellis-addon: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // The local profile's inputs are files, checked before anything starts; on a cluster
     // they are read once the runtime (and the API client) exist.
     let files = match args.config_dir.clone() {
@@ -96,12 +106,6 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
                 });
             }
         }
-        if let Some(webhook) = webhook
-            && let Err(e) = webhook.start(args.poll_interval, shutdown.clone()).await
-        {
-            eprintln!("trellis-addon: {e:#}");
-            return ExitCode::FAILURE;
-        }
         let (config, mesh) = match files {
             Some((config, mesh)) => (config, mesh),
             None => match prepare_cluster(&mut args, &mut registry, shutdown.clone()).await {
@@ -112,7 +116,8 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
                 }
             },
         };
-        match run(args, config, callers, mesh, registry, shutdown).await {
+        let webhook = webhook.map(|w| (w, injector));
+        match run(args, config, callers, mesh, webhook, registry, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trellis-addon: {e:#}");
@@ -121,6 +126,12 @@ pub(crate) fn main(mut args: RunArgs) -> ExitCode {
         }
     })
 }
+
+/// The webhook listener as configured, and the injector's settings when it serves one.
+type WebhookSetup = (
+    crate::webhook::Webhook,
+    Option<crate::injector::InjectorSettings>,
+);
 
 /// Where the mesh comes from.
 enum Mesh {
@@ -236,6 +247,7 @@ async fn run(
     (mesh_config, trust_domain): StartupConfig,
     callers: CallerPolicy,
     mut mesh: Mesh,
+    webhook: Option<WebhookSetup>,
     mut registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -318,6 +330,41 @@ async fn run(
         }
     };
 
+    // The webhooks come up before the gRPC port, whose readiness the pod's probes read:
+    // a replica marked ready already serves /validate and /inject.
+    if let Some((webhook, settings)) = webhook {
+        let injector = match (&mesh, settings) {
+            (Mesh::Cluster(cluster), Some(settings)) => {
+                let version = crate::injector::cluster_version(&cluster.client).await?;
+                info!(
+                    kubernetes_version = %version,
+                    native_sidecars = version.has_native_sidecars(),
+                    proxy_image = %settings.proxy_image,
+                    control_plane = %settings.control_plane,
+                    "sidecar injector configured"
+                );
+                Some(crate::injector::Injector::new(
+                    settings,
+                    args.trust_domain.clone(),
+                    version,
+                    applied.proxy.clone(),
+                    crate::injector::NamespaceLookup::new(
+                        cluster.handle.clone(),
+                        cluster.client.clone(),
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        webhook
+            .start(crate::webhook::Serving {
+                ca: ca.clone(),
+                injector,
+                poll: args.poll_interval,
+                shutdown: shutdown.clone(),
+            })
+            .await?;
+    }
     let grpc = bind(args.grpc_addr, "--grpc-addr").await?;
     let admin_l = bind(args.admin_addr, "--admin-addr").await?;
     let metrics_l = match args.metrics_addr {

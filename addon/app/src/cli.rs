@@ -136,20 +136,23 @@ pub(crate) struct RunArgs {
     /// spans in memory only, for /debug/traces.
     #[arg(long, env = "TRELLIS_APPINSIGHTS_CONNECTION_STRING_FILE")]
     pub(crate) appinsights_connection_string_file: Option<PathBuf>,
-    /// HTTPS listener of the validating admission webhook for the trellis-config
-    /// ConfigMap (`POST /validate`); off unless set (on a cluster: 0.0.0.0:9443). Needs
-    /// --webhook-cert and --webhook-key.
+    /// HTTPS listener of the admission webhooks (on a cluster: 0.0.0.0:9443): `POST
+    /// /validate` (the trellis-config ConfigMap) and, with --kubernetes, `POST /inject`
+    /// (the sidecar injector). Off unless set. Its certificate comes from the mesh CA
+    /// (for --webhook-dns-names, renewed by itself), or from --webhook-cert/--webhook-key.
     #[arg(long, env = "TRELLIS_WEBHOOK_LISTEN")]
     pub(crate) webhook_listen: Option<SocketAddr>,
-    /// PEM certificate chain (leaf first) the webhook serves, e.g. the `tls.crt` of a
-    /// cert-manager Secret; re-read every --poll-interval, a bad file keeps the running one.
+    /// PEM certificate chain (leaf first) the webhook serves instead of one from the mesh
+    /// CA, e.g. the `tls.crt` of a cert-manager Secret; re-read every --poll-interval, a
+    /// bad file keeps the running one. Needs --webhook-key.
     #[arg(long, env = "TRELLIS_WEBHOOK_CERT")]
     pub(crate) webhook_cert: Option<PathBuf>,
     /// PEM private key of --webhook-cert (PKCS#8, SEC1 or PKCS#1).
     #[arg(long, env = "TRELLIS_WEBHOOK_KEY")]
     pub(crate) webhook_key: Option<PathBuf>,
-    /// Names the API server reaches the webhook by (comma-separated); the certificate must
-    /// be valid for each, checked at startup and on every reload.
+    /// Names the API server reaches the webhook by (comma-separated): the names of the
+    /// certificate the mesh CA issues, or names --webhook-cert must be valid for (checked
+    /// at startup and on every reload).
     #[arg(
         long,
         env = "TRELLIS_WEBHOOK_DNS_NAMES",
@@ -157,6 +160,32 @@ pub(crate) struct RunArgs {
         default_value = crate::webhook::DEFAULT_DNS_NAME
     )]
     pub(crate) webhook_dns_names: Vec<String>,
+    /// Lifetime of the webhook certificate the mesh CA issues (at most --cert-max-ttl);
+    /// renewed at half of it, and at once when the CA's generation changes.
+    #[arg(long, env = "TRELLIS_WEBHOOK_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) webhook_cert_ttl: Duration,
+    /// The proxy image the sidecar injector adds to pods (`registry/repository:tag` or
+    /// `@sha256:...`). Required for `/inject`, i.e. with --kubernetes and --webhook-listen.
+    #[arg(long, env = "TRELLIS_PROXY_IMAGE")]
+    pub(crate) proxy_image: Option<String>,
+    /// `imagePullPolicy` of the injected containers: Always, IfNotPresent or Never.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub(crate) proxy_image_pull_policy: String,
+    /// The image of the injected `trellis-init` container (`trellis-proxy init`, which
+    /// needs iptables). Default: --proxy-image.
+    #[arg(long, env = "TRELLIS_PROXY_INIT_IMAGE")]
+    pub(crate) proxy_init_image: Option<String>,
+    /// Where injected proxies reach the control plane, `host:port` (its Service).
+    #[arg(
+        long,
+        env = "TRELLIS_INJECT_CONTROL_PLANE",
+        default_value = trellis_webhook::DEFAULT_CONTROL_PLANE
+    )]
+    pub(crate) injector_control_plane: String,
 }
 
 /// Where caller tokens come from (`--token-issuer`).

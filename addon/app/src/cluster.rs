@@ -56,6 +56,8 @@ pub(crate) fn binary_keys(data: &trellis_kube::convert::ConfigMapData) -> Vec<&s
 /// writer for the mesh config (leader-only).
 pub(crate) struct Cluster {
     pub(crate) handle: KubeHandle,
+    /// The API client, for direct reads (the injector's Namespace fallback, the version).
+    pub(crate) client: kube::Client,
     pub(crate) snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub(crate) status: watch::Receiver<SourceStatus>,
     pub(crate) events: ConfigEvents,
@@ -98,7 +100,7 @@ pub(crate) async fn start(
     let stop = shutdown.clone();
     let elector = tokio::spawn(elector.run(async move { stop.cancelled().await }));
 
-    let source = KubeSource::new(client, KubeSettings::new(trust_domain))
+    let source = KubeSource::new(client.clone(), KubeSettings::new(trust_domain))
         .with_metrics(trellis_kube::Metrics::register(registry));
     let handle = source.handle();
     let (tx, snapshots) = watch::channel(Arc::new(source.empty_snapshot()));
@@ -126,6 +128,7 @@ pub(crate) async fn start(
     });
     Ok(Cluster {
         handle,
+        client,
         snapshots,
         status,
         events,

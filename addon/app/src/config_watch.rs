@@ -19,7 +19,9 @@ use trellis_api::{AccessLog, OutboundPolicy};
 use trellis_discovery::Scope;
 
 use crate::ca::ConfigMetrics;
-use crate::mesh_config::{self, CaSettings, ConfigError, MeshConfig, RunningTrustDomain};
+use crate::mesh_config::{
+    self, CaSettings, ConfigError, MeshConfig, ProxySettings, RunningTrustDomain,
+};
 
 /// Where rejections and recoveries are reported besides the log and the metrics.
 pub(crate) trait ConfigEvents: Send {
@@ -37,6 +39,9 @@ pub(crate) struct Applied {
     pub(crate) scope: watch::Receiver<Arc<Scope>>,
     /// The settings every proxy gets, joined into every snapshot (`ca::join`).
     pub(crate) proxies: watch::Receiver<ProxyWide>,
+    /// The `proxy` key as the sidecar injector reads it (the proxy's log filter for pods
+    /// created from now on).
+    pub(crate) proxy: watch::Receiver<ProxySettings>,
 }
 
 /// Mesh-wide settings every proxy receives through discovery, in every response.
@@ -67,6 +72,7 @@ pub(crate) struct Applier {
     ca: watch::Sender<CaSettings>,
     scope: watch::Sender<Arc<Scope>>,
     proxies: watch::Sender<ProxyWide>,
+    proxy: watch::Sender<ProxySettings>,
     metrics: ConfigMetrics,
     events: Option<Box<dyn ConfigEvents>>,
     /// Set while the newest version seen is refused, so recovery can be reported.
@@ -84,12 +90,14 @@ impl Applier {
         let (ca, ca_rx) = watch::channel(running.ca.clone());
         let (scope, scope_rx) = watch::channel(Arc::new(running.discovery.scope.clone()));
         let (proxies, proxies_rx) = watch::channel(ProxyWide::of(&running));
+        let (proxy, proxy_rx) = watch::channel(running.proxy);
         let applier = Self {
             running,
             trust_domain,
             ca,
             scope,
             proxies,
+            proxy,
             metrics,
             events: None,
             rejecting: false,
@@ -98,6 +106,7 @@ impl Applier {
             ca: ca_rx,
             scope: scope_rx,
             proxies: proxies_rx,
+            proxy: proxy_rx,
         };
         (applier, applied)
     }
@@ -165,6 +174,12 @@ impl Applier {
                 );
                 *running = proxies;
             }
+            changed
+        });
+        let proxy = next.proxy;
+        self.proxy.send_if_modified(|running| {
+            let changed = *running != proxy;
+            *running = proxy;
             changed
         });
         self.running = next;
@@ -290,6 +305,7 @@ mod tests {
             mut ca,
             mut scope,
             proxies: mut outbound,
+            mut proxy,
         } = applied;
         let events = Recorded::default();
         let mut applier = applier.with_events(Box::new(events.clone()));
@@ -328,6 +344,18 @@ mod tests {
         ]);
         applier.offer(mesh_config::parse_config_map_data(&back, &[]), "test");
         assert!(scope.borrow_and_update().allows("a", "b"));
+        assert!(
+            !proxy.has_changed().map_err(|e| e.to_string())?,
+            "the proxy key did not change"
+        );
+        let louder = data(&[
+            ("discovery", "scope: {default: [\"*\"]}"),
+            ("outboundTrafficPolicy", "mode: REGISTRY_ONLY"),
+            ("proxy", "logLevel: debug"),
+        ]);
+        applier.offer(mesh_config::parse_config_map_data(&louder, &[]), "test");
+        assert!(proxy.has_changed().map_err(|e| e.to_string())?);
+        assert_eq!(proxy.borrow_and_update().log_filter(), "debug,access=info");
         assert!(outbound.has_changed().map_err(|e| e.to_string())?);
         assert_eq!(
             outbound.borrow_and_update().outbound,

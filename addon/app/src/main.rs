@@ -9,6 +9,7 @@ mod ca;
 mod cli;
 mod cluster;
 mod config_watch;
+mod injector;
 mod mesh_config;
 mod tls;
 mod webhook;

@@ -1,16 +1,33 @@
-//! The validating admission webhook for the `trellis-config` ConfigMap: a bad edit is
-//! refused by the API server with a message naming the field, instead of being applied and
-//! then rejected by the control plane.
+//! The control plane's admission webhooks, on one HTTPS listener (`--webhook-listen`,
+//! 9443 on a cluster): `POST /validate`, the validating webhook for the `trellis-config`
+//! ConfigMap, and `POST /inject`, the sidecar injector's mutating webhook
+//! (`crate::injector`, with `--kubernetes` only: it needs the cluster's Namespaces; in
+//! the local profile `/inject` answers 404 saying so).
 //!
-//! [`review`] is pure: an `admission.k8s.io/v1` AdmissionReview in, the AdmissionReview
-//! response out. It runs [`crate::mesh_config::parse_config_map_data`], the same function as
-//! the file poller, so the webhook and the control plane cannot disagree about what is
-//! valid. [`serve`] puts it behind HTTPS `POST /validate` (`--webhook-listen`), with the
-//! certificate and key from PEM files (`--webhook-cert`, `--webhook-key`, re-read when
-//! they change). The mesh CA cannot issue that certificate: it signs only SPIFFE leaves
-//! and refuses DNS names by design, and the API server must trust the webhook's CA through
-//! `caBundle` anyway, so the certificate comes from wherever the cluster's other webhook
-//! certificates come from (cert-manager, or a Secret made at install).
+//! A bad trellis-config edit is refused by the API server with a message naming the
+//! field, instead of being applied and then rejected by the control plane. [`review`] is
+//! pure: an `admission.k8s.io/v1` AdmissionReview in, the AdmissionReview response out. It
+//! runs [`crate::mesh_config::parse_config_map_data`], the same function as the file
+//! poller, so the webhook and the control plane cannot disagree about what is valid.
+//!
+//! The serving certificate comes in one of two modes:
+//!
+//! - **Mesh CA** (the default, and the chart's): without `--webhook-cert`/`--webhook-key`
+//!   the control plane issues its own certificate for `--webhook-dns-names` from the mesh
+//!   CA (`CertificateAuthority::issue_serving`: DNS SANs, serverAuth only, and no URI SAN,
+//!   so no proxy can take it for a mesh identity; the CSR API still refuses DNS names).
+//!   The API server trusts it through the webhooks' `caBundle`, which is kept equal to the
+//!   mesh trust bundle. It lives `--webhook-cert-ttl` (24 h) and is renewed at half its
+//!   lifetime and at once when the CA's generation changes (a new signing CA: its roots
+//!   joined the bundle, and so `caBundle`, during the change's propagation step), by
+//!   swapping the TLS config under the running listener; a failed renewal keeps the
+//!   running certificate and retries after 10 s.
+//! - **Files** (an override): `--webhook-cert` and `--webhook-key` name PEM files
+//!   (cert-manager, or a Secret made at install), re-read when they change; the
+//!   certificate must be valid for every `--webhook-dns-names` entry.
+//!
+//! Either way `trellis_webhook_certificate_expiration_timestamp_seconds` shows the served
+//! certificate's `notAfter`.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -31,6 +48,7 @@ use kube::core::{DynamicObject, GroupVersionKind};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -41,12 +59,22 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use trellis_ca::CertificateAuthority;
+use trellis_webhook::Outcome;
 
 use crate::cli::RunArgs;
+use crate::injector::Injector;
 use crate::mesh_config::{self, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE, ConfigError};
 
-/// The one path the webhook serves.
+/// The trellis-config validating webhook's path.
 pub(crate) const VALIDATE_PATH: &str = "/validate";
+/// The sidecar injector's path.
+pub(crate) const INJECT_PATH: &str = "/inject";
+/// How long to wait before retrying a failed renewal from the mesh CA.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
+/// Shortest `--webhook-cert-ttl`: renewal at half the lifetime must leave the API server
+/// time to connect with the certificate it has.
+const MIN_CERT_TTL: Duration = Duration::from_secs(60);
 /// Largest request body read: the API server's own limit for a request (3 MiB), so any
 /// object it accepted fits.
 pub(crate) const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -85,7 +113,8 @@ pub(crate) struct Reviewed {
     pub(crate) message: String,
 }
 
-/// The webhook's serving certificate: PEM files, and the names the API server uses.
+/// The webhook's serving certificate in file mode: PEM files, and the names the API
+/// server uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WebhookTls {
     cert: PathBuf,
@@ -93,24 +122,77 @@ pub(crate) struct WebhookTls {
     dns_names: Vec<String>,
 }
 
-/// The webhook as configured at startup: where it listens, its certificate files and
-/// first certificate, and its metrics.
+/// Where the serving certificate comes from (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CertSource {
+    /// Issued by the mesh CA for `dns_names`, living `ttl`.
+    MeshCa {
+        dns_names: Vec<String>,
+        ttl: Duration,
+    },
+    /// Read from PEM files.
+    Files(WebhookTls),
+}
+
+/// The webhook as configured at startup: where it listens, where its certificate comes
+/// from (in file mode, the first certificate already loaded and checked), its metrics.
 pub(crate) struct Webhook {
     addr: SocketAddr,
-    tls: WebhookTls,
-    config: Arc<rustls::ServerConfig>,
+    source: CertSource,
+    /// The certificate read at startup, in file mode.
+    files: Option<Served>,
     metrics: WebhookMetrics,
 }
 
-/// `trellis_webhook_reviews_total{result}`, result one of `allowed`, `denied`, `invalid`.
+/// What [`Webhook::start`] needs from the running control plane.
+pub(crate) struct Serving {
+    /// The mesh CA (mesh CA mode).
+    pub(crate) ca: Arc<CertificateAuthority>,
+    /// The sidecar injector; `None` in the local profile (`/inject` answers 404).
+    pub(crate) injector: Option<Injector>,
+    /// How often certificate files are re-read (file mode).
+    pub(crate) poll: Duration,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A TLS config and the `notAfter` of the certificate it serves.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    config: Arc<rustls::ServerConfig>,
+    not_after_unix: i64,
+}
+
+/// `trellis_webhook_reviews_total{result}` (`/validate`), result one of `allowed`,
+/// `denied`, `invalid`; `trellis_webhook_injections_total{outcome}` (`/inject`);
+/// `trellis_webhook_certificate_expiration_timestamp_seconds`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct WebhookMetrics {
     reviews: Family<ReviewLabels, Counter>,
+    injections: Family<InjectionLabels, Counter>,
+    expiry: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReviewLabels {
     result: Verdict,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InjectionLabels {
+    outcome: InjectOutcome,
+}
+
+/// `/inject` decisions as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum InjectOutcome {
+    /// Allowed with the proxy added.
+    Injected,
+    /// Allowed unchanged.
+    Skipped,
+    /// Refused: a bad pod field, the injector's config, or an unknown namespace.
+    Refused,
+    /// Not a usable AdmissionReview.
+    Invalid,
 }
 
 /// Reviews one AdmissionReview body (`admission.k8s.io/v1`). Never panics: anything
@@ -337,10 +419,40 @@ impl EncodeLabelValue for Verdict {
     }
 }
 
+// === impl InjectOutcome ===
+
+impl InjectOutcome {
+    fn of(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Injected => Self::Injected,
+            Outcome::Skipped => Self::Skipped,
+            Outcome::Denied => Self::Refused,
+            Outcome::Invalid => Self::Invalid,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Injected => "injected",
+            Self::Skipped => "skipped",
+            Self::Refused => "refused",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+impl EncodeLabelValue for InjectOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 // === impl WebhookMetrics ===
 
 impl WebhookMetrics {
-    /// Creates and registers `trellis_webhook_reviews_total{result}`.
+    /// Creates and registers `trellis_webhook_reviews_total{result}`,
+    /// `trellis_webhook_injections_total{outcome}` and
+    /// `trellis_webhook_certificate_expiration_timestamp_seconds`.
     pub(crate) fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register(
@@ -348,9 +460,28 @@ impl WebhookMetrics {
             "trellis-config admission reviews, by result (allowed, denied, invalid)",
             m.reviews.clone(),
         );
+        registry.register(
+            "trellis_webhook_injections",
+            "Sidecar injection reviews (POST /inject), by outcome \
+             (injected, skipped, refused, invalid)",
+            m.injections.clone(),
+        );
+        registry.register(
+            "trellis_webhook_certificate_expiration_timestamp_seconds",
+            "notAfter of the certificate the webhook listener serves, Unix seconds",
+            m.expiry.clone(),
+        );
         // Every result from the start, at 0, so rates and alerts work before the first.
         for result in [Verdict::Allowed, Verdict::Denied, Verdict::Invalid] {
             let _ = m.reviews.get_or_create(&ReviewLabels { result });
+        }
+        for outcome in [
+            InjectOutcome::Injected,
+            InjectOutcome::Skipped,
+            InjectOutcome::Refused,
+            InjectOutcome::Invalid,
+        ] {
+            let _ = m.injections.get_or_create(&InjectionLabels { outcome });
         }
         m
     }
@@ -360,55 +491,110 @@ impl WebhookMetrics {
             .get_or_create(&ReviewLabels { result: verdict })
             .inc();
     }
+
+    fn count_injection(&self, outcome: InjectOutcome) {
+        self.injections
+            .get_or_create(&InjectionLabels { outcome })
+            .inc();
+    }
 }
 
 // === impl Webhook ===
 
 impl Webhook {
-    /// From the flags, with the certificate loaded and checked and the metrics
-    /// registered; `None` without `--webhook-listen`. Errors name the flag (exit 64).
+    /// From the flags, with the certificate files (file mode) loaded and checked and the
+    /// metrics registered; `None` without `--webhook-listen`. Errors name the flag
+    /// (exit 64).
     pub(crate) fn from_args(
         args: &RunArgs,
         registry: &mut Registry,
     ) -> Result<Option<Self>, String> {
-        let Some((addr, tls)) = WebhookTls::from_args(args)? else {
+        let Some((addr, source)) = CertSource::from_args(args)? else {
             return Ok(None);
         };
-        let config = tls.load()?;
+        let files = match &source {
+            CertSource::Files(tls) => Some(tls.load()?),
+            CertSource::MeshCa { .. } => None,
+        };
         Ok(Some(Self {
             addr,
-            tls,
-            config,
+            source,
+            files,
             metrics: WebhookMetrics::new(registry),
         }))
     }
 
-    /// Binds (naming the flag when the port is taken), then serves and watches the
-    /// certificate files in the background until `shutdown`. Returns the bound address.
-    pub(crate) async fn start(
-        self,
-        poll: Duration,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<SocketAddr> {
+    /// Binds (naming the flag when the port is taken), gets the first certificate (from
+    /// the mesh CA in that mode), then serves and keeps the certificate current in the
+    /// background until `shutdown`. Returns the bound address.
+    pub(crate) async fn start(self, serving: Serving) -> anyhow::Result<SocketAddr> {
+        let Serving {
+            ca,
+            injector,
+            poll,
+            shutdown,
+        } = serving;
         let listener = crate::app::bind(self.addr, "--webhook-listen").await?;
         let addr = listener.local_addr()?;
-        let (tx, rx) = watch::channel(self.config);
-        info!(
-            %addr,
-            path = VALIDATE_PATH,
-            names = ?self.tls.dns_names,
-            "admission webhook serving"
-        );
-        tokio::spawn(self.tls.reload(tx, poll, shutdown.clone()));
-        tokio::spawn(serve(listener, rx, self.metrics, shutdown));
+        let paths: &[&str] = if injector.is_some() {
+            &[VALIDATE_PATH, INJECT_PATH]
+        } else {
+            &[VALIDATE_PATH]
+        };
+        let metrics = self.metrics;
+        let config = match (self.source, self.files) {
+            (CertSource::Files(tls), first) => {
+                // from_args loads the files at startup; a caller that did not, loads here.
+                let first = match first {
+                    Some(first) => first,
+                    None => tls.load().map_err(anyhow::Error::msg)?,
+                };
+                info!(
+                    %addr,
+                    ?paths,
+                    names = ?tls.dns_names,
+                    cert = %tls.cert.display(),
+                    "admission webhook serving (certificate from files)"
+                );
+                metrics.expiry.set(first.not_after_unix);
+                let (tx, rx) = watch::channel(first.config);
+                tokio::spawn(tls.reload(tx, poll, metrics.clone(), shutdown.clone()));
+                rx
+            }
+            (CertSource::MeshCa { dns_names, ttl }, _) => {
+                let (first, cert) = from_mesh_ca(&ca, &dns_names, ttl)
+                    .map_err(|e| anyhow::anyhow!("webhook certificate from the mesh CA: {e}"))?;
+                info!(
+                    %addr,
+                    ?paths,
+                    names = ?dns_names,
+                    serial = %cert.serial,
+                    generation = cert.generation,
+                    "admission webhook serving (certificate from the mesh CA)"
+                );
+                metrics.expiry.set(first.not_after_unix);
+                let (tx, rx) = watch::channel(first.config);
+                tokio::spawn(renew_from_ca(
+                    ca.clone(),
+                    dns_names,
+                    ttl,
+                    cert,
+                    tx,
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                rx
+            }
+        };
+        tokio::spawn(serve(listener, config, metrics, injector, shutdown));
         Ok(addr)
     }
 }
 
-// === impl WebhookTls ===
+// === impl CertSource ===
 
-impl WebhookTls {
-    /// The listener address and certificate from the flags; `None` when
+impl CertSource {
+    /// The listener address and certificate source from the flags; `None` when
     /// `--webhook-listen` is not set. Errors name the flag.
     pub(crate) fn from_args(args: &RunArgs) -> Result<Option<(SocketAddr, Self)>, String> {
         let Some(addr) = args.webhook_listen else {
@@ -417,33 +603,69 @@ impl WebhookTls {
             }
             return Ok(None);
         };
-        let (Some(cert), Some(key)) = (&args.webhook_cert, &args.webhook_key) else {
-            return Err(
-                "--webhook-listen needs --webhook-cert and --webhook-key (PEM files)".to_owned(),
-            );
-        };
         if args.webhook_dns_names.is_empty() {
             return Err("--webhook-dns-names: at least one name".to_owned());
         }
-        for name in &args.webhook_dns_names {
-            if ServerName::try_from(name.as_str()).is_err() {
-                return Err(format!("--webhook-dns-names: {name:?} is not a DNS name"));
+        let dns_names = args.webhook_dns_names.clone();
+        match (&args.webhook_cert, &args.webhook_key) {
+            (Some(cert), Some(key)) => {
+                for name in &dns_names {
+                    if ServerName::try_from(name.as_str()).is_err() {
+                        return Err(format!("--webhook-dns-names: {name:?} is not a DNS name"));
+                    }
+                }
+                Ok(Some((
+                    addr,
+                    Self::Files(WebhookTls {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        dns_names,
+                    }),
+                )))
             }
+            (None, None) => {
+                // The mesh CA issues DNS names only: no IP address, no wildcard.
+                for name in &dns_names {
+                    let dns = !name.contains('*')
+                        && matches!(
+                            ServerName::try_from(name.as_str()),
+                            Ok(ServerName::DnsName(_))
+                        );
+                    if !dns {
+                        return Err(format!("--webhook-dns-names: {name:?} is not a DNS name"));
+                    }
+                }
+                if args.webhook_cert_ttl < MIN_CERT_TTL {
+                    return Err(format!(
+                        "--webhook-cert-ttl: {} is shorter than {}",
+                        humantime::format_duration(args.webhook_cert_ttl),
+                        humantime::format_duration(MIN_CERT_TTL)
+                    ));
+                }
+                Ok(Some((
+                    addr,
+                    Self::MeshCa {
+                        dns_names,
+                        ttl: args.webhook_cert_ttl,
+                    },
+                )))
+            }
+            _ => Err(
+                "--webhook-cert and --webhook-key go together (or neither: the \
+                      certificate then comes from the mesh CA)"
+                    .to_owned(),
+            ),
         }
-        Ok(Some((
-            addr,
-            Self {
-                cert: cert.clone(),
-                key: key.clone(),
-                dns_names: args.webhook_dns_names.clone(),
-            },
-        )))
     }
+}
 
+// === impl WebhookTls ===
+
+impl WebhookTls {
     /// Reads the files and builds the server config (TLS 1.3, HTTP/1.1). The certificate
     /// must be valid for every `--webhook-dns-names` entry: a certificate the API server
     /// would refuse fails here, with the name, rather than as a failed webhook call.
-    pub(crate) fn load(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    pub(crate) fn load(&self) -> Result<Served, String> {
         let cert_pem = std::fs::read(&self.cert)
             .map_err(|e| format!("--webhook-cert: reading {}: {e}", self.cert.display()))?;
         let key_pem = std::fs::read(&self.key)
@@ -451,11 +673,7 @@ impl WebhookTls {
         self.server_config(&cert_pem, &key_pem)
     }
 
-    fn server_config(
-        &self,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-    ) -> Result<Arc<rustls::ServerConfig>, String> {
+    fn server_config(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<Served, String> {
         let cert_flag = format!("--webhook-cert {}", self.cert.display());
         let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
@@ -471,17 +689,15 @@ impl WebhookTls {
             rustls::client::verify_server_name(&parsed, &server_name)
                 .map_err(|e| format!("{cert_flag}: not valid for {name} ({e})"))?;
         }
+        let not_after_unix = not_after(leaf).map_err(|e| format!("{cert_flag}: {e}"))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem)
             .map_err(|e| format!("--webhook-key {}: {e}", self.key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| format!("webhook TLS: {e}"))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| format!("{cert_flag} with --webhook-key: {e}"))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        let config =
+            tls_config(chain, key).map_err(|e| format!("{cert_flag} with --webhook-key: {e}"))?;
+        Ok(Served {
+            config,
+            not_after_unix,
+        })
     }
 
     /// Re-reads the files every `poll` and publishes a new config when they changed and
@@ -491,6 +707,7 @@ impl WebhookTls {
         self,
         tx: watch::Sender<Arc<rustls::ServerConfig>>,
         poll: Duration,
+        metrics: WebhookMetrics,
         shutdown: CancellationToken,
     ) {
         let read = || {
@@ -519,9 +736,10 @@ impl WebhookTls {
                 continue;
             };
             match self.server_config(&cert, &key) {
-                Ok(config) => {
+                Ok(served) => {
                     info!(cert = %self.cert.display(), "webhook certificate reloaded");
-                    if tx.send(config).is_err() {
+                    metrics.expiry.set(served.not_after_unix);
+                    if tx.send(served.config).is_err() {
                         return;
                     }
                 }
@@ -536,12 +754,144 @@ impl WebhookTls {
     }
 }
 
-/// Serves HTTPS `POST /validate` on `listener` until `shutdown`, TLS-terminating with the
-/// latest `config` (the handshake runs in `crate::tls::incoming`, as for gRPC).
+/// The listener's TLS config for `chain` and `key`: TLS 1.3, HTTP/1.1, no client
+/// certificate (the API server sends none).
+fn tls_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("webhook TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The leaf's `notAfter`, Unix seconds.
+fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
+    use x509_parser::prelude::FromDer;
+    let (_, x) = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(x.validity().not_after.timestamp())
+}
+
+/// Issues a serving certificate from the mesh CA and builds the listener's config.
+fn from_mesh_ca(
+    ca: &CertificateAuthority,
+    dns_names: &[String],
+    ttl: Duration,
+) -> Result<(Served, trellis_ca::ServingCert), String> {
+    let cert = ca
+        .issue_serving(dns_names, ttl)
+        .map_err(|e| e.to_string())?;
+    let config = tls_config(cert.certificates(), cert.private_key())?;
+    let not_after_unix = cert
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Ok((
+        Served {
+            config,
+            not_after_unix,
+        },
+        cert,
+    ))
+}
+
+/// Keeps the mesh CA's certificate current: a new one at half the running one's
+/// lifetime (counted from when it was issued), and at once when the CA's generation
+/// moves past the one that signed it (after a CA change the chain must lead to the new
+/// CA; a bundle-only change needs nothing). Each is swapped into the listener's config;
+/// open connections keep theirs. A failure keeps the running certificate and is retried
+/// after [`RENEW_RETRY`].
+async fn renew_from_ca(
+    ca: Arc<CertificateAuthority>,
+    dns_names: Vec<String>,
+    ttl: Duration,
+    mut current: trellis_ca::ServingCert,
+    tx: watch::Sender<Arc<rustls::ServerConfig>>,
+    metrics: WebhookMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut trust = ca.subscribe();
+    let mut issued_at = std::time::SystemTime::now();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        // The generation is also checked here, not only on a change: one that moved
+        // between the first issuance and the subscription is seen at once.
+        let stale = trust.borrow_and_update().generation != current.generation;
+        let reason = if stale && retry_at.is_none() {
+            "CA generation changed"
+        } else {
+            let due = retry_at.unwrap_or_else(|| {
+                let life = current
+                    .not_after
+                    .duration_since(issued_at)
+                    .unwrap_or_default();
+                let wait = (issued_at + life / 2)
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::Instant::now() + wait.max(Duration::from_secs(1))
+            });
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(due) => {
+                    if retry_at.is_some() { "retry" } else { "half of its lifetime" }
+                }
+                changed = trust.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if trust.borrow_and_update().generation == current.generation {
+                        // Roots added or retired: the running chain is still good.
+                        continue;
+                    }
+                    "CA generation changed"
+                }
+            }
+        };
+        match from_mesh_ca(&ca, &dns_names, ttl) {
+            Ok((served, cert)) => {
+                info!(
+                    reason,
+                    serial = %cert.serial,
+                    generation = cert.generation,
+                    names = ?dns_names,
+                    "webhook certificate renewed from the mesh CA"
+                );
+                metrics.expiry.set(served.not_after_unix);
+                current = cert;
+                issued_at = std::time::SystemTime::now();
+                retry_at = None;
+                if tx.send(served.config).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                error!(
+                    reason,
+                    error = %e,
+                    "renewing the webhook certificate failed; keeping the running one, \
+                     retrying in 10s"
+                );
+                retry_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+            }
+        }
+    }
+}
+
+/// Serves HTTPS `POST /validate` and `POST /inject` on `listener` until `shutdown`,
+/// TLS-terminating with the latest `config` (the handshake runs in
+/// `crate::tls::incoming`, as for gRPC).
 pub(crate) async fn serve(
     listener: TcpListener,
     config: watch::Receiver<Arc<rustls::ServerConfig>>,
     metrics: WebhookMetrics,
+    injector: Option<Injector>,
     shutdown: CancellationToken,
 ) {
     let mut incoming = crate::tls::incoming(listener, config);
@@ -558,10 +908,12 @@ pub(crate) async fn serve(
             () = shutdown.cancelled() => return,
         };
         let metrics = metrics.clone();
+        let injector = injector.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(handle(req, &metrics).await) }
+                let injector = injector.clone();
+                async move { Ok::<_, Infallible>(handle(req, &metrics, injector.as_ref()).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -572,18 +924,104 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(req: Request<Incoming>, metrics: &WebhookMetrics) -> Response<Full<Bytes>> {
-    if req.uri().path() != VALIDATE_PATH {
+async fn handle(
+    req: Request<Incoming>,
+    metrics: &WebhookMetrics,
+    injector: Option<&Injector>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    if path == INJECT_PATH && injector.is_none() {
         return text(
             StatusCode::NOT_FOUND,
-            "not found: this webhook serves POST /validate\n",
+            "not found: /inject (the sidecar injector) is served only with --kubernetes: it \
+             needs the cluster's namespaces\n",
         );
     }
+    if path != VALIDATE_PATH && path != INJECT_PATH {
+        let paths = if injector.is_some() {
+            "POST /validate and POST /inject"
+        } else {
+            "POST /validate"
+        };
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("not found: this webhook serves {paths}\n"),
+        );
+    }
+    let bytes = match read_review(req).await {
+        Ok(bytes) => bytes,
+        Err(refused) => return refused,
+    };
+    let (status, body) = match injector {
+        Some(injector) if path == INJECT_PATH => {
+            let reviewed = injector.review(&bytes).await;
+            let outcome = InjectOutcome::of(reviewed.outcome);
+            metrics.count_injection(outcome);
+            match outcome {
+                InjectOutcome::Injected => {
+                    let summary = &reviewed.message;
+                    info!(uid = %reviewed.uid, %summary, "sidecar injection: injected");
+                }
+                InjectOutcome::Skipped => {
+                    let reason = &reviewed.message;
+                    debug!(uid = %reviewed.uid, %reason, "sidecar injection: skipped");
+                }
+                InjectOutcome::Refused => {
+                    let reason = &reviewed.message;
+                    warn!(uid = %reviewed.uid, %reason, "sidecar injection: pod refused");
+                }
+                InjectOutcome::Invalid => {
+                    let reason = &reviewed.message;
+                    warn!(uid = %reviewed.uid, %reason, "sidecar injection: malformed review");
+                }
+            }
+            (
+                StatusCode::from_u16(reviewed.http_status).unwrap_or(StatusCode::BAD_REQUEST),
+                reviewed.body,
+            )
+        }
+        _ => {
+            let reviewed = review(&bytes);
+            metrics.count(reviewed.verdict);
+            match reviewed.verdict {
+                Verdict::Allowed => {
+                    debug!(uid = %reviewed.uid, "trellis-config admission: allowed");
+                }
+                Verdict::Denied => {
+                    info!(
+                        uid = %reviewed.uid,
+                        reason = %reviewed.message,
+                        "trellis-config admission: denied"
+                    );
+                }
+                Verdict::Invalid => {
+                    warn!(
+                        uid = %reviewed.uid,
+                        reason = %reviewed.message,
+                        "trellis-config admission: malformed review"
+                    );
+                }
+            }
+            (reviewed.http_status, reviewed.body)
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The checks both webhooks share before a review: POST, a JSON content type, at most
+/// [`MAX_BODY`] bytes, read within [`READ_TIMEOUT`]. `Err` is the refusal to send.
+async fn read_review(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
     if req.method() != Method::POST {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
         r.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return r;
+        return Err(r);
     }
     let json = req
         .headers()
@@ -592,10 +1030,10 @@ async fn handle(req: Request<Incoming>, metrics: &WebhookMetrics) -> Response<Fu
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !json {
-        return text(
+        return Err(text(
             StatusCode::BAD_REQUEST,
             "Content-Type must be application/json (an admission.k8s.io/v1 AdmissionReview)\n",
-        );
+        ));
     }
     let too_large = || {
         text(
@@ -609,41 +1047,18 @@ async fn handle(req: Request<Incoming>, metrics: &WebhookMetrics) -> Response<Fu
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return too_large();
+        return Err(too_large());
     }
     let body = Limited::new(req.into_body(), MAX_BODY);
-    let bytes = match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(e)) => return text(StatusCode::BAD_REQUEST, &format!("reading the body: {e}\n")),
-        Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
-    };
-    let reviewed = review(&bytes);
-    metrics.count(reviewed.verdict);
-    match reviewed.verdict {
-        Verdict::Allowed => debug!(uid = %reviewed.uid, "trellis-config admission: allowed"),
-        Verdict::Denied => {
-            info!(
-                uid = %reviewed.uid,
-                reason = %reviewed.message,
-                "trellis-config admission: denied"
-            );
-        }
-        Verdict::Invalid => {
-            warn!(
-                uid = %reviewed.uid,
-                reason = %reviewed.message,
-                "trellis-config admission: malformed review"
-            );
-        }
+    match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            &format!("reading the body: {e}\n"),
+        )),
+        Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n")),
     }
-    let mut r = Response::new(Full::new(Bytes::from(reviewed.body)));
-    *r.status_mut() = reviewed.http_status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -655,6 +1070,9 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     );
     r
 }
+
+#[cfg(test)]
+mod inject_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1151,13 +1569,18 @@ mod tests {
         let mut registry = Registry::default();
         let webhook = Webhook {
             addr: "127.0.0.1:0".parse().unwrap(),
-            config: tls.load().unwrap(),
-            tls,
+            files: Some(tls.load().unwrap()),
+            source: CertSource::Files(tls),
             metrics: WebhookMetrics::new(&mut registry),
         };
         let shutdown = CancellationToken::new();
         let addr = webhook
-            .start(Duration::from_millis(50), shutdown.clone())
+            .start(Serving {
+                ca: Arc::new(CertificateAuthority::generate("cluster.local").unwrap()),
+                injector: None,
+                poll: Duration::from_millis(50),
+                shutdown: shutdown.clone(),
+            })
             .await
             .unwrap();
 
@@ -1208,6 +1631,17 @@ mod tests {
             .await
             .unwrap();
         assert!(raw.starts_with(b"HTTP/1.1 404 Not Found\r\n"), "{raw:?}");
+        // The injector needs the cluster: the local profile says so, counting nothing.
+        let raw = exchange(addr, &ca, &post("/inject", "application/json", &body))
+            .await
+            .unwrap();
+        let (head, got) = split(&raw);
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "not found: /inject (the sidecar injector) is served only with --kubernetes: it \
+             needs the cluster's namespaces\n"
+        );
         let get = format!(
             "GET /validate HTTP/1.1\r\nHost: {DEFAULT_DNS_NAME}\r\nConnection: close\r\n\r\n"
         );
@@ -1238,10 +1672,22 @@ mod tests {
 
         let mut metrics = String::new();
         prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
+        let leaf = CertificateDer::pem_file_iter(dir.path().join("tls.crt"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let expiry = format!(
+            "trellis_webhook_certificate_expiration_timestamp_seconds {}",
+            not_after(&leaf).unwrap()
+        );
         for line in [
             "trellis_webhook_reviews_total{result=\"denied\"} 1",
             "trellis_webhook_reviews_total{result=\"allowed\"} 1",
             "trellis_webhook_reviews_total{result=\"invalid\"} 1",
+            "trellis_webhook_injections_total{outcome=\"injected\"} 0",
+            "trellis_webhook_injections_total{outcome=\"invalid\"} 0",
+            &expiry,
         ] {
             assert!(metrics.contains(line), "{line} in\n{metrics}");
         }
@@ -1343,8 +1789,8 @@ mod tests {
 
     #[test]
     fn webhook_flags_are_checked() {
-        assert_eq!(WebhookTls::from_args(&flags(&[])), Ok(None));
-        let on = flags(&[
+        assert_eq!(CertSource::from_args(&flags(&[])), Ok(None));
+        let files = flags(&[
             "--webhook-listen",
             "0.0.0.0:9443",
             "--webhook-cert",
@@ -1352,8 +1798,11 @@ mod tests {
             "--webhook-key",
             "/k",
         ]);
-        let (addr, tls) = WebhookTls::from_args(&on).unwrap().unwrap();
+        let (addr, source) = CertSource::from_args(&files).unwrap().unwrap();
         assert_eq!(addr.port(), 9443);
+        let CertSource::Files(tls) = source else {
+            panic!("{source:?}");
+        };
         assert_eq!(tls.dns_names, [DEFAULT_DNS_NAME]);
         let names = flags(&[
             "--webhook-listen",
@@ -1365,12 +1814,38 @@ mod tests {
             "--webhook-dns-names",
             "a.svc,b.svc.cluster.local",
         ]);
-        let (_, tls) = WebhookTls::from_args(&names).unwrap().unwrap();
+        let (_, source) = CertSource::from_args(&names).unwrap().unwrap();
+        let CertSource::Files(tls) = source else {
+            panic!("{source:?}");
+        };
         assert_eq!(tls.dns_names, ["a.svc", "b.svc.cluster.local"]);
-        let cases: [(&[&str], &str); 3] = [
+        // No files: the mesh CA issues it, for the names, for 24 h by default.
+        let (_, source) = CertSource::from_args(&flags(&["--webhook-listen", "0.0.0.0:9443"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            source,
+            CertSource::MeshCa {
+                dns_names: vec![DEFAULT_DNS_NAME.to_owned()],
+                ttl: Duration::from_secs(24 * 3600),
+            }
+        );
+        let (_, source) = CertSource::from_args(&flags(&[
+            "--webhook-listen",
+            "0.0.0.0:9443",
+            "--webhook-cert-ttl",
+            "2h",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(
+            matches!(source, CertSource::MeshCa { ttl, .. } if ttl == Duration::from_secs(7200))
+        );
+        let cases: [(&[&str], &str); 6] = [
             (
-                &["--webhook-listen", "0.0.0.0:9443"],
-                "--webhook-listen needs --webhook-cert and --webhook-key (PEM files)",
+                &["--webhook-listen", "0.0.0.0:9443", "--webhook-cert", "/c"],
+                "--webhook-cert and --webhook-key go together (or neither: the certificate \
+                 then comes from the mesh CA)",
             ),
             (
                 &["--webhook-cert", "/c", "--webhook-key", "/k"],
@@ -1389,10 +1864,38 @@ mod tests {
                 ],
                 "--webhook-dns-names: \"bad name\" is not a DNS name",
             ),
+            // The mesh CA issues DNS names only.
+            (
+                &[
+                    "--webhook-listen",
+                    "0.0.0.0:9443",
+                    "--webhook-dns-names",
+                    "10.0.0.1",
+                ],
+                "--webhook-dns-names: \"10.0.0.1\" is not a DNS name",
+            ),
+            (
+                &[
+                    "--webhook-listen",
+                    "0.0.0.0:9443",
+                    "--webhook-dns-names",
+                    "*.svc",
+                ],
+                "--webhook-dns-names: \"*.svc\" is not a DNS name",
+            ),
+            (
+                &[
+                    "--webhook-listen",
+                    "0.0.0.0:9443",
+                    "--webhook-cert-ttl",
+                    "30s",
+                ],
+                "--webhook-cert-ttl: 30s is shorter than 1m",
+            ),
         ];
         for (extra, expected) in cases {
             assert_eq!(
-                WebhookTls::from_args(&flags(extra)),
+                CertSource::from_args(&flags(extra)),
                 Err(expected.to_owned())
             );
         }

@@ -155,6 +155,10 @@ pub enum Error {
     /// extended key usage beyond mTLS, or a critical extension the CA does not grant.
     #[error("csr refused: {0}")]
     CsrPolicy(String),
+    /// A name asked for in a serving certificate is not a DNS name the control plane
+    /// can be reached by (empty list, IP address, wildcard, or not a valid name).
+    #[error("serving certificate: {0}")]
+    ServingName(String),
     /// Building or signing a certificate failed.
     #[error("signing failed: {0}")]
     Signing(#[from] rcgen::Error),
@@ -176,6 +180,26 @@ pub struct Issued {
     pub not_after: SystemTime,
     /// The leaf's serial number, lowercase hex, for logs.
     pub serial: String,
+}
+
+/// A TLS serving certificate for one of the control plane's own HTTPS listeners (the
+/// admission webhook), from [`CertificateAuthority::issue_serving`]. Its private key was
+/// generated in memory for it and never leaves the process; `Debug` does not print it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServingCert {
+    /// Leaf first, then the intermediates (none when the root signs itself), DER; never
+    /// the root, which verifiers have in the trust bundle.
+    pub chain_der: Vec<Vec<u8>>,
+    key_pkcs8_der: Vec<u8>,
+    /// The leaf's `notBefore` (one minute before issuance).
+    pub not_before: SystemTime,
+    /// The leaf's `notAfter`.
+    pub not_after: SystemTime,
+    /// The leaf's serial number, lowercase hex, for logs.
+    pub serial: String,
+    /// Generation of the CA that signed it: a listener renews when the CA's generation
+    /// moves past it.
+    pub generation: u64,
 }
 
 /// The certificate authority: signs leaves with its current [`CaMaterial`] and keeps the
@@ -566,6 +590,44 @@ impl CertificateAuthority {
         Ok((issued, generation))
     }
 
+    /// Issues a TLS serving certificate for the control plane itself, for `dns_names`
+    /// (the names clients such as the Kubernetes API server dial, e.g.
+    /// `trellis-webhook.trellis-system.svc`), with a fresh ECDSA P-256 key generated here.
+    ///
+    /// This is deliberately not reachable through the CSR API: [`CertificateAuthority::sign`]
+    /// (and so `Identity/Certify`) refuses any DNS name, because a workload must never
+    /// obtain a certificate for a name it does not own. Only the control plane calls
+    /// this, for itself, with names from its own flags; it is not counted in
+    /// `trellis_ca_certificates_issued_total`, which counts workload leaves.
+    ///
+    /// The leaf carries the DNS SANs and **no URI SAN**: every proxy accepts a peer only
+    /// with exactly one `spiffe://` URI SAN of the trust domain
+    /// (`trellis_identity::verify_peer`), so although it chains to the mesh's roots this
+    /// certificate can never pass as a mesh identity, on either side of an mTLS
+    /// connection. It is `CA:FALSE`, key usage digitalSignature, EKU serverAuth only
+    /// (never clientAuth). Lifetime: `ttl`, at most [`CaConfig::max_ttl`] (old roots are
+    /// retired on the assumption that no leaf lives longer), cut short where the issuing
+    /// chain expires. Returns the chain (leaf and intermediates, never the root), the key
+    /// and the generation of the CA that signed it.
+    pub fn issue_serving(&self, dns_names: &[String], ttl: Duration) -> Result<ServingCert, Error> {
+        check_serving_names(dns_names)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let (signing, generation) = {
+            let state = self.read();
+            (state.signing.clone(), state.generation)
+        };
+        let ttl = self.config.ttl_for(Some(ttl));
+        let (issued, not_before) = signing.sign_serving(&key, dns_names, now(), ttl)?;
+        Ok(ServingCert {
+            chain_der: issued.chain_der,
+            key_pkcs8_der: key.serialize_der(),
+            not_before,
+            not_after: issued.not_after,
+            serial: issued.serial,
+            generation,
+        })
+    }
+
     fn from_material(trust_domain: &str, material: CaMaterial) -> Self {
         let state = State {
             signing: Arc::new(material),
@@ -607,6 +669,55 @@ impl fmt::Debug for CertificateAuthority {
             .field("generation", &state.generation)
             .finish_non_exhaustive()
     }
+}
+
+// === impl ServingCert ===
+
+impl ServingCert {
+    /// The private key (PKCS#8 DER), for a TLS server config.
+    pub fn private_key(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_pkcs8_der.clone().into())
+    }
+
+    /// The chain as rustls takes it.
+    pub fn certificates(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.chain_der
+            .iter()
+            .map(|der| rustls_pki_types::CertificateDer::from(der.clone()))
+            .collect()
+    }
+}
+
+impl fmt::Debug for ServingCert {
+    // Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("chain_len", &self.chain_der.len())
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("serial", &self.serial)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names a serving certificate may carry: at least one, each a DNS name (no IP address,
+/// no wildcard: the control plane is reached by exact Service names).
+fn check_serving_names(dns_names: &[String]) -> Result<(), Error> {
+    if dns_names.is_empty() {
+        return Err(Error::ServingName("no DNS name given".to_owned()));
+    }
+    for name in dns_names {
+        let ok = !name.contains('*')
+            && matches!(
+                rustls_pki_types::ServerName::try_from(name.as_str()),
+                Ok(rustls_pki_types::ServerName::DnsName(_))
+            );
+        if !ok {
+            return Err(Error::ServingName(format!("{name:?} is not a DNS name")));
+        }
+    }
+    Ok(())
 }
 
 /// The bundle: signing roots first, then a pending CA's, then retiring ones.

@@ -6,7 +6,9 @@
 //! identity is rate-limited ([`RateLimit`]).
 //!
 //! Owns: the local profile's self-signed root ([`CertificateAuthority`]), leaf signing
-//! rules, caller-token verification behind [`TokenVerifier`] (the local profile's
+//! rules, the control plane's own TLS serving certificates
+//! ([`CertificateAuthority::issue_serving`]: DNS names, never reachable from a CSR),
+//! caller-token verification behind [`TokenVerifier`] (the local profile's
 //! [`LocalIssuer`] / [`JwksVerifier`] pair, and [`OidcVerifier`] for a cluster's OIDC
 //! issuer), and the `trellis.identity.v1.Identity` gRPC service ([`IdentityService`]).
 //!
@@ -25,7 +27,7 @@ mod token;
 
 pub use authority::{
     CaConfig, CaMaterial, CaStatus, CertificateAuthority, DEFAULT_MAX_TTL, DEFAULT_TTL, Error,
-    Issued, ROOT_CERT_FILE, ROOT_KEY_FILE, RootStatus, Staged, generate_pems,
+    Issued, ROOT_CERT_FILE, ROOT_KEY_FILE, RootStatus, ServingCert, Staged, generate_pems,
     load_or_generate_self_signed, spiffe_trust_domain,
 };
 pub use csr::MAX_CSR_LEN;

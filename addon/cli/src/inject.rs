@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
@@ -27,10 +26,14 @@ pub(crate) struct Args {
     /// The proxy image (`registry/repository:tag` or `@sha256:...`).
     #[arg(long)]
     proxy_image: String,
-    /// The control plane's gRPC address as the proxies reach it (its Service's ClusterIP
-    /// and port 15010; the proxy takes an IP, not a DNS name).
+    /// The image of the capture step (`trellis-proxy init`, which needs iptables: the
+    /// proxy image's `init` target). Default: the proxy image.
     #[arg(long)]
-    control_plane: SocketAddr,
+    proxy_init_image: Option<String>,
+    /// The control plane's gRPC address as the proxies reach it, `host:port`: its
+    /// Service's DNS name, or an IP address.
+    #[arg(long, default_value = trellis_webhook::DEFAULT_CONTROL_PLANE)]
+    control_plane: String,
     /// The cluster's Kubernetes version: a native sidecar from 1.29, a classic one before.
     #[arg(long, default_value = "1.29")]
     kubernetes_version: KubeVersion,
@@ -99,7 +102,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn config(args: &Args) -> InjectConfig {
-    let mut c = InjectConfig::new(args.proxy_image.clone(), args.control_plane);
+    let mut c = InjectConfig::new(args.proxy_image.clone(), args.control_plane.clone());
+    c.init_image.clone_from(&args.proxy_init_image);
     c.kubernetes_version = args.kubernetes_version;
     c.control_plane_identity = args.control_plane_identity.clone().unwrap_or_else(|| {
         format!(

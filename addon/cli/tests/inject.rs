@@ -137,3 +137,54 @@ fn errors_name_the_document_and_the_field_and_write_nothing() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("--kubernetes-version"), "{stderr}");
 }
+
+#[test]
+fn the_control_plane_defaults_to_its_service_name_and_the_init_image_is_its_own() {
+    let input = std::fs::read(fixture("inject-input.yaml")).unwrap();
+    // Without --control-plane: the chart's Service, as `host:port`, passed as given.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "inject",
+            "--proxy-image",
+            "trellis.azurecr.io/trellis/proxy:0.1.0",
+            "--proxy-init-image",
+            "trellis.azurecr.io/trellis/proxy-init:0.1.0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("value: trellis-control-plane.trellis-system.svc:15010"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("image: trellis.azurecr.io/trellis/proxy-init:0.1.0"));
+    assert!(stdout.contains("image: trellis.azurecr.io/trellis/proxy:0.1.0"));
+    // A control plane that is not host:port is refused before anything is read.
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "inject",
+            "--proxy-image",
+            "p:1",
+            "--control-plane",
+            "http://cp:15010",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("control plane \"http://cp:15010\""),
+        "{stderr}"
+    );
+}

@@ -1,12 +1,16 @@
 //! What the control plane knows and the injector needs: [`InjectConfig`].
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 /// The cloud instance metadata service: excluded from outbound capture by default (node
 /// agents and SDKs fetch tokens there before the proxy is up; mTLS to it is impossible).
 pub const DEFAULT_IMDS_CIDR: &str = "169.254.169.254/32";
+
+/// Where proxies reach the control plane by default: its Service in `trellis-system`
+/// (`charts/trellis/templates/services.yaml`) and the gRPC port.
+pub const DEFAULT_CONTROL_PLANE: &str = "trellis-control-plane.trellis-system.svc:15010";
 
 /// The first Kubernetes version with native sidecars on by default (init containers with
 /// `restartPolicy: Always`; beta and enabled in 1.29, GA in 1.33).
@@ -43,15 +47,19 @@ pub struct ProxyResources {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectConfig {
     /// The proxy image, a full reference: `registry/repository:tag` or
-    /// `registry/repository@sha256:...`. The same image runs the capture step
-    /// (`trellis-proxy init`) and the proxy (`trellis-proxy run`).
+    /// `registry/repository@sha256:...`, for the proxy (`trellis-proxy run`), and for the
+    /// capture step too unless [`InjectConfig::init_image`] is set.
     pub proxy_image: String,
+    /// The image of the capture step (`trellis-init`: `trellis-proxy init`, which needs
+    /// `iptables` in the image; the chart's `proxy.initImage`, a Debian-based target).
+    /// `None`: the proxy image.
+    pub init_image: Option<String>,
     /// `imagePullPolicy` of both injected containers (default `IfNotPresent`).
     pub image_pull_policy: String,
-    /// The control plane's gRPC address (`TRELLIS_PROXY_CONTROL_PLANE`). The proxy takes
-    /// a socket address, not a DNS name: on a cluster, the ClusterIP of the control
-    /// plane's Service and port 15010.
-    pub control_plane: SocketAddr,
+    /// The control plane's gRPC address as `host:port` (`TRELLIS_PROXY_CONTROL_PLANE`):
+    /// on a cluster its Service's DNS name, [`DEFAULT_CONTROL_PLANE`]; an IP address
+    /// (`10.0.12.7:15010`, `[fd00::7]:15010`) works too.
+    pub control_plane: String,
     /// The SPIFFE ID the control plane must present (`TRELLIS_PROXY_CONTROL_PLANE_IDENTITY`),
     /// `spiffe://<trust domain>/ns/trellis-system/sa/trellis-control-plane`.
     pub control_plane_identity: String,
@@ -146,16 +154,18 @@ impl Default for ProxyResources {
 // === impl InjectConfig ===
 
 impl InjectConfig {
-    /// The defaults for `image`, with the control plane at `control_plane`: trust domain
+    /// The defaults for `image`, with the control plane at `control_plane` (`host:port`,
+    /// e.g. [`DEFAULT_CONTROL_PLANE`]): the same image for the capture step, trust domain
     /// `cluster.local`, Kubernetes 1.29 (native sidecars), log level `info`, metrics on
     /// 15090, IMDS excluded, trust bundle from ConfigMap `trellis-trust-bundle` key
     /// `trust-bundle.pem`, token audience `trellis` for 3600 s, proxy UID 1337.
-    pub fn new(proxy_image: impl Into<String>, control_plane: SocketAddr) -> Self {
+    pub fn new(proxy_image: impl Into<String>, control_plane: impl Into<String>) -> Self {
         let trust_domain = "cluster.local".to_owned();
         Self {
             proxy_image: proxy_image.into(),
+            init_image: None,
             image_pull_policy: "IfNotPresent".to_owned(),
-            control_plane,
+            control_plane: control_plane.into(),
             control_plane_identity: format!(
                 "spiffe://{trust_domain}/ns/trellis-system/sa/trellis-control-plane"
             ),
@@ -178,12 +188,25 @@ impl InjectConfig {
     ///
     /// [`inject`]: crate::inject
     pub fn check(&self) -> Result<(), String> {
-        if self.proxy_image.trim().is_empty() || self.proxy_image.contains(char::is_whitespace) {
+        let image = |what: &str, image: &str| {
+            if image.trim().is_empty() || image.contains(char::is_whitespace) {
+                Err(format!("{what} image {image:?} is not an image reference"))
+            } else {
+                Ok(())
+            }
+        };
+        image("proxy", &self.proxy_image)?;
+        if let Some(init) = &self.init_image {
+            image("init", init)?;
+        }
+        if !["Always", "IfNotPresent", "Never"].contains(&self.image_pull_policy.as_str()) {
             return Err(format!(
-                "proxy image {:?} is not an image reference",
-                self.proxy_image
+                "image pull policy {:?} is not Always, IfNotPresent or Never",
+                self.image_pull_policy
             ));
         }
+        check_host_port(&self.control_plane)
+            .map_err(|e| format!("control plane {:?}: {e}", self.control_plane))?;
         if self.metrics_port == 0 || [15001, 15006, 15020].contains(&self.metrics_port) {
             return Err(format!(
                 "metrics port {} must be a free port other than 15001, 15006 and 15020",
@@ -204,6 +227,43 @@ impl InjectConfig {
         }
         Ok(())
     }
+}
+
+/// `host:port`: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port
+/// 1-65535; what the proxy's `--control-plane` takes.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or("expected host:port (e.g. trellis-control-plane.trellis-system.svc:15010)")?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return Err(format!("{port:?} is not a port (1-65535)")),
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match v6.parse::<IpAddr>() {
+            Ok(IpAddr::V6(_)) => Ok(()),
+            _ => Err(format!("{host} is not an IPv6 address")),
+        };
+    }
+    if host.contains(':') {
+        return Err(format!("{host} must be in brackets ([{host}]:{port})"));
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    // RFC 1123 names: labels of 1-63 letters, digits and hyphens, not starting or ending
+    // with a hyphen; 253 characters at most.
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!("{host:?} is not a DNS name or IP address"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -246,8 +306,54 @@ mod tests {
 
     #[test]
     fn the_config_is_checked_naming_the_field() {
-        let ok = InjectConfig::new("r.io/trellis/proxy:1", "10.0.0.10:15010".parse().unwrap());
+        let ok = InjectConfig::new("r.io/trellis/proxy:1", "10.0.0.10:15010");
         assert_eq!(ok.check(), Ok(()));
+        for good in [
+            DEFAULT_CONTROL_PLANE,
+            "[fd00::7]:15010",
+            "localhost:1",
+            "cp-0.cp.trellis-system.svc.cluster.local:15010",
+        ] {
+            let c = InjectConfig {
+                control_plane: good.into(),
+                ..ok.clone()
+            };
+            assert_eq!(c.check(), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "trellis-control-plane",
+            "trellis-control-plane:0",
+            "trellis-control-plane:99999",
+            "trellis-control-plane:+1",
+            ":15010",
+            "bad_name.svc:15010",
+            "-x.svc:15010",
+            "fd00::7:15010",
+            "[10.0.0.1]:15010",
+            "http://cp:15010",
+        ] {
+            let c = InjectConfig {
+                control_plane: bad.into(),
+                ..ok.clone()
+            };
+            let e = c.check().unwrap_err();
+            assert!(e.starts_with("control plane "), "{bad}: {e}");
+        }
+        let e = InjectConfig {
+            init_image: Some("a b".into()),
+            ..ok.clone()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.starts_with("init image"), "{e}");
+        let e = InjectConfig {
+            image_pull_policy: "Sometimes".into(),
+            ..ok.clone()
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.contains("pull policy"), "{e}");
         let e = InjectConfig {
             proxy_image: " ".into(),
             ..ok.clone()

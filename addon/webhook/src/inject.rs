@@ -527,7 +527,7 @@ fn init_container(config: &InjectConfig, s: &Summary) -> Value {
     let uid = config.proxy_uid.to_string();
     json!({
         "name": INIT_CONTAINER_NAME,
-        "image": config.proxy_image,
+        "image": config.init_image.as_ref().unwrap_or(&config.proxy_image),
         "imagePullPolicy": config.image_pull_policy,
         "args": ["init"],
         "env": [
@@ -574,10 +574,7 @@ fn proxy_container(config: &InjectConfig, s: &Summary) -> Value {
 
     let mut envs = vec![
         env("TRELLIS_PROXY_MODE", "transparent"),
-        env(
-            "TRELLIS_PROXY_CONTROL_PLANE",
-            &config.control_plane.to_string(),
-        ),
+        env("TRELLIS_PROXY_CONTROL_PLANE", &config.control_plane),
         env(
             "TRELLIS_PROXY_CONTROL_PLANE_IDENTITY",
             &config.control_plane_identity,

@@ -19,7 +19,8 @@ mod net;
 mod review;
 
 pub use config::{
-    DEFAULT_IMDS_CIDR, InjectConfig, KubeVersion, NATIVE_SIDECAR_MIN, ProxyResources,
+    DEFAULT_CONTROL_PLANE, DEFAULT_IMDS_CIDR, InjectConfig, KubeVersion, NATIVE_SIDECAR_MIN,
+    ProxyResources,
 };
 pub use inject::{
     ANNOTATION_EXCLUDE_INBOUND_PORTS, ANNOTATION_EXCLUDE_OUTBOUND_CIDRS,
@@ -27,7 +28,7 @@ pub use inject::{
     ANNOTATION_SERVICE_NAME, Decision, INIT_CONTAINER_NAME, InjectError, LABEL_PROXY,
     PROXY_CONTAINER_NAME, SHUTDOWN_TOKEN_PATH, SidecarMode, SkipReason, Summary, inject,
 };
-pub use review::{Outcome, Reviewed, review};
+pub use review::{NamespaceLabels, Outcome, Reviewed, pod_namespace, review, review_with};
 
 /// The injector's version, written into `trellis.dev/injected`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,10 @@ use crate::inject::{Decision, InjectError, inject};
 
 const ADMISSION_V1: &str = "admission.k8s.io/v1";
 
+/// A namespace's labels as a fallible lookup gives them to [`review_with`]: `Err` says
+/// why they could not be read.
+pub type NamespaceLabels = Result<BTreeMap<String, String>, String>;
+
 /// What [`review`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -22,8 +26,9 @@ pub enum Outcome {
     Injected,
     /// Allowed unchanged (not a pod CREATE, or the pod is skipped).
     Skipped,
-    /// Refused: a field of the pod is wrong (code 422), or the injector's configuration
-    /// is (code 500).
+    /// Refused: a field of the pod is wrong (code 422), the injector's configuration is
+    /// (code 500), or the labels of the pod's namespace could not be read (code 503,
+    /// [`review_with`]).
     Denied,
     /// Not a well-formed AdmissionReview (code 400).
     Invalid,
@@ -56,6 +61,21 @@ pub struct Reviewed {
 pub fn review(
     body: &[u8],
     namespace_labels: &dyn Fn(&str) -> BTreeMap<String, String>,
+    config: &InjectConfig,
+) -> Reviewed {
+    review_with(body, &|ns| Ok(namespace_labels(ns)), config)
+}
+
+/// [`review`] for a caller whose namespace lookup can fail (the control plane: its
+/// Namespace cache may not hold a namespace created a moment ago, and the API server may
+/// not answer). `Err(why)` refuses the pod, code 503, naming the namespace and `why`:
+/// the webhook fails closed, as its `failurePolicy: Fail` does, so no pod of an opted-in
+/// namespace starts without the proxy it was meant to get. The lookup is called only for
+/// a Pod CREATE, with the namespace [`pod_namespace`] gives for the same body, so a caller
+/// can do its (async) lookup first and answer from the result.
+pub fn review_with(
+    body: &[u8],
+    namespace_labels: &dyn Fn(&str) -> NamespaceLabels,
     config: &InjectConfig,
 ) -> Reviewed {
     let raw: Value = match serde_json::from_slice(body) {
@@ -121,7 +141,11 @@ pub fn review(
         pod.metadata.namespace.clone_from(&request.namespace);
     }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    match inject(&pod, &namespace_labels(&namespace), config) {
+    let labels = match namespace_labels(&namespace) {
+        Ok(labels) => labels,
+        Err(why) => return unavailable(allow, &request.uid, &namespace, &why),
+    };
+    match inject(&pod, &labels, config) {
         Ok(Decision::Skip(reason)) => skipped(allow, format!("not injected: {reason}")),
         Ok(Decision::Patch(ops, summary)) => {
             let message = summary.to_string();
@@ -141,6 +165,52 @@ pub fn review(
         }
         Err(e) => deny(allow, &request.uid, &e),
     }
+}
+
+/// The namespace whose labels [`review`] would look up for `body`: that of a v1 Pod
+/// CREATE without subresource (the pod's own `metadata.namespace`, else the request's);
+/// `None` for anything else, which needs no lookup.
+pub fn pod_namespace(body: &[u8]) -> Option<String> {
+    let raw: Value = serde_json::from_slice(body).ok()?;
+    let request = raw.get("request")?;
+    let kind = request.get("kind")?;
+    let is =
+        |v: &Value, field: &str, want: &str| v.get(field).and_then(Value::as_str) == Some(want);
+    if !(is(kind, "group", "") && is(kind, "version", "v1") && is(kind, "kind", "Pod")) {
+        return None;
+    }
+    if !is(request, "operation", "CREATE") {
+        return None;
+    }
+    if request
+        .get("subResource")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
+    {
+        return None;
+    }
+    let non_empty = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    non_empty(request.pointer("/object/metadata/namespace"))
+        .or_else(|| non_empty(request.get("namespace")))
+        .or(Some(String::new()))
+}
+
+/// The pod's namespace could not be read: refused (503), so the API server's caller
+/// (usually a controller) retries, rather than admitted without the proxy.
+fn unavailable(allow: AdmissionResponse, uid: &str, namespace: &str, why: &str) -> Reviewed {
+    let message = format!(
+        "trellis sidecar injection: the labels of namespace {namespace:?} are unknown ({why}); \
+         the pod is refused rather than started without its proxy, retry"
+    );
+    let mut r = allow.deny(&message);
+    r.result.code = 503;
+    r.result.reason = "ServiceUnavailable".to_owned();
+    r.result.status = Some(kube::core::response::StatusSummary::Failure);
+    answer(Outcome::Denied, r, uid, message)
 }
 
 fn deny(allow: AdmissionResponse, uid: &str, e: &InjectError) -> Reviewed {

@@ -25,12 +25,15 @@ fn load(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// What the control plane builds from the chart: the proxy image, its own init image,
+/// and the control plane's Service name.
 fn config(version: &str) -> InjectConfig {
     InjectConfig {
         kubernetes_version: version.parse::<KubeVersion>().unwrap(),
+        init_image: Some("trellis.azurecr.io/trellis/proxy-init:0.1.0".to_owned()),
         ..InjectConfig::new(
             "trellis.azurecr.io/trellis/proxy:0.1.0",
-            "10.0.12.7:15010".parse().unwrap(),
+            trellis_webhook::DEFAULT_CONTROL_PLANE,
         )
     }
 }
@@ -206,7 +209,8 @@ fn a_namespace_opt_in_gets_a_native_sidecar_with_least_privilege() {
 
     let init = container(&pod["spec"]["initContainers"], "trellis-init");
     assert_eq!(init["args"], json!(["init"]));
-    assert_eq!(init["image"], "trellis.azurecr.io/trellis/proxy:0.1.0");
+    // The capture step runs from its own image (iptables), the proxy from the proxy's.
+    assert_eq!(init["image"], "trellis.azurecr.io/trellis/proxy-init:0.1.0");
     assert_eq!(
         init["securityContext"],
         json!({
@@ -254,7 +258,11 @@ fn a_namespace_opt_in_gets_a_native_sidecar_with_least_privilege() {
     let env = env_of(proxy);
     let field = |p: &str| json!({ "fieldRef": { "apiVersion": "v1", "fieldPath": p } });
     assert_eq!(env["TRELLIS_PROXY_MODE"], "transparent");
-    assert_eq!(env["TRELLIS_PROXY_CONTROL_PLANE"], "10.0.12.7:15010");
+    assert_eq!(proxy["image"], "trellis.azurecr.io/trellis/proxy:0.1.0");
+    assert_eq!(
+        env["TRELLIS_PROXY_CONTROL_PLANE"], "trellis-control-plane.trellis-system.svc:15010",
+        "the Service's DNS name, passed as given"
+    );
     assert_eq!(
         env["TRELLIS_PROXY_CONTROL_PLANE_IDENTITY"],
         "spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane"
@@ -658,4 +666,95 @@ fn the_proxy_env_names_exist_in_the_proxy_sources() {
             }
         }
     }
+}
+
+#[test]
+fn without_an_init_image_the_capture_step_runs_from_the_proxy_image() {
+    let f = load("deployment-namespace-opt-in");
+    let cfg = InjectConfig {
+        init_image: None,
+        ..config("1.29")
+    };
+    let body = serde_json::to_vec(&f["review"]).unwrap();
+    let ns = labels(&f["namespaceLabels"]);
+    let reviewed = review(&body, &|_| ns.clone(), &cfg);
+    assert_eq!(reviewed.outcome, Outcome::Injected, "{}", reviewed.message);
+    let pod: Pod = serde_json::from_value(f["review"]["request"]["object"].clone()).unwrap();
+    let Decision::Patch(ops, _) = inject(&pod, &ns, &cfg).unwrap() else {
+        panic!("not injected");
+    };
+    let mut doc = f["review"]["request"]["object"].clone();
+    apply_patch(&mut doc, &ops).unwrap();
+    let init = container(&doc["spec"]["initContainers"], "trellis-init");
+    assert_eq!(init["image"], "trellis.azurecr.io/trellis/proxy:0.1.0");
+}
+
+#[test]
+fn the_namespace_to_look_up_is_that_of_a_pod_create() {
+    let f = load("deployment-namespace-opt-in");
+    let body = serde_json::to_vec(&f["review"]).unwrap();
+    assert_eq!(
+        trellis_webhook::pod_namespace(&body).as_deref(),
+        Some("shop")
+    );
+    // The request's namespace when the pod names none (a CREATE usually leaves it out).
+    let mut review = f["review"].clone();
+    review["request"]["object"]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
+    review["request"]["namespace"] = json!("other");
+    let body = serde_json::to_vec(&review).unwrap();
+    assert_eq!(
+        trellis_webhook::pod_namespace(&body).as_deref(),
+        Some("other")
+    );
+    // Nothing to look up: an UPDATE, another kind, a subresource, not a review at all.
+    for name in ["update-is-left-alone", "not-v1"] {
+        let body = serde_json::to_vec(&load(name)["review"]).unwrap();
+        assert_eq!(trellis_webhook::pod_namespace(&body), None, "{name}");
+    }
+    let mut sub = f["review"].clone();
+    sub["request"]["subResource"] = json!("ephemeralcontainers");
+    let body = serde_json::to_vec(&sub).unwrap();
+    assert_eq!(trellis_webhook::pod_namespace(&body), None);
+    assert_eq!(trellis_webhook::pod_namespace(b"{"), None);
+}
+
+#[test]
+fn an_unknown_namespace_refuses_the_pod() {
+    let f = load("deployment-namespace-opt-in");
+    let body = serde_json::to_vec(&f["review"]).unwrap();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let reviewed = trellis_webhook::review_with(
+        &body,
+        &|ns| {
+            asked.borrow_mut().push(ns.to_owned());
+            Err("namespace not found".to_owned())
+        },
+        &config("1.29"),
+    );
+    assert_eq!(asked.into_inner(), ["shop"]);
+    assert_eq!(reviewed.outcome, Outcome::Denied);
+    assert_eq!(reviewed.http_status, 200);
+    let answer: Value = serde_json::from_slice(&reviewed.body).unwrap();
+    let r = &answer["response"];
+    assert_eq!(r["uid"], f["review"]["request"]["uid"]);
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["code"], 503);
+    assert_eq!(r["status"]["reason"], "ServiceUnavailable");
+    assert_eq!(
+        r["status"]["message"],
+        "trellis sidecar injection: the labels of namespace \"shop\" are unknown (namespace \
+         not found); the pod is refused rather than started without its proxy, retry"
+    );
+    assert!(r.get("patch").is_none());
+    // A request that needs no lookup never calls it.
+    let body = serde_json::to_vec(&load("update-is-left-alone")["review"]).unwrap();
+    let reviewed = trellis_webhook::review_with(
+        &body,
+        &|_| panic!("no lookup for an UPDATE"),
+        &config("1.29"),
+    );
+    assert_eq!(reviewed.outcome, Outcome::Skipped);
 }

@@ -2,17 +2,23 @@
 //! (`trellis_kube::stand_in`) served over HTTPS, found through `KUBECONFIG` as on a
 //! developer machine: the real control plane lists and watches Namespaces, Services,
 //! EndpointSlices, Pods and the `trellis-config` ConfigMap, holds the Lease, writes Events,
-//! and serves real proxies.
+//! serves real proxies, and serves the sidecar injector (`POST /inject`) over HTTPS with a
+//! certificate from its own mesh CA, which a client verifies against the trust bundle
+//! file the control plane writes.
 //!
 //! The proxies run in explicit mode, so a Pod's IP is 127.0.0.1 and its EndpointSlice port
 //! is its proxy's inbound (mesh) port: `<pod IP>:<slice port>` is then exactly where the
 //! peer proxy accepts mTLS, as a Workload's `meshAddress` is in the local profile.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_e2e::{ControlPlane, EchoServer, Launch, Proxy, free_port, http_get};
 use trellis_kube::stand_in::{ApiStandIn, HttpsApi};
 
@@ -22,6 +28,11 @@ use crate::request_path::loopback;
 const POD_NAME: &str = "trellis-controller-0";
 /// How long any one change may take to show.
 const PATIENCE: Duration = Duration::from_secs(10);
+/// The name the API server dials the webhooks by (`--webhook-dns-names`' default).
+const WEBHOOK_DNS_NAME: &str = "trellis-webhook.trellis-system.svc";
+/// The images the injector is given, as the chart hands them over.
+const PROXY_IMAGE: &str = "localhost/trellis/proxy:e2e";
+const INIT_IMAGE: &str = "localhost/trellis/proxy-init:e2e";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
 
@@ -97,6 +108,8 @@ struct Cluster {
     api: ApiStandIn,
     _https: HttpsApi,
     cp: ControlPlane,
+    /// The control plane's admission webhook listener (`/validate`, `/inject`).
+    webhook: SocketAddr,
     client: Proxy,
     web: Proxy,
     web_app: EchoServer,
@@ -125,14 +138,19 @@ async fn start_cluster() -> anyhow::Result<Cluster> {
     }
     let https = api.serve_https().await?;
     let kubeconfig = https.kubeconfig();
+    let webhook = loopback(free_port());
     let cp = ControlPlane::start_kubernetes(|dir| {
         let path = dir.join("kubeconfig");
         std::fs::write(&path, kubeconfig).unwrap();
         Launch {
-            args: vec![],
+            // No --webhook-cert: the certificate comes from the control plane's own CA.
+            args: vec!["--webhook-listen".to_owned(), webhook.to_string()],
             env: vec![
                 ("KUBECONFIG".to_owned(), path.display().to_string()),
                 ("POD_NAME".to_owned(), POD_NAME.to_owned()),
+                // As the chart sets them.
+                ("TRELLIS_PROXY_IMAGE".to_owned(), PROXY_IMAGE.to_owned()),
+                ("TRELLIS_PROXY_INIT_IMAGE".to_owned(), INIT_IMAGE.to_owned()),
             ],
         }
     })
@@ -153,6 +171,7 @@ async fn start_cluster() -> anyhow::Result<Cluster> {
         api,
         _https: https,
         cp,
+        webhook,
         client,
         web,
         web_app,
@@ -262,6 +281,94 @@ fn events(api: &ApiStandIn) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// A pod CREATE as the API server sends it to the mutating webhook.
+fn pod_review(ns: &str, uid: &str) -> Vec<u8> {
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-5c9f-", "namespace": ns, "labels": {"app": "web"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "web:1"}]},
+    });
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": ns, "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod, "dryRun": false,
+        },
+    }))
+    .unwrap_or_default()
+}
+
+/// POSTs `body` to `path` on the webhook over TLS 1.3, verifying the server as
+/// [`WEBHOOK_DNS_NAME`] against exactly the roots of `bundle` (a PEM file): `(HTTP
+/// status, JSON body)`.
+async fn webhook_post(
+    addr: SocketAddr,
+    bundle: &std::path::Path,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, Value)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(bundle)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from(WEBHOOK_DNS_NAME)?;
+    let mut tls = connector
+        .connect(name, tokio::net::TcpStream::connect(addr).await?)
+        .await
+        .context("TLS to the webhook, verified against the trust bundle file")?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {WEBHOOK_DNS_NAME}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await?;
+    tls.write_all(body).await?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).await?;
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no response head")?;
+    let head = String::from_utf8_lossy(&raw[..at]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line: {head}"))?;
+    let json = serde_json::from_slice(&raw[at + 4..]).unwrap_or(Value::Null);
+    Ok((status, json))
+}
+
+/// RFC 4648 base64 (the AdmissionReview's `patch`), without padding checks.
+fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in text.bytes().filter(|b| *b != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|a| *a == b)
+            .with_context(|| format!("not base64: {:?}", char::from(b)))?;
+        acc = (acc << 6) | u32::try_from(v)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff)?);
+        }
+    }
+    Ok(out)
+}
+
 /// GET through the client proxy to `web.demo`: `(status, body)`.
 async fn call_web(c: &Cluster, path: &str) -> anyhow::Result<(u16, String)> {
     let (status, _, body) = http_get(c.client.outbound, "web.demo", path).await?;
@@ -295,6 +402,89 @@ async fn proxies_are_served_from_the_cluster_and_sigterm_releases_the_lease() ->
         c.web.wait_log(&format!("src=\"{CLIENT_ID}\"")).await,
         "{}",
         c.web.log()
+    );
+
+    // The sidecar injector, over HTTPS with a certificate from the control plane's own
+    // CA: a client trusting only the trust bundle file reaches /inject for the name.
+    c.api.apply_json(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {
+            "kubernetes.io/metadata.name": "shop", "trellis.dev/inject": "enabled",
+        }},
+    }))?;
+    let bundle = c.cp.root_pem();
+    let (status, answer) =
+        webhook_post(c.webhook, &bundle, "/inject", &pod_review("shop", "uid-1")).await?;
+    let response = &answer["response"];
+    ensure!(
+        status == 200 && response["uid"] == "uid-1" && response["allowed"] == true,
+        "{status} {answer}
+control plane log:
+{}",
+        c.cp.log()
+    );
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64_decode(response["patch"].as_str().context("no patch")?)?;
+    let ops: Vec<Value> = serde_json::from_slice(&patch)?;
+    // The stand-in says v1.33.0: a native sidecar, so the pod's (absent) initContainers
+    // become the capture step and the proxy.
+    let init = ops
+        .iter()
+        .find(|op| op["op"] == "add" && op["path"] == "/spec/initContainers")
+        .with_context(|| format!("no initContainers in {ops:?}"))?;
+    let names: Vec<&str> = init["value"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["trellis-init", "trellis-proxy"]);
+    assert_eq!(init["value"][0]["image"], INIT_IMAGE);
+    let proxy = &init["value"][1];
+    assert_eq!(proxy["image"], PROXY_IMAGE);
+    assert_eq!(proxy["restartPolicy"], "Always");
+    let env = |name: &str| {
+        proxy["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        env("TRELLIS_PROXY_CONTROL_PLANE"),
+        Some(json!("trellis-control-plane.trellis-system.svc:15010"))
+    );
+    // A namespace the cluster does not have: refused, failing closed.
+    let (status, answer) =
+        webhook_post(c.webhook, &bundle, "/inject", &pod_review("ghost", "uid-2")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert_eq!(answer["response"]["status"]["code"], 503, "{answer}");
+    // /validate is served on the same listener.
+    let (status, _) = webhook_post(c.webhook, &bundle, "/validate", b"{}").await?;
+    assert_eq!(status, 400);
+    for (series, want) in [
+        (
+            "trellis_webhook_injections_total{outcome=\"injected\"}",
+            1.0,
+        ),
+        ("trellis_webhook_injections_total{outcome=\"refused\"}", 1.0),
+    ] {
+        assert_eq!(cp_metric(&c.cp, series).await, Some(want), "{series}");
+    }
+    let expiry = cp_metric(
+        &c.cp,
+        "trellis_webhook_certificate_expiration_timestamp_seconds",
+    )
+    .await
+    .context("no webhook certificate expiry")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    ensure!(
+        (23.0 * 3600.0..=24.0 * 3600.0).contains(&(expiry - now)),
+        "a 24 h certificate: expires {expiry}, now {now}"
     );
 
     // Not ready: the endpoint leaves the client's view and the call has nowhere to go.

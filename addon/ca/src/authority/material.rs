@@ -264,6 +264,62 @@ impl CaMaterial {
             serial: hex(serial.as_ref()),
         })
     }
+
+    /// Signs a TLS serving leaf for `dns_names` over `public_key` (the control plane's
+    /// own HTTPS listeners; see [`CertificateAuthority::issue_serving`]): the DNS SANs and
+    /// no URI SAN, `CA:FALSE`, key usage digitalSignature, EKU serverAuth only, valid from
+    /// one minute ago for `ttl`, cut at [`CaMaterial::not_after`]. The names must have
+    /// been checked by the caller.
+    ///
+    /// [`CertificateAuthority::issue_serving`]: super::CertificateAuthority::issue_serving
+    pub(super) fn sign_serving(
+        &self,
+        public_key: &impl PublicKeyData,
+        dns_names: &[String],
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<(Issued, SystemTime), Error> {
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let not_after = (now + ttl).min(self.not_after);
+        if not_after <= now {
+            return Err(Error::RootExpired {
+                not_after: self.not_after,
+            });
+        }
+        let serial = random_serial();
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        // The first name as CN, for people reading the certificate (`openssl x509`);
+        // verifiers use only the SANs.
+        if let Some(first) = dns_names.first() {
+            dn.push(rcgen::DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| Ia5String::try_from(n.as_str()).map(SanType::DnsName))
+            .collect::<Result<_, _>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        // ECDHE key exchange: the key only signs the handshake.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // serverAuth only: it can never act as a client (a proxy's mTLS peer) either.
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(serial.clone());
+        let not_before = now - CLOCK_SKEW;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        let mut chain_der = Vec::with_capacity(1 + self.chain_der.len());
+        chain_der.push(cert.der().to_vec());
+        chain_der.extend(self.chain_der.iter().cloned());
+        let issued = Issued {
+            chain_der,
+            not_after: not_after.into(),
+            serial: hex(serial.as_ref()),
+        };
+        Ok((issued, not_before.into()))
+    }
 }
 
 impl fmt::Debug for CaMaterial {

@@ -124,9 +124,9 @@ async fn json_objects_apply_with_a_uid_and_unknown_kinds_are_refused() {
     assert_eq!(stored["metadata"]["labels"]["team"], "a");
 
     let refused = api.apply_json(serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "web"},
     }));
-    assert!(refused.unwrap_err().to_string().contains("\"Deployment\""));
+    assert!(refused.unwrap_err().to_string().contains("\"StatefulSet\""));
     assert!(
         api.apply_json(serde_json::json!({"kind": "Pod", "metadata": {}}))
             .is_err()

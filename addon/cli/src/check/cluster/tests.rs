@@ -332,7 +332,7 @@ impl Cluster {
                     BTreeMap::from([("trellis.dev/inject".to_owned(), "enabled".to_owned())]);
                 let config = InjectConfig::new(
                     "ghcr.io/trellis-mesh/proxy:0.1.0",
-                    "10.0.0.10:15010".parse().unwrap(),
+                    "trellis-control-plane.trellis-system.svc:15010",
                 );
                 match trellis_webhook::inject(&typed, &labels, &config) {
                     Ok(Decision::Patch(ops, _)) => {
