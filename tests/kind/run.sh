@@ -123,6 +123,12 @@ for w in web api; do
 done
 
 step "8. Run trellis check and a rejected config edit"
+# From outside, as a user would: through the API server (kubeconfig of the kind cluster),
+# with the CLI in the control plane image. Then inside a replica, against its admin port.
+kind get kubeconfig --name "${CLUSTER}" >"${work}/kubeconfig"
+docker run --rm --network host --user "$(id -u):$(id -g)" \
+  -v "${work}/kubeconfig:/kubeconfig:ro" -e KUBECONFIG=/kubeconfig \
+  --entrypoint /usr/local/bin/trellis "${CP_IMAGE}" check --kubernetes
 kubectl -n "${NS}" exec deploy/trellis-control-plane -c control-plane -- trellis check --admin 127.0.0.1:9091
 if out="$(kubectl -n "${NS}" patch configmap trellis-config --type merge \
   -p '{"data":{"proxy":"logLevel: loud\n"}}' 2>&1)"; then
