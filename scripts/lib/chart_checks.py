@@ -18,6 +18,20 @@ NAMESPACE = "trellis-system"
 
 failures = []
 
+# The exact ClusterRole rules the trust bundle publisher (addon/kube/src/publish.rs) needs:
+# see the RBAC assertions in `assertions` and the comments in templates/rbac.yaml.
+TRUST_PUBLISH_RULES = [
+    {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+     "resourceNames": ["trellis-sidecar-injector"], "verbs": ["get", "update"]},
+    {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+     "resourceNames": ["trellis-config"], "verbs": ["get", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["trellis-trust-bundle"],
+     "verbs": ["get", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+]
+TRUST_PUBLISH_RESOURCES = {"configmaps", "mutatingwebhookconfigurations",
+                           "validatingwebhookconfigurations"}
+
 
 def fail(msg):
     failures.append(msg)
@@ -169,7 +183,12 @@ def assertions(docs, podmonitor_schema):
             for k, v in cm["data"].items():
                 if k != "trustDomain" and not isinstance(yaml.safe_load(v), dict):
                     fail(f"[{p}] trellis-config data.{k} is not a YAML mapping")
-        # RBAC: no wildcard, no secrets, no write verbs outside the named ones.
+        # RBAC: no wildcard, no secrets, no write verbs outside the named ones. The only
+        # cluster-wide writes publish the mesh trust bundle (trellis_kube::publish: the
+        # webhooks' caBundle, a ConfigMap per namespace), and only in exactly these rules:
+        # get/update by resourceNames, plus ConfigMap create, which RBAC cannot restrict by
+        # name. Any other rule on those resources in the ClusterRole (list, watch, delete,
+        # patch, another name) fails, and so does a missing one (the publisher needs all).
         for d in ds:
             if d["kind"] not in ("ClusterRole", "Role"):
                 continue
@@ -179,10 +198,19 @@ def assertions(docs, podmonitor_schema):
                 if "secrets" in r.get("resources", []):
                     fail(f"[{p}] {d['kind']}/{d['metadata']['name']} reads secrets")
                 writes = set(r["verbs"]) - {"get", "list", "watch"}
-                if d["kind"] == "ClusterRole" and writes:
-                    fail(f"[{p}] ClusterRole writes: {r}")
-                if writes and r["resources"] not in (["leases"], ["events"]):
+                if d["kind"] == "ClusterRole":
+                    if set(r.get("resources", [])) & TRUST_PUBLISH_RESOURCES:
+                        if r not in TRUST_PUBLISH_RULES:
+                            fail(f"[{p}] ClusterRole rule on trust bundle targets is not one of "
+                                 f"the exact publishing rules: {r}")
+                    elif writes:
+                        fail(f"[{p}] ClusterRole writes: {r}")
+                elif writes and r["resources"] not in (["leases"], ["events"]):
                     fail(f"[{p}] write verbs on {r['resources']}")
+        cr = find(ds, "ClusterRole", "trellis-control-plane")
+        for r in TRUST_PUBLISH_RULES:
+            if cr is None or r not in cr["rules"]:
+                fail(f"[{p}] ClusterRole trellis-control-plane lacks the trust bundle rule {r}")
         mwc = find(ds, "MutatingWebhookConfiguration", "trellis-sidecar-injector")
         w = mwc["webhooks"][0]
         want = {"failurePolicy": "Fail", "sideEffects": "None", "reinvocationPolicy": "Never",

@@ -71,14 +71,26 @@ kubectl create clusterrolebinding trellis-oidc-discovery \
 
 step "4. Install the chart with values-kind.yaml"
 helm install trellis charts/trellis -n "${NS}" -f charts/trellis/values-kind.yaml --wait --timeout 5m
-# caBundle: the chart leaves it empty; the controller keeps it equal to the mesh trust
-# bundle at runtime. Until it has, set it to the mesh root the webhook certificate chains
-# to (idempotent either way).
-ca_bundle="$(base64 <"${work}/cacerts/root-cert.pem" | tr -d '\n')"
+# caBundle: the chart leaves it empty; the elected control plane replica fills it with the
+# mesh trust bundle (and publishes ConfigMap trellis-trust-bundle in every namespace).
+bundle() {
+  kubectl -n "${NS}" get configmap trellis-trust-bundle -o jsonpath='{.data.trust-bundle\.pem}' 2>/dev/null |
+    base64 | tr -d '\n'
+}
 for hook in mutatingwebhookconfiguration/trellis-sidecar-injector validatingwebhookconfiguration/trellis-config; do
-  kubectl patch "${hook}" --type=json \
-    -p "[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"${ca_bundle}\"}]"
+  got="" want=""
+  for _ in $(seq 1 60); do
+    want="$(bundle)"
+    got="$(kubectl get "${hook}" -o jsonpath='{.webhooks[0].clientConfig.caBundle}')"
+    [[ -n "${want}" && "${got}" == "${want}" ]] && break
+    sleep 1
+  done
+  [[ -n "${want}" && "${got}" == "${want}" ]] ||
+    die "${hook}: caBundle is not the published trust bundle after 60s"
 done
+grep -q "$(sed -n 2p "${work}/cacerts/root-cert.pem")" <<<"$(bundle | base64 -d)" ||
+  die "the published trust bundle does not hold the mesh root"
+echo "caBundle of both webhook configurations: the trust bundle, which holds the mesh root"
 helm test trellis -n "${NS}" --logs
 
 step "5. Deploy the demo in an injected namespace"

@@ -285,6 +285,7 @@ async fn run(
             let data = cluster.handle.config();
             let applier = applier.with_events(cluster.config_events());
             tokio::spawn(watch_config_map(data, applier, shutdown.clone()));
+            crate::cluster::publish_trust(cluster, &ca, &mut registry, shutdown.clone());
         }
         (Mesh::Files { .. }, Some(path)) => {
             tokio::spawn(watch_file(

@@ -5,6 +5,9 @@
 //! carries it), and it may be set in the ConfigMap, so the ConfigMap is read once, directly,
 //! before the watchers start; after that its changes arrive through the watcher like every
 //! other object.
+//!
+//! Once the CA exists, [`publish_trust`] keeps the trust bundle in the cluster (webhook
+//! `caBundle`s, a ConfigMap per namespace), written by the Lease holder only.
 
 use std::sync::Arc;
 
@@ -15,9 +18,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use trellis_api::MeshSnapshot;
+use trellis_ca::CertificateAuthority;
 use trellis_controller::SourceStatus;
 use trellis_kube::events::{ConfigEvents, EventSettings};
 use trellis_kube::leader::{self, LeaderElector, LeaseSettings};
+use trellis_kube::publish::{PublishSettings, TrustPublisher};
 use trellis_kube::{KubeHandle, KubeSettings, KubeSource, KubeStatus};
 
 use crate::mesh_config::{self, MeshConfig};
@@ -56,13 +61,16 @@ pub(crate) fn binary_keys(data: &trellis_kube::convert::ConfigMapData) -> Vec<&s
 /// writer for the mesh config (leader-only).
 pub(crate) struct Cluster {
     pub(crate) handle: KubeHandle,
-    /// The API client, for direct reads (the injector's Namespace fallback, the version).
+    /// The API client, for direct reads (the injector's Namespace fallback, the version)
+    /// and the writers that start after the CA.
     pub(crate) client: kube::Client,
     pub(crate) snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub(crate) status: watch::Receiver<SourceStatus>,
     pub(crate) events: ConfigEvents,
     /// The leader elector; awaited at shutdown, which is when it releases the Lease.
     pub(crate) elector: Option<tokio::task::JoinHandle<()>>,
+    /// Whether this replica holds the Lease, for the writers that start after the CA.
+    pub(crate) leader: watch::Receiver<bool>,
 }
 
 /// Mesh config rejections and recoveries become Kubernetes Events on the ConfigMap.
@@ -95,7 +103,8 @@ pub(crate) async fn start(
     let elector = LeaderElector::new(client.clone(), LeaseSettings::new(&id))
         .map_err(|e| anyhow::anyhow!("leader election settings: {e}"))?;
     elector.register_metrics(registry);
-    let events = ConfigEvents::new(client.clone(), EventSettings::new(&id), elector.subscribe());
+    let leader = elector.subscribe();
+    let events = ConfigEvents::new(client.clone(), EventSettings::new(&id), leader.clone());
     events.register_metrics(registry);
     let stop = shutdown.clone();
     let elector = tokio::spawn(elector.run(async move { stop.cancelled().await }));
@@ -133,7 +142,51 @@ pub(crate) async fn start(
         status,
         events,
         elector: Some(elector),
+        leader,
     })
+}
+
+/// Starts publishing the CA's trust bundle (PEM) into the cluster until `shutdown`: the
+/// `caBundle` of every entry of the two admission webhook configurations, and the
+/// `trellis-trust-bundle` ConfigMap the injector mounts, in every namespace but the
+/// system ones. Written by the Lease holder only; a CA rotation is published at once.
+pub(crate) fn publish_trust(
+    cluster: &Cluster,
+    ca: &Arc<CertificateAuthority>,
+    registry: &mut Registry,
+    shutdown: CancellationToken,
+) {
+    let publisher = TrustPublisher::new(cluster.client.clone(), PublishSettings::default())
+        .with_metrics(registry);
+    // Subscribed before the first read, so a change in between is not missed.
+    let mut trust = ca.subscribe();
+    let (bundle_tx, bundle) = watch::channel(ca.trust_bundle_pem());
+    let ca = Arc::clone(ca);
+    // `Trust` changes with every bundle or generation change; only the PEM matters here.
+    // Ends with the CA or when the publisher stops.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = bundle_tx.closed() => return,
+                changed = trust.changed() => if changed.is_err() { return },
+            }
+            trust.borrow_and_update();
+            let pem = ca.trust_bundle_pem();
+            bundle_tx.send_if_modified(|current| {
+                let changed = *current != pem;
+                if changed {
+                    *current = pem;
+                }
+                changed
+            });
+        }
+    });
+    tokio::spawn(publisher.run(
+        bundle,
+        cluster.leader.clone(),
+        cluster.handle.clone(),
+        async move { shutdown.cancelled().await },
+    ));
 }
 
 /// The watchers' state as `/debug/source` shows it: the served version, and the newest

@@ -3,11 +3,11 @@
 //! [`trellis_controller::translate`] as the file source.
 //!
 //! Replicas: any number of controller replicas serve discovery at once, each from its own
-//! watches; reading needs no coordination. The few writes of status to the cluster (Events
-//! about a rejected mesh ConfigMap) come from one replica only, the holder of a
-//! `coordination.k8s.io` Lease ([`leader`]), so they are not repeated per replica; a
-//! replica that loses the Lease, or cannot renew it within the renew deadline, stops
-//! writing before another can take over.
+//! watches; reading needs no coordination. The few writes to the cluster (Events about a
+//! rejected mesh ConfigMap, the published trust bundle) come from one replica only, the
+//! holder of a `coordination.k8s.io` Lease ([`leader`]), so they are not repeated per
+//! replica; a replica that loses the Lease, or cannot renew it within the renew deadline,
+//! stops writing before another can take over.
 //!
 //! - [`KubeSource`]: one watcher and reflector (in-memory store) per kind: Namespaces,
 //!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, and the mesh ConfigMap
@@ -26,13 +26,17 @@
 //! - [`events`]: `Warning` `InvalidConfig` / `Normal` `ConfigApplied` Events on the mesh
 //!   ConfigMap, written by the leader only, never blocking the caller;
 //!   `trellis_kube_event_write_errors_total`.
+//! - [`publish`]: [`TrustPublisher`](publish::TrustPublisher) keeps the mesh trust bundle
+//!   (PEM) in the `caBundle` of every entry of the two admission webhook configurations
+//!   and in a `trellis-trust-bundle` ConfigMap in every namespace, written by the leader
+//!   only; `trellis_trust_bundle_*`.
 //!
 //! - `stand_in` (feature `test-util`, tests only): a stand-in for the Kubernetes API
 //!   server, in process (a `tower::Service`) or over HTTPS with a kubeconfig.
 //!
 //! Owns: talking to the Kubernetes API (list/watch, restarts with backoff; the Lease; the
-//! Events), what is kept of each object in memory, snapshot versioning for the Kubernetes
-//! source.
+//! Events; the trust bundle ConfigMaps and webhook `caBundle`s), what is kept of each
+//! object in memory, snapshot versioning for the Kubernetes source.
 //!
 //! Must not depend on: azure, or the proxy crate.
 //!
@@ -44,6 +48,7 @@ pub mod convert;
 pub mod events;
 pub mod leader;
 mod metrics;
+pub mod publish;
 mod source;
 #[cfg(feature = "test-util")]
 pub mod stand_in;

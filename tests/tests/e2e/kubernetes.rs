@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use base64::Engine as _;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,6 +104,23 @@ fn config_map(discovery: &str) -> Value {
     })
 }
 
+/// A webhook configuration with one entry per name and no `caBundle`.
+fn webhook_configuration(kind: &str, name: &str, hooks: &[&str]) -> Value {
+    let webhooks: Vec<Value> = hooks
+        .iter()
+        .map(|h| {
+            json!({
+                "name": h, "sideEffects": "None", "admissionReviewVersions": ["v1"],
+                "clientConfig": {"service": {"namespace": "trellis-system", "name": "trellis-webhook"}},
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+        "metadata": {"name": name}, "webhooks": webhooks,
+    })
+}
+
 /// The API stand-in, the control plane on it, and `client-1` -> `web-1` with their apps.
 struct Cluster {
     api: ApiStandIn,
@@ -133,6 +151,17 @@ async fn start_cluster() -> anyhow::Result<Cluster> {
         pod("demo", "client-1", "client", "client"),
         slice("demo", "client", client_in.port(), "client-1", Some(true)),
         service("other", "api", "10.96.0.20", 8080),
+        // As the chart renders them: no caBundle, which the control plane fills in.
+        webhook_configuration(
+            "MutatingWebhookConfiguration",
+            "trellis-sidecar-injector",
+            &["inject.trellis.dev"],
+        ),
+        webhook_configuration(
+            "ValidatingWebhookConfiguration",
+            "trellis-config",
+            &["config.trellis.dev", "second.trellis.dev"],
+        ),
     ] {
         api.apply_json(object)?;
     }
@@ -349,26 +378,6 @@ async fn webhook_post(
     Ok((status, json))
 }
 
-/// RFC 4648 base64 (the AdmissionReview's `patch`), without padding checks.
-fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in text.bytes().filter(|b| *b != b'=') {
-        let v = ALPHABET
-            .iter()
-            .position(|a| *a == b)
-            .with_context(|| format!("not base64: {:?}", char::from(b)))?;
-        acc = (acc << 6) | u32::try_from(v)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(u8::try_from((acc >> bits) & 0xff)?);
-        }
-    }
-    Ok(out)
-}
-
 /// GET through the client proxy to `web.demo`: `(status, body)`.
 async fn call_web(c: &Cluster, path: &str) -> anyhow::Result<(u16, String)> {
     let (status, _, body) = http_get(c.client.outbound, "web.demo", path).await?;
@@ -424,7 +433,8 @@ control plane log:
         c.cp.log()
     );
     assert_eq!(response["patchType"], "JSONPatch");
-    let patch = base64_decode(response["patch"].as_str().context("no patch")?)?;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().context("no patch")?)?;
     let ops: Vec<Value> = serde_json::from_slice(&patch)?;
     // The stand-in says v1.33.0: a native sidecar, so the pod's (absent) initContainers
     // become the capture step and the proxy.
@@ -455,6 +465,41 @@ control plane log:
         env("TRELLIS_PROXY_CONTROL_PLANE"),
         Some(json!("trellis-control-plane.trellis-system.svc:15010"))
     );
+    // The trust bundle reaches the cluster: a ConfigMap in every namespace (the new
+    // `shop` included, without waiting for a resync) and every webhook's caBundle.
+    let pem = std::fs::read_to_string(&bundle)?;
+    let want_bundle = base64::engine::general_purpose::STANDARD.encode(pem.as_bytes());
+    until(&c.cp, "trust bundle published", || {
+        let api = c.api.clone();
+        let (pem, want_bundle) = (pem.clone(), want_bundle.clone());
+        async move {
+            for ns in ["trellis-system", "demo", "other", "shop"] {
+                let cm = api.get("configmaps", ns, "trellis-trust-bundle");
+                let data = cm.as_ref().map(|cm| cm["data"]["trust-bundle.pem"].clone());
+                if data != Some(json!(pem)) {
+                    return Err(format!("{ns}: {cm:?}"));
+                }
+            }
+            for (resource, name, entries) in [
+                (
+                    "mutatingwebhookconfigurations",
+                    "trellis-sidecar-injector",
+                    1,
+                ),
+                ("validatingwebhookconfigurations", "trellis-config", 2),
+            ] {
+                let config = api.get(resource, "", name).unwrap_or_default();
+                let bundles: Vec<&Value> = (config["webhooks"].as_array().into_iter().flatten())
+                    .map(|w| &w["clientConfig"]["caBundle"])
+                    .collect();
+                if bundles.len() != entries || bundles.iter().any(|b| **b != json!(want_bundle)) {
+                    return Err(format!("{name}: {bundles:?}"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await?;
     // A namespace the cluster does not have: refused, failing closed.
     let (status, answer) =
         webhook_post(c.webhook, &bundle, "/inject", &pod_review("ghost", "uid-2")).await?;

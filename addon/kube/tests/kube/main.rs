@@ -2,7 +2,8 @@
 //! cluster here): `trellis_kube::stand_in` (feature `test-util`) is an in-memory API server
 //! answering LIST and WATCH per kind (and GET/POST/PUT of Leases and Events), `mock`
 //! scripts the ConfigMap's requests one by one over `tower_test::mock`. `leader` and
-//! `events` cover leader election and the config Events written by the leader; `https`
+//! `events` cover leader election and the config Events written by the leader; `publish`
+//! the trust bundle the leader keeps in every namespace and webhook configuration; `https`
 //! the stand-in's HTTPS front, reached through a kubeconfig as from another process.
 //!
 //! One binary, so the kube-rs stack is built and linked once.
@@ -14,5 +15,6 @@ mod events;
 mod https;
 mod leader;
 mod mock;
+mod publish;
 mod scenarios;
 mod support;
