@@ -441,7 +441,8 @@ async fn run(
         });
         rx
     };
-    let (gateway, recent) = telemetry_gateway(&args, &mut registry, sampling)?;
+    let (gateway, (golden, golden_worker), recent) =
+        telemetry_gateway(&args, &mut registry, sampling)?;
     let admin = Arc::new(Admin {
         snapshots: snap_rx,
         source: status_rx,
@@ -482,11 +483,14 @@ async fn run(
         .add_service(identity.into_server())
         .add_service(discovery.into_server())
         .add_service(gateway.into_server())
+        .add_service(golden.into_server())
         .serve_with_incoming_shutdown(crate::tls::incoming(grpc, tls_rx), async move {
             stop.cancelled().await
         })
         .await
         .context("serving gRPC")?;
+    // The golden metrics recorded since the last export go out before the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(10), golden_worker.shutdown()).await;
     if let Some(elector) = elector {
         // Releasing the Lease lets another replica take over at once instead of after
         // the lease expires; a hung API must not hold the exit up for long.
@@ -581,14 +585,21 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Environment variable Application Insights SDKs read their connection string from.
 const APPINSIGHTS_ENV: &str = "APPLICATIONINSIGHTS_CONNECTION_STRING";
 
-/// The telemetry gateway proxies export spans to (`tracing.otlp: mesh`), on the gRPC
-/// listener: spans go to the local sink of recent traces (`/debug/traces`) and, with a
-/// connection string, to Application Insights too.
+/// The telemetry gateway proxies export spans and golden metrics to (`tracing.otlp: mesh`),
+/// on the gRPC listener: spans go to the local sink of recent traces (`/debug/traces`) and,
+/// with a connection string, to Application Insights too, as do metrics (else dropped).
 fn telemetry_gateway(
     args: &RunArgs,
     registry: &mut Registry,
     sampling: watch::Receiver<u32>,
-) -> anyhow::Result<(trellis_telemetry::Gateway, trellis_telemetry::Recent)> {
+) -> anyhow::Result<(
+    trellis_telemetry::Gateway,
+    (
+        trellis_telemetry::MetricsGateway,
+        trellis_telemetry::MetricsWorker,
+    ),
+    trellis_telemetry::Recent,
+)> {
     let recent = trellis_telemetry::Recent::new(trellis_telemetry::DEFAULT_RECENT_SPANS);
     let connection_string = match &args.appinsights_connection_string_file {
         Some(path) => Some(
@@ -605,19 +616,32 @@ fn telemetry_gateway(
     };
     let config = trellis_telemetry::GatewayConfig::default();
     let metrics = trellis_telemetry::Metrics::new(registry);
+    let metrics_config = trellis_telemetry::MetricsConfig {
+        export_interval: args.telemetry_metrics_interval,
+        ..Default::default()
+    };
+    let golden = match &connection_string {
+        Some(cs) => trellis_telemetry::MetricsGateway::spawn(
+            Some(trellis_telemetry::app_insights_exporter(
+                cs,
+                extra_roots()?.as_deref(),
+            )?),
+            metrics_config,
+            metrics.clone(),
+        )?,
+        None => trellis_telemetry::MetricsGateway::spawn_without_exporter(
+            metrics_config,
+            metrics.clone(),
+        )?,
+    };
     let (gateway, _worker) = match connection_string {
         Some(cs) => {
-            // Private roots for the ingestion endpoint (the stand-in in tests), as for
-            // the other Azure endpoints.
-            let roots = match std::env::var_os(trellis_azure::EXTRA_ROOTS_ENV) {
-                Some(p) => Some(std::fs::read_to_string(&p).with_context(|| {
-                    format!("{}={}", trellis_azure::EXTRA_ROOTS_ENV, p.to_string_lossy())
-                })?),
-                None => None,
-            };
-            let exporter = trellis_telemetry::Sampled::new(&cs, roots.as_deref(), sampling)
-                .context("Application Insights connection string")?;
-            info!("telemetry gateway: spans to Application Insights and /debug/traces");
+            let exporter =
+                trellis_telemetry::Sampled::new(&cs, extra_roots()?.as_deref(), sampling)
+                    .context("Application Insights connection string")?;
+            info!(
+                "telemetry gateway: spans to Application Insights and /debug/traces, golden metrics to Application Insights"
+            );
             trellis_telemetry::Gateway::spawn(
                 trellis_telemetry::Tee(recent.clone(), exporter),
                 config,
@@ -626,10 +650,21 @@ fn telemetry_gateway(
         }
         None => {
             info!(
-                "telemetry gateway: spans to /debug/traces only (no Application Insights connection string)"
+                "telemetry gateway: spans to /debug/traces only, golden metrics dropped (no Application Insights connection string)"
             );
             trellis_telemetry::Gateway::spawn(recent.clone(), config, metrics)?
         }
     };
-    Ok((gateway, recent))
+    Ok((gateway, golden, recent))
+}
+
+/// Private roots for the ingestion endpoint (the stand-in in tests), as for the other
+/// Azure endpoints.
+fn extra_roots() -> anyhow::Result<Option<String>> {
+    match std::env::var_os(trellis_azure::EXTRA_ROOTS_ENV) {
+        Some(p) => Ok(Some(std::fs::read_to_string(&p).with_context(|| {
+            format!("{}={}", trellis_azure::EXTRA_ROOTS_ENV, p.to_string_lossy())
+        })?)),
+        None => Ok(None),
+    }
 }

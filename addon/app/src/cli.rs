@@ -136,6 +136,10 @@ pub(crate) struct RunArgs {
     /// spans in memory only, for /debug/traces.
     #[arg(long, env = "TRELLIS_APPINSIGHTS_CONNECTION_STRING_FILE")]
     pub(crate) appinsights_connection_string_file: Option<PathBuf>,
+    /// How often the telemetry gateway sends the golden metrics the proxies push to
+    /// Application Insights (customMetrics), as deltas since the last time.
+    #[arg(long, env = "TRELLIS_TELEMETRY_METRICS_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) telemetry_metrics_interval: Duration,
     /// HTTPS listener of the admission webhooks (on a cluster: 0.0.0.0:9443): `POST
     /// /validate` (the trellis-config ConfigMap) and, with --kubernetes, `POST /inject`
     /// (the sidecar injector). Off unless set. Its certificate comes from the mesh CA

@@ -104,7 +104,10 @@ pub(crate) fn convert_request(
 
 /// The resource's attributes after the identity rule (see the module docs), at most
 /// [`MAX_RESOURCE_ATTRIBUTES`] of the caller's plus the ones the gateway sets.
-fn resource_attributes(resource: Option<ProtoResource>, peer: Option<&SpiffeId>) -> Vec<KeyValue> {
+pub(crate) fn resource_attributes(
+    resource: Option<ProtoResource>,
+    peer: Option<&SpiffeId>,
+) -> Vec<KeyValue> {
     let reported = key_values(resource.map(|r| r.attributes).unwrap_or_default())
         .filter(|kv| kv.key.as_str() != IDENTITY_ATTRIBUTE);
     // Deduplicated before the rule is applied, so the value checked is the value kept.
@@ -314,7 +317,7 @@ fn span_status(status: Option<opentelemetry_proto::tonic::trace::v1::Status>) ->
 
 /// Span and resource attributes: [`all_key_values`] without `ai.*` keys, which the exporter
 /// would turn into envelope tags.
-fn key_values(kvs: Vec<ProtoKeyValue>) -> impl Iterator<Item = KeyValue> {
+pub(crate) fn key_values(kvs: Vec<ProtoKeyValue>) -> impl Iterator<Item = KeyValue> {
     all_key_values(kvs).filter(|kv| !kv.key.as_str().starts_with("ai."))
 }
 

@@ -1,8 +1,9 @@
-//! The Trellis telemetry gateway: OTLP traces from the mesh's proxies in, Azure Application
-//! Insights out.
+//! The Trellis telemetry gateway: OTLP traces and golden metrics from the mesh's proxies
+//! in, Azure Application Insights out.
 //!
 //! Owns: the OTLP `TraceService` the control plane mounts on its mTLS gRPC server
-//! ([`Gateway`], [`GatewayConfig`]); the identity rule for telemetry (a proxy reports only
+//! ([`Gateway`], [`GatewayConfig`]) and the `MetricsService` beside it ([`MetricsGateway`],
+//! [`MetricsConfig`]: golden histograms to Application Insights `customMetrics`); the identity rule for telemetry (a proxy reports only
 //! as the namespace of its verified SPIFFE id); the conversion of OTLP spans to the SDK's
 //! `SpanData`; the bounded queue and the export worker between the RPCs and the exporter,
 //! so a slow Application Insights never blocks a proxy; the Application Insights exporter
@@ -20,6 +21,7 @@ mod convert;
 mod error;
 mod exporter;
 mod gateway;
+mod golden;
 mod metrics;
 mod recent;
 mod sampled;
@@ -34,6 +36,10 @@ pub use gateway::{
     DEFAULT_BATCH_INTERVAL, DEFAULT_EXPORT_TIMEOUT, DEFAULT_MAX_BATCH_SPANS,
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SPANS_PER_REQUEST, DEFAULT_QUEUE_CAPACITY, Gateway,
     GatewayConfig,
+};
+pub use golden::{
+    DEFAULT_MAX_SERIES, DEFAULT_METRICS_EXPORT_TIMEOUT, DEFAULT_METRICS_INTERVAL,
+    DEFAULT_SERIES_TTL, MetricsConfig, MetricsGateway, MetricsWorker,
 };
 pub use metrics::Metrics;
 pub use recent::{DEFAULT_RECENT_SPANS, Recent, SpanView, Tee, TraceView};

@@ -1,4 +1,4 @@
-//! Gateway metrics: spans in, spans out, and where the rest went.
+//! Gateway metrics: spans and metric data points in, out, and where the rest went.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,6 +34,20 @@ pub struct Metrics {
     pub(crate) refused_unauthenticated: Counter,
     /// `trellis_telemetry_requests_refused_total{reason="too_many_spans"}`
     pub(crate) refused_too_many_spans: Counter,
+    /// `trellis_telemetry_metric_points_received_total`
+    pub(crate) metric_points_received: Counter,
+    /// `trellis_telemetry_metric_points_dropped_total{reason="unsupported"}`
+    pub(crate) metric_points_unsupported: Counter,
+    /// `trellis_telemetry_metric_points_dropped_total{reason="series_limit"}`
+    pub(crate) metric_points_series_limit: Counter,
+    /// `trellis_telemetry_metric_points_dropped_total{reason="no_exporter"}`
+    pub(crate) metric_points_no_exporter: Counter,
+    /// `trellis_telemetry_metric_series`
+    pub(crate) metric_series: Gauge,
+    /// `trellis_telemetry_metric_exports_total{outcome="ok"}`
+    pub(crate) metric_exports_ok: Counter,
+    /// `trellis_telemetry_metric_exports_total{outcome="error"}`
+    pub(crate) metric_exports_error: Counter,
 }
 
 impl Metrics {
@@ -74,8 +88,33 @@ impl Metrics {
         );
         registry.register(
             "trellis_telemetry_requests_refused",
-            "OTLP export requests refused whole, by reason: unauthenticated, too_many_spans",
+            "OTLP export requests (traces or metrics) refused whole, by reason: \
+             unauthenticated, too_many_spans",
             refused.clone(),
+        );
+        let points_received = Counter::default();
+        let points_dropped = Family::<Label, Counter>::default();
+        let metric_series = Gauge::default();
+        let metric_exports = Family::<Label, Counter>::default();
+        registry.register(
+            "trellis_telemetry_metric_points_received",
+            "Metric data points in accepted OTLP metric export requests",
+            points_received.clone(),
+        );
+        registry.register(
+            "trellis_telemetry_metric_points_dropped",
+            "Metric data points not recorded, by reason: unsupported, series_limit, no_exporter",
+            points_dropped.clone(),
+        );
+        registry.register(
+            "trellis_telemetry_metric_series",
+            "Golden-metric series whose last cumulative values the gateway holds",
+            metric_series.clone(),
+        );
+        registry.register(
+            "trellis_telemetry_metric_exports",
+            "Metric exports to Application Insights, by outcome: ok, error (including timeouts)",
+            metric_exports.clone(),
         );
         // Resolving each series once creates it at 0 (it shows in the exposition) and spares
         // the hot path the family's lock.
@@ -93,6 +132,13 @@ impl Metrics {
             batches_error: series(&batches, "outcome", "error"),
             refused_unauthenticated: series(&refused, "reason", "unauthenticated"),
             refused_too_many_spans: series(&refused, "reason", "too_many_spans"),
+            metric_points_received: points_received,
+            metric_points_unsupported: series(&points_dropped, "reason", "unsupported"),
+            metric_points_series_limit: series(&points_dropped, "reason", "series_limit"),
+            metric_points_no_exporter: series(&points_dropped, "reason", "no_exporter"),
+            metric_series,
+            metric_exports_ok: series(&metric_exports, "outcome", "ok"),
+            metric_exports_error: series(&metric_exports, "outcome", "error"),
         }
     }
 }
@@ -122,6 +168,13 @@ mod tests {
             "trellis_telemetry_export_batches_total{outcome=\"error\"} 0",
             "trellis_telemetry_requests_refused_total{reason=\"unauthenticated\"} 0",
             "trellis_telemetry_requests_refused_total{reason=\"too_many_spans\"} 0",
+            "trellis_telemetry_metric_points_received_total 0",
+            "trellis_telemetry_metric_points_dropped_total{reason=\"unsupported\"} 0",
+            "trellis_telemetry_metric_points_dropped_total{reason=\"series_limit\"} 0",
+            "trellis_telemetry_metric_points_dropped_total{reason=\"no_exporter\"} 0",
+            "trellis_telemetry_metric_series 0",
+            "trellis_telemetry_metric_exports_total{outcome=\"ok\"} 0",
+            "trellis_telemetry_metric_exports_total{outcome=\"error\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

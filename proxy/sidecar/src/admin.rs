@@ -149,9 +149,8 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let mut out = String::new();
-        match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            Ok(()) => {
+        match crate::metrics::encode(&self.registry) {
+            Ok(out) => {
                 let mut r = text(StatusCode::OK, out);
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

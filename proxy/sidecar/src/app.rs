@@ -28,6 +28,8 @@ use crate::transport::Limits;
 /// How long admin connections get to finish (a `/shutdown` answer, a last scrape) once
 /// the drain is over.
 const ADMIN_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the last metrics push (the drain's requests) may hold up the exit.
+const FINAL_PUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the proxy until `shutdown` fires, then drains for up to `drain_timeout`.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -94,6 +96,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         crate::telemetry::Local::new(&cfg.service_name, &cfg.identity),
         tracer.clone(),
     );
+    let pusher = crate::otlp_metrics::Pusher::new(&metrics, &mut registry);
     let (certs_tx, certs_rx) = watch::channel(None);
     let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
 
@@ -140,11 +143,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             })
         })
     };
+    // Spans and golden metrics share the sink, its channel and the resource.
+    let sinks = crate::trace::SinkChannel::new(mesh);
+    let resource =
+        crate::trace::resource(&cfg.service_name, cfg.identity.namespace(), &cfg.workload);
+    let settings = tracer.settings();
     tokio::spawn(crate::trace::export(
         tracer,
         spans,
-        crate::trace::resource(&cfg.service_name, cfg.identity.namespace(), &cfg.workload),
-        mesh,
+        resource.clone(),
+        sinks.clone(),
+    ));
+    let push_stop = CancellationToken::new();
+    let pushing = tokio::spawn(pusher.run(
+        settings,
+        resource,
+        sinks,
+        cfg.metrics_push_interval,
+        push_stop.clone(),
     ));
 
     let mut own_ports = vec![cfg.outbound.port(), cfg.inbound.port(), cfg.admin.port()];
@@ -227,6 +243,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     {
         info!("drain timeout reached; closing remaining connections");
     }
+    // One last push carries the requests of the drain.
+    push_stop.cancel();
+    let _ = tokio::time::timeout(FINAL_PUSH_GRACE, pushing).await;
     admin_stop.cancel();
     let _ = admin_accept.await;
     for metrics_accept in metrics_accept {

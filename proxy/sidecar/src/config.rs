@@ -25,6 +25,12 @@ pub const DEFAULT_INBOUND: &str = "0.0.0.0:15006";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
 /// Default address of the local application.
 pub const DEFAULT_APP: &str = "127.0.0.1:8080";
+/// Shortest `--metrics-push-interval`: shorter would be a typo, and a busy loop.
+pub const MIN_METRICS_PUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `--metrics-push-interval`. The telemetry gateway forgets a series after 30
+/// minutes without a report (`trellis_telemetry::DEFAULT_SERIES_TTL`); a proxy must report
+/// well within that, or its next report would start the series over.
+pub const MAX_METRICS_PUSH_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Where the control plane listens: a socket address, or a DNS name and a port. A name is
 /// resolved on every connect, not once at start, so a reconnect follows a Service whose
@@ -126,6 +132,12 @@ pub enum Error {
         "--service-name (TRELLIS_PROXY_SERVICE_NAME) {0:?} must be 1 to 63 lower-case letters, digits, '-' or '.'"
     )]
     ServiceName(String),
+    /// The metrics push interval is out of range.
+    #[error(
+        "--metrics-push-interval (TRELLIS_PROXY_METRICS_PUSH_INTERVAL) must be from 100ms to 10m, got {}",
+        humantime::format_duration(*.0)
+    )]
+    MetricsPushInterval(Duration),
 }
 
 /// Flags of `trellis-proxy run`.
@@ -229,6 +241,10 @@ pub struct Args {
     /// request stream of `trellis tap` / `trellis top`). Without it, /tap does not exist.
     #[arg(long, env = "TRELLIS_PROXY_TAP_TOKEN_FILE")]
     pub tap_token_file: Option<PathBuf>,
+    /// How often the golden request metrics are pushed over OTLP to the trace sink
+    /// (trellis-config `tracing.otlp`; nothing is pushed while it is unset), 100ms to 10m.
+    #[arg(long, env = "TRELLIS_PROXY_METRICS_PUSH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub metrics_push_interval: Duration,
 }
 
 /// Validated configuration.
@@ -282,6 +298,8 @@ pub struct Config {
     pub shutdown_token_file: Option<PathBuf>,
     /// Token file enabling `GET /tap` on the admin port.
     pub tap_token_file: Option<PathBuf>,
+    /// How often golden metrics are pushed to the OTLP sink.
+    pub metrics_push_interval: Duration,
 }
 
 // === impl Config ===
@@ -304,6 +322,11 @@ impl TryFrom<Args> for Config {
             ("--admin", a.admin),
         ];
         listeners.extend(a.metrics.map(|m| ("--metrics", m)));
+        if !(MIN_METRICS_PUSH_INTERVAL..=MAX_METRICS_PUSH_INTERVAL)
+            .contains(&a.metrics_push_interval)
+        {
+            return Err(Error::MetricsPushInterval(a.metrics_push_interval));
+        }
         for (i, (na, aa)) in listeners.iter().enumerate() {
             for (nb, ab) in &listeners[i + 1..] {
                 if aa == ab && aa.port() != 0 {
@@ -336,6 +359,7 @@ impl TryFrom<Args> for Config {
             idle_timeout: a.idle_timeout,
             shutdown_token_file: a.shutdown_token_file,
             tap_token_file: a.tap_token_file,
+            metrics_push_interval: a.metrics_push_interval,
         })
     }
 }
@@ -412,6 +436,26 @@ mod tests {
         assert_eq!(c.service_name, "web-frontend");
         let e = parse(&["--service-name", "Web Frontend"]).unwrap_err();
         assert!(e.contains("--service-name"), "{e}");
+    }
+
+    #[test]
+    fn the_metrics_push_interval_defaults_to_30s_and_is_bounded() {
+        assert_eq!(
+            parse(&[]).unwrap().metrics_push_interval,
+            Duration::from_secs(30)
+        );
+        let c = parse(&["--metrics-push-interval", "200ms"]).unwrap();
+        assert_eq!(c.metrics_push_interval, Duration::from_millis(200));
+        for bad in ["0s", "10ms", "11m"] {
+            let e = parse(&["--metrics-push-interval", bad]).unwrap_err();
+            assert!(
+                e.contains("--metrics-push-interval")
+                    && e.contains("TRELLIS_PROXY_METRICS_PUSH_INTERVAL"),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse(&["--metrics-push-interval", "soon"]).unwrap_err();
+        assert!(e.contains("--metrics-push-interval"), "{e}");
     }
 
     #[test]

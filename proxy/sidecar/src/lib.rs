@@ -28,6 +28,7 @@ pub mod identity;
 pub mod inbound;
 pub mod logging;
 pub mod metrics;
+pub mod otlp_metrics;
 pub mod outbound;
 pub mod tap;
 pub mod telemetry;

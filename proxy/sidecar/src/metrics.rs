@@ -74,6 +74,15 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabels, Counter>,
 }
 
+/// The registry as the OpenMetrics text `/metrics` serves (ending in `# EOF`). Also what
+/// the OTLP metrics pusher reads the request histograms from ([`crate::otlp_metrics`]):
+/// prometheus-client has no other way to iterate a family's series.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
 // === impl Metrics ===
 
 impl Metrics {

@@ -346,6 +346,11 @@ impl Tracer {
         (Arc::new(t), Queue(rx))
     }
 
+    /// The settings in force now and later (the metrics pusher follows the same sink).
+    pub fn settings(&self) -> watch::Receiver<Settings> {
+        self.settings.subscribe()
+    }
+
     /// Takes new settings: the probability applies to the next request, the sink to the
     /// next batch.
     pub fn apply(&self, s: &Settings) {
@@ -527,22 +532,104 @@ pub fn resource(service_name: &str, namespace: &str, pod: &str) -> Resource {
     }
 }
 
-/// How the exporter reaches the mesh sink (the control plane): a fresh mTLS channel.
+/// How the exporters reach the mesh sink (the control plane): a fresh mTLS channel.
 pub type Connect = Arc<
-    dyn Fn() -> futures_util::future::BoxFuture<
-            'static,
-            Result<tonic::transport::Channel, Box<dyn std::error::Error + Send + Sync>>,
-        > + Send
+    dyn Fn()
+            -> futures_util::future::BoxFuture<'static, Result<tonic::transport::Channel, SinkError>>
+        + Send
         + Sync,
 >;
+
+/// Why the sink could not be reached.
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long one export call (spans or metrics) may take before it counts as failed.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC channel to the sink `tracing.otlp` names, shared by the span exporter and the
+/// metrics pusher ([`crate::otlp_metrics`]): one HTTP/2 connection to the control plane
+/// carries both, and both follow a sink change the same way. Cheap to clone.
+#[derive(Clone)]
+pub struct SinkChannel {
+    mesh: Connect,
+    /// The channel in use and the sink it reaches.
+    current: Arc<tokio::sync::Mutex<Current>>,
+}
+
+/// The open channel, if any, and its generation: every new channel gets the next number,
+/// so that a failure seen on an old channel does not drop a newer one.
+#[derive(Default)]
+struct Current {
+    channel: Option<(Sink, tonic::transport::Channel)>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for SinkChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkChannel").finish_non_exhaustive()
+    }
+}
+
+impl SinkChannel {
+    /// No channel yet; `mesh` opens one to the control plane when `Sink::Mesh` is asked for.
+    pub fn new(mesh: Connect) -> Self {
+        Self {
+            mesh,
+            current: Arc::default(),
+        }
+    }
+
+    /// A channel to `sink` and its generation: the one in use when it reaches the same
+    /// sink, else a new one (a collector's is lazy: errors show on the first call).
+    pub async fn get(&self, sink: &Sink) -> Result<(tonic::transport::Channel, u64), SinkError> {
+        // An async lock: connecting to the control plane is awaited while holding it, so
+        // the two exporters never open two connections at once.
+        let mut current = self.current.lock().await;
+        if let Some((s, ch)) = &current.channel
+            && s == sink
+        {
+            return Ok((ch.clone(), current.generation));
+        }
+        let ch = match sink {
+            Sink::Mesh => (self.mesh)().await?,
+            Sink::Collector(url) => tonic::transport::Endpoint::from_shared(url.clone())
+                .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())?,
+            Sink::Off => return Err("telemetry export is off (tracing.otlp unset)".into()),
+        };
+        current.generation = current.generation.wrapping_add(1);
+        current.channel = Some((sink.clone(), ch.clone()));
+        Ok((ch, current.generation))
+    }
+
+    /// Forgets the channel of `generation` after a failed call, so the next call
+    /// reconnects (the control plane restarted, or our certificate changed).
+    pub async fn reset(&self, generation: u64) {
+        let mut current = self.current.lock().await;
+        if current.generation == generation {
+            current.channel = None;
+        }
+    }
+}
 
 /// Sends queued spans in batches to the sink `settings` names, until the queue closes.
 /// A batch that cannot be sent is dropped (counted): spans are not worth holding traffic
 /// or memory for.
-pub async fn export(tracer: Arc<Tracer>, Queue(mut rx): Queue, resource: Resource, mesh: Connect) {
+pub async fn export(
+    tracer: Arc<Tracer>,
+    Queue(mut rx): Queue,
+    resource: Resource,
+    sinks: SinkChannel,
+) {
     let mut settings = tracer.settings.subscribe();
-    let mut channel: Option<(Sink, tonic::transport::Channel)> = None;
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH_SPANS);
+    let failed = |n: u64| {
+        tracer
+            .dropped
+            .get_or_create(&DropLabels {
+                reason: "export_failed",
+            })
+            .inc_by(n);
+    };
     loop {
         // Collect a batch: up to BATCH_SPANS, or what arrived within BATCH_DELAY of the
         // first.
@@ -563,26 +650,11 @@ pub async fn export(tracer: Arc<Tracer>, Queue(mut rx): Queue, resource: Resourc
         if sink == Sink::Off {
             continue;
         }
-        let ch = match &channel {
-            Some((s, ch)) if *s == sink => Ok(ch.clone()),
-            _ => match &sink {
-                Sink::Mesh => mesh().await,
-                Sink::Collector(url) => tonic::transport::Endpoint::from_shared(url.clone())
-                    .map(|e| e.connect_timeout(Duration::from_secs(5)).connect_lazy())
-                    .map_err(Into::into),
-                Sink::Off => continue,
-            },
-        };
-        let ch = match ch {
+        let (ch, generation) = match sinks.get(&sink).await {
             Ok(ch) => ch,
             Err(error) => {
                 warn!(%error, ?sink, spans = n, "cannot reach the trace sink; spans dropped");
-                tracer
-                    .dropped
-                    .get_or_create(&DropLabels {
-                        reason: "export_failed",
-                    })
-                    .inc_by(n);
+                failed(n);
                 continue;
             }
         };
@@ -590,19 +662,15 @@ pub async fn export(tracer: Arc<Tracer>, Queue(mut rx): Queue, resource: Resourc
             resource_spans: vec![ResourceSpans {
                 resource: Some(resource.clone()),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "trellis-proxy".to_owned(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        ..InstrumentationScope::default()
-                    }),
+                    scope: Some(scope()),
                     spans,
                     ..ScopeSpans::default()
                 }],
                 ..ResourceSpans::default()
             }],
         };
-        let mut client = TraceServiceClient::new(ch.clone());
-        match tokio::time::timeout(Duration::from_secs(10), client.export(request)).await {
+        let mut client = TraceServiceClient::new(ch);
+        match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
             Ok(Ok(resp)) => {
                 let rejected = resp
                     .into_inner()
@@ -611,36 +679,29 @@ pub async fn export(tracer: Arc<Tracer>, Queue(mut rx): Queue, resource: Resourc
                 tracer.exported.inc_by(n.saturating_sub(rejected));
                 if rejected > 0 {
                     debug!(rejected, "the trace sink rejected some spans");
-                    tracer
-                        .dropped
-                        .get_or_create(&DropLabels {
-                            reason: "export_failed",
-                        })
-                        .inc_by(rejected);
+                    failed(rejected);
                 }
-                channel = Some((sink, ch));
             }
             Ok(Err(status)) => {
                 warn!(code = ?status.code(), message = status.message(), spans = n, "trace export failed; spans dropped");
-                tracer
-                    .dropped
-                    .get_or_create(&DropLabels {
-                        reason: "export_failed",
-                    })
-                    .inc_by(n);
-                channel = None;
+                failed(n);
+                sinks.reset(generation).await;
             }
             Err(_) => {
                 warn!(spans = n, "trace export timed out; spans dropped");
-                tracer
-                    .dropped
-                    .get_or_create(&DropLabels {
-                        reason: "export_failed",
-                    })
-                    .inc_by(n);
-                channel = None;
+                failed(n);
+                sinks.reset(generation).await;
             }
         }
+    }
+}
+
+/// The instrumentation scope of everything the proxy exports over OTLP.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "trellis-proxy".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..InstrumentationScope::default()
     }
 }
 

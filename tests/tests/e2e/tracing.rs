@@ -4,6 +4,11 @@
 //! which sends them to the Application Insights ingestion stand-in: Request and
 //! Dependency envelopes with each workload's role, one operation id, parent ids linking
 //! the hops. Then sampling goes to 0 live: no more spans, context still propagated.
+//!
+//! And golden metrics: the proxies push their request histograms (OTLP metrics, every
+//! 200 ms here) to the same gateway, which sends request counts and duration sums as
+//! `Microsoft.ApplicationInsights.Metric` envelopes (customMetrics) per cloud role and
+//! status; a restarted proxy adds its new requests, never its old ones again.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -18,6 +23,9 @@ use trellis_e2e::{ControlPlane, EchoServer, Launch, Proxy, free_port, http_get, 
 use trellis_telemetry::stand_in::IngestionStandIn;
 
 use crate::request_path::loopback;
+
+/// The envelope name of Application Insights metrics (customMetrics).
+const METRIC: &str = "Microsoft.ApplicationInsights.Metric";
 
 fn mesh(client_in: SocketAddr, web_in: SocketAddr, api_in: SocketAddr) -> String {
     trellis_e2e::mesh_yaml(
@@ -100,6 +108,15 @@ fn base(e: &Value) -> &Value {
     &e["data"]["baseData"]
 }
 
+/// The span envelopes (Request, Dependency, ...): every envelope but the Metric ones.
+fn span_envelopes(ingestion: &IngestionStandIn) -> Vec<Value> {
+    ingestion
+        .envelopes()
+        .into_iter()
+        .filter(|e| e["name"] != METRIC)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_crosses_three_workloads_into_application_insights() {
     let ingestion = IngestionStandIn::start().await.unwrap();
@@ -161,10 +178,12 @@ async fn a_trace_crosses_three_workloads_into_application_insights() {
         "{traceparent}"
     );
 
-    let envelopes = ingestion
+    ingestion
         .wait_for(4, Duration::from_secs(15))
         .await
         .unwrap_or_else(|e| panic!("{e}\ncontrol plane log:\n{}", cp.log()));
+    // Metrics go out every 60 s by default: a slow run may see one, and it is not a span.
+    let envelopes = span_envelopes(&ingestion);
     assert_eq!(envelopes.len(), 4, "{envelopes:#?}");
     let find = |kind: &str, role: &str| {
         envelopes
@@ -263,7 +282,7 @@ async fn a_trace_crosses_three_workloads_into_application_insights() {
     assert!(half.is_ok(), "{:#?}\n{}", ingestion.envelopes(), cp.log());
     // Spans still in flight at 50% land before the count below is taken.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let before_off = ingestion.envelopes().len();
+    let before_off = span_envelopes(&ingestion).len();
     let exported_before_off = client
         .metric("trellis_proxy_spans_exported_total")
         .await
@@ -300,7 +319,7 @@ async fn a_trace_crosses_three_workloads_into_application_insights() {
     // Give a batch time to go out (the proxies batch for up to 2 s), then check none did.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        ingestion.envelopes().len(),
+        span_envelopes(&ingestion).len(),
         before_off,
         "{:#?}",
         ingestion.envelopes()
@@ -310,4 +329,255 @@ async fn a_trace_crosses_three_workloads_into_application_insights() {
         .await
         .unwrap();
     assert_eq!(exported, exported_before_off);
+}
+
+/// `d.hh:mm:ss.ffffff`, the envelopes' duration format, in seconds.
+fn duration_seconds(d: &str) -> f64 {
+    let (days, rest) = d.split_once('.').unwrap();
+    let parts: Vec<f64> = rest.split(':').map(|p| p.parse().unwrap()).collect();
+    days.parse::<f64>().unwrap() * 86_400.0 + parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+/// Per (cloud role, status code): the summed values of metric `name` in the Metric
+/// envelopes received so far.
+fn metric_totals(ingestion: &IngestionStandIn, name: &str) -> Vec<(String, String, f64)> {
+    let mut totals: std::collections::BTreeMap<(String, String), f64> = Default::default();
+    for e in ingestion.envelopes().iter().filter(|e| e["name"] == METRIC) {
+        for m in base(e)["metrics"].as_array().unwrap() {
+            if m["name"] == name {
+                let role = e["tags"]["ai.cloud.role"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned();
+                let status = base(e)["properties"]["http.response.status_code"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned();
+                *totals.entry((role, status)).or_default() += m["value"].as_f64().unwrap();
+            }
+        }
+    }
+    totals.into_iter().map(|((r, s), v)| (r, s, v)).collect()
+}
+
+fn counts(expected: &[(&str, &str, f64)]) -> Vec<(String, String, f64)> {
+    expected
+        .iter()
+        .map(|(r, s, v)| ((*r).to_owned(), (*s).to_owned(), *v))
+        .collect()
+}
+
+/// Waits until the request counts of `name` are `expected` exactly, then three more
+/// export intervals, and checks they stayed so (nothing counted twice).
+async fn counts_settle(
+    ingestion: &IngestionStandIn,
+    cp: &ControlPlane,
+    name: &str,
+    expected: &[(&str, &str, f64)],
+) {
+    let expected = counts(expected);
+    let reached = wait_until(Duration::from_secs(20), || async {
+        metric_totals(ingestion, name) == expected
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{name}: wanted {expected:?}, have {:?}\n{:#?}\ncontrol plane log:\n{}",
+        metric_totals(ingestion, name),
+        ingestion.envelopes(),
+        cp.log()
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(metric_totals(ingestion, name), expected, "{name} changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_metrics_reach_application_insights_as_custom_metrics() {
+    let ingestion = IngestionStandIn::start().await.unwrap();
+    let (client_in, web_in) = (loopback(free_port()), loopback(free_port()));
+    let mesh = trellis_e2e::mesh_yaml(
+        "demo",
+        &["web"],
+        &[
+            ("web-1", "web", "web", web_in),
+            ("client-1", "client", "client", client_in),
+        ],
+    );
+    let (connection, ca) = (ingestion.connection_string(), ingestion.ca_pem().to_owned());
+    let cp = ControlPlane::start_with(&mesh, |dir| {
+        std::fs::write(
+            dir.join("mesh-config.yaml"),
+            mesh_config("{sampling: 100, otlp: mesh}"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ingestion-ca.pem"), ca).unwrap();
+        Launch {
+            args: vec![
+                "--mesh-config".into(),
+                dir.join("mesh-config.yaml").display().to_string(),
+                "--telemetry-metrics-interval".into(),
+                "300ms".into(),
+            ],
+            env: vec![
+                ("APPLICATIONINSIGHTS_CONNECTION_STRING".into(), connection),
+                (
+                    "TRELLIS_AZURE_EXTRA_ROOTS".into(),
+                    dir.join("ingestion-ca.pem").display().to_string(),
+                ),
+            ],
+        }
+    })
+    .await;
+    let push = ["--metrics-push-interval", "200ms"];
+    let web_app = EchoServer::start("web-1").await;
+    let mut web = Proxy::start_with(&cp, "web-1", "demo", "web", web_in, web_app.addr, &push).await;
+    let client_app = EchoServer::start("client-1").await;
+    let client = Proxy::start_with(
+        &cp,
+        "client-1",
+        "demo",
+        "client",
+        client_in,
+        client_app.addr,
+        &push,
+    )
+    .await;
+
+    // Known traffic: 7 successes and 3 failures, client -> web.
+    let started = std::time::Instant::now();
+    for (path, status) in [("/ok", 200), ("/fail?status=503", 503)] {
+        let n = if status == 200 { 7 } else { 3 };
+        for _ in 0..n {
+            let (got, _, _) = http_get(client.outbound, "web.demo", path).await.unwrap();
+            assert_eq!(got, status);
+        }
+    }
+    let traffic = started.elapsed().as_secs_f64();
+
+    counts_settle(
+        &ingestion,
+        &cp,
+        "http.server.request.count",
+        &[("demo.web", "200", 7.0), ("demo.web", "503", 3.0)],
+    )
+    .await;
+    counts_settle(
+        &ingestion,
+        &cp,
+        "http.client.request.count",
+        &[("demo.client", "200", 7.0), ("demo.client", "503", 3.0)],
+    )
+    .await;
+
+    // Duration sums: positive, within the traffic's wall time, and what the Request
+    // envelopes of the same 10 requests add up to.
+    let server_sum: f64 = metric_totals(&ingestion, "http.server.request.duration.sum")
+        .iter()
+        .filter(|(role, _, _)| role == "demo.web")
+        .map(|(_, _, v)| v)
+        .sum();
+    assert!(
+        server_sum > 0.0 && server_sum < traffic,
+        "{server_sum} s of {traffic} s"
+    );
+    // Spans travel on their own schedule (batches of up to 2 s in the proxy, 1 s here).
+    let web_requests = || {
+        span_envelopes(&ingestion)
+            .into_iter()
+            .filter(|e| {
+                e["data"]["baseType"] == "RequestData" && e["tags"]["ai.cloud.role"] == "demo.web"
+            })
+            .collect::<Vec<Value>>()
+    };
+    let spans_in = wait_until(Duration::from_secs(15), || async {
+        web_requests().len() >= 10
+    })
+    .await;
+    assert!(spans_in.is_ok(), "{:#?}", ingestion.envelopes());
+    let requests = web_requests();
+    assert_eq!(requests.len(), 10, "{requests:#?}");
+    let spans_sum: f64 = requests
+        .iter()
+        .map(|e| duration_seconds(base(e)["duration"].as_str().unwrap()))
+        .sum();
+    assert!(
+        (server_sum - spans_sum).abs() <= 0.5 * spans_sum + 0.01,
+        "metrics say {server_sum} s, Request envelopes {spans_sum} s"
+    );
+    let client_sum: f64 = metric_totals(&ingestion, "http.client.request.duration.sum")
+        .iter()
+        .map(|(_, _, v)| v)
+        .sum();
+    assert!(
+        client_sum >= server_sum && client_sum < traffic,
+        "{client_sum} s"
+    );
+
+    // One envelope as Application Insights stores it.
+    let example = ingestion
+        .envelopes()
+        .into_iter()
+        .find(|e| {
+            e["name"] == METRIC
+                && base(e)["metrics"][0]["name"] == "http.server.request.count"
+                && base(e)["properties"]["http.response.status_code"] == "503"
+        })
+        .unwrap();
+    assert_eq!(example["data"]["baseType"], "MetricData");
+    assert_eq!(example["tags"]["ai.cloud.roleInstance"], "web-1");
+    let properties = &base(&example)["properties"];
+    assert_eq!(
+        properties["trellis.identity"],
+        "spiffe://cluster.local/ns/demo/sa/web"
+    );
+    assert_eq!(properties["source_workload"], "client");
+    assert_eq!(properties["destination_service_name"], "web");
+    assert_eq!(properties["http.request.method"], "GET");
+    println!("example Metric envelope:\n{example:#}");
+    assert!(
+        web.metric("trellis_proxy_metric_exports_total{result=\"ok\"}")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        web.metric("trellis_proxy_metric_exports_total{result=\"failed\"}")
+            .await,
+        Some(0.0)
+    );
+
+    // The web proxy restarts: its counts start from 0; the new requests are added, the old
+    // ones not again.
+    web.terminate();
+    assert!(
+        web.wait_exit(Duration::from_secs(10)).await.is_some(),
+        "{}",
+        web.log()
+    );
+    let web = Proxy::start_with(&cp, "web-1", "demo", "web", web_in, web_app.addr, &push).await;
+    for _ in 0..2 {
+        let (got, _, _) = http_get(client.outbound, "web.demo", "/again")
+            .await
+            .unwrap();
+        assert_eq!(got, 200);
+    }
+    counts_settle(
+        &ingestion,
+        &cp,
+        "http.server.request.count",
+        &[("demo.web", "200", 9.0), ("demo.web", "503", 3.0)],
+    )
+    .await;
+    counts_settle(
+        &ingestion,
+        &cp,
+        "http.client.request.count",
+        &[("demo.client", "200", 9.0), ("demo.client", "503", 3.0)],
+    )
+    .await;
+    for e in ingestion.envelopes().iter().filter(|e| e["name"] == METRIC) {
+        let value = base(e)["metrics"][0]["value"].as_f64().unwrap();
+        assert!(value > 0.0, "no zero or negative data point: {e:#}");
+    }
+    drop(web);
 }
