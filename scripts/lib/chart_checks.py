@@ -105,6 +105,8 @@ NEGATIVE = [
     ("unknown key controlPlane.replica", {"controlPlane": {"replica": 3}}, "'replica' not allowed"),
     ("unknown top-level key", {"controlplane": {}}, "'controlplane' not allowed"),
     ("bad proxy logLevel", {"meshConfig": {"proxy": {"logLevel": "loud"}}}, "/meshConfig/proxy/logLevel"),
+    ("bad proxy memory quantity", {"meshConfig": {"proxy": {"resources": {"limits": {"memory": "1GB"}}}}},
+     "/meshConfig/proxy/resources/limits/memory"),
     ("bad image digest", {"proxy": {"image": {"digest": "sha256:xyz"}}}, "/proxy/image/digest"),
     ("https OTLP collector", {"meshConfig": {"tracing": {"otlp": "https://c:4317"}}}, "/meshConfig/tracing/otlp"),
     ("self-signed CA with 2 replicas", {"meshConfig": {"ca": {"source": "self-signed"}}}, "/meshConfig/ca/source"),

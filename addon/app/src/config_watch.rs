@@ -90,7 +90,7 @@ impl Applier {
         let (ca, ca_rx) = watch::channel(running.ca.clone());
         let (scope, scope_rx) = watch::channel(Arc::new(running.discovery.scope.clone()));
         let (proxies, proxies_rx) = watch::channel(ProxyWide::of(&running));
-        let (proxy, proxy_rx) = watch::channel(running.proxy);
+        let (proxy, proxy_rx) = watch::channel(running.proxy.clone());
         let applier = Self {
             running,
             trust_domain,
@@ -176,7 +176,7 @@ impl Applier {
             }
             changed
         });
-        let proxy = next.proxy;
+        let proxy = next.proxy.clone();
         self.proxy.send_if_modified(|running| {
             let changed = *running != proxy;
             *running = proxy;

@@ -109,6 +109,14 @@ impl InjectorSettings {
         c.control_plane_identity = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
         c.kubernetes_version = kubernetes_version;
         c.log_level = proxy.log_filter();
+        if let Some(r) = &proxy.resources {
+            c.proxy_resources = trellis_webhook::ProxyResources {
+                cpu_request: r.requests.cpu.clone(),
+                memory_request: r.requests.memory.clone(),
+                cpu_limit: r.limits.cpu.clone(),
+                memory_limit: r.limits.memory.clone(),
+            };
+        }
         c
     }
 
@@ -358,5 +366,34 @@ mod tests {
         assert_eq!(c.log_level, "warn,access=info");
         assert_eq!(c.init_image, None);
         assert_eq!(c.check(), Ok(()));
+        assert_eq!(
+            c.proxy_resources,
+            trellis_webhook::ProxyResources::default()
+        );
+
+        // proxy.resources replaces the defaults entry for entry, absent ones left out.
+        let proxy = ProxySettings {
+            resources: Some(crate::mesh_config::ProxyResources {
+                requests: crate::mesh_config::ResourceList {
+                    cpu: Some("200m".into()),
+                    memory: None,
+                },
+                limits: crate::mesh_config::ResourceList {
+                    cpu: None,
+                    memory: Some("512Mi".into()),
+                },
+            }),
+            ..ProxySettings::default()
+        };
+        let c = s.config("mesh.example", "1.30".parse().unwrap(), &proxy);
+        assert_eq!(
+            c.proxy_resources,
+            trellis_webhook::ProxyResources {
+                cpu_request: Some("200m".into()),
+                memory_request: None,
+                cpu_limit: None,
+                memory_limit: Some("512Mi".into()),
+            }
+        );
     }
 }

@@ -201,9 +201,15 @@ pub(crate) struct DiscoverySettings {
 pub(crate) use trellis_discovery::{NamespaceSet, Scope as DiscoveryScope};
 
 /// The `proxy` key: settings handed to every proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct ProxySettings {
+    /// `resources`: requests and limits of the injected proxy container, taken as
+    /// written (an entry left out is left out of the pod). Absent: 50m CPU and 64Mi
+    /// requested, 256Mi memory limit, no CPU limit (which would throttle the data path).
+    /// Applies to pods created after the change; running pods keep theirs.
+    #[serde(default)]
+    pub(crate) resources: Option<ProxyResources>,
     /// `logLevel`: the proxy's log level (default `info`).
     #[serde(default)]
     pub(crate) log_level: LogLevel,
@@ -348,11 +354,127 @@ fn default_propagation() -> Duration {
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
+            resources: None,
             log_level: LogLevel::Info,
             access_log: default_access_log(),
             access_log_format: AccessLogFormat::Text,
         }
     }
+}
+
+/// `proxy.resources`, as in a container spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProxyResources {
+    /// `requests`.
+    #[serde(default)]
+    pub(crate) requests: ResourceList,
+    /// `limits`.
+    #[serde(default)]
+    pub(crate) limits: ResourceList,
+}
+
+/// `cpu` and `memory` quantities (`50m`, `64Mi`, `0.5`, `1G`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResourceList {
+    /// `cpu`.
+    pub(crate) cpu: Option<String>,
+    /// `memory`.
+    pub(crate) memory: Option<String>,
+}
+
+/// The value of a Kubernetes quantity (`resource.Quantity`): a decimal number, then a
+/// binary (`Ki` .. `Ei`), decimal (`m`, `k`, `M` .. `E`) or exponent (`e3`) suffix.
+/// The API server would refuse a pod with a bad one, so the injector must never write it.
+fn quantity(text: &str) -> Result<f64, String> {
+    let bad = || format!("{text:?} is not a Kubernetes quantity (e.g. 50m, 0.5, 64Mi, 1G)");
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => match suffix.strip_prefix(['e', 'E']).map(str::parse::<i32>) {
+            Some(Ok(exp)) if (-18..=18).contains(&exp) => 10f64.powi(exp),
+            _ => return Err(bad()),
+        },
+    };
+    Ok(value * scale)
+}
+
+impl ProxyResources {
+    /// Every quantity parses, and no request is above its limit (the API server would
+    /// refuse every injected pod).
+    fn validate(&self) -> Result<(), Bad> {
+        let mut parsed = [[None; 2]; 2];
+        for (i, (section, list)) in [("requests", &self.requests), ("limits", &self.limits)]
+            .into_iter()
+            .enumerate()
+        {
+            for (j, (name, value)) in [("cpu", &list.cpu), ("memory", &list.memory)]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(v) = value {
+                    let q = quantity(v)
+                        .map_err(|e| Bad::inside(format!("resources.{section}.{name}"), e))?;
+                    parsed[i][j] = Some(q);
+                }
+            }
+        }
+        for (j, name) in ["cpu", "memory"].into_iter().enumerate() {
+            if let (Some(request), Some(limit)) = (parsed[0][j], parsed[1][j])
+                && request > limit
+            {
+                return Err(Bad::inside(
+                    format!("resources.requests.{name}"),
+                    format!(
+                        "{} is above limits.{name} {}: Kubernetes would refuse every injected pod",
+                        self.requests.get(name),
+                        self.limits.get(name)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ResourceList {
+    fn get(&self, name: &str) -> &str {
+        let v = if name == "cpu" {
+            &self.cpu
+        } else {
+            &self.memory
+        };
+        v.as_deref().unwrap_or_default()
+    }
+}
+
+fn parse_proxy(value: &str) -> Result<ProxySettings, Bad> {
+    let proxy: ProxySettings = parse_value(value)?;
+    if let Some(resources) = &proxy.resources {
+        resources.validate()?;
+    }
+    Ok(proxy)
 }
 
 fn default_access_log() -> bool {
@@ -558,7 +680,7 @@ pub(crate) fn parse_config_map_data(
             "ca" => parse_ca(value).map(|ca| config.ca = ca),
             "trustDomain" => parse_trust_domain(value).map(|td| config.trust_domain = Some(td)),
             "discovery" => parse_discovery(value).map(|d| config.discovery = d),
-            "proxy" => parse_value::<ProxySettings>(value).map(|p| config.proxy = p),
+            "proxy" => parse_proxy(value).map(|p| config.proxy = p),
             "outboundTrafficPolicy" => parse_value::<OutboundTrafficPolicy>(value)
                 .map(|p| config.outbound_traffic_policy = p),
             "tracing" => parse_tracing(value).map(|t| config.tracing = t),
@@ -1210,6 +1332,65 @@ mod tests {
     }
 
     #[test]
+    fn proxy_resources_are_taken_as_written_and_checked() {
+        let p = parse(&cm_with(&[])).unwrap().proxy;
+        assert_eq!(p.resources, None, "absent: the injector's defaults");
+        let yaml = "resources:\n  requests: {cpu: 100m, memory: 128Mi}\n  limits: {memory: 1Gi}";
+        let r = parse(&cm_with(&[("proxy", yaml)]))
+            .unwrap()
+            .proxy
+            .resources
+            .unwrap();
+        assert_eq!(r.requests.cpu.as_deref(), Some("100m"));
+        assert_eq!(r.requests.memory.as_deref(), Some("128Mi"));
+        assert_eq!(
+            (r.limits.cpu, r.limits.memory.as_deref()),
+            (None, Some("1Gi"))
+        );
+        for (yaml, error) in [
+            (
+                "resources: {requests: {cpu: 100 m}}",
+                "data.proxy: resources.requests.cpu: \"100 m\" is not a Kubernetes quantity (e.g. 50m, 0.5, 64Mi, 1G)",
+            ),
+            (
+                "resources: {limits: {memory: 64MB}}",
+                "data.proxy: resources.limits.memory: \"64MB\" is not a Kubernetes quantity (e.g. 50m, 0.5, 64Mi, 1G)",
+            ),
+            (
+                "resources: {requests: {memory: 512Mi}, limits: {memory: 0.25Gi}}",
+                "data.proxy: resources.requests.memory: 512Mi is above limits.memory 0.25Gi: Kubernetes would refuse every injected pod",
+            ),
+            (
+                "resources: {requests: {gpu: 1}}",
+                "data.proxy: resources.requests.gpu: unknown field `gpu`, expected `cpu` or `memory`",
+            ),
+        ] {
+            let err = parse(&cm_with(&[("proxy", yaml)])).unwrap_err().to_string();
+            assert!(err.contains(error), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        for (text, value) in [
+            ("50m", 0.05),
+            ("1", 1.0),
+            ("0.5", 0.5),
+            ("64Mi", 64.0 * 1024.0 * 1024.0),
+            ("1G", 1e9),
+            ("2e3", 2000.0),
+            ("1.5Ki", 1536.0),
+        ] {
+            assert_eq!(quantity(text), Ok(value), "{text}");
+        }
+        for bad in [
+            "", "m", ".", "1..5", "-1", "1 Mi", "1mi", "1e99", "Mi1", "1KiB",
+        ] {
+            assert!(quantity(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn proxy_log_filter() {
         let cases = [
             (LogLevel::Error, true, "error,access=info"),
@@ -1220,7 +1401,7 @@ mod tests {
             let p = ProxySettings {
                 log_level,
                 access_log,
-                access_log_format: AccessLogFormat::Text,
+                ..ProxySettings::default()
             };
             assert_eq!(p.log_filter(), filter);
         }

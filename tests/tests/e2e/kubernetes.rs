@@ -532,6 +532,37 @@ control plane log:
         "a 24 h certificate: expires {expiry}, now {now}"
     );
 
+    // trellis-config's proxy.resources reach the next injected pod, live.
+    c.api.apply_json(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "trellis-config", "namespace": "trellis-system"},
+        "data": {"proxy": "resources:\n  requests: {cpu: 200m}\n  limits: {memory: 512Mi}\n"},
+    }))?;
+    until(&c.cp, "proxy.resources in the injected proxy", || {
+        let bundle = bundle.clone();
+        let webhook = c.webhook;
+        async move {
+            let (_, answer) =
+                webhook_post(webhook, &bundle, "/inject", &pod_review("shop", "uid-r"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(answer["response"]["patch"].as_str().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            let ops: Vec<Value> = serde_json::from_slice(&patch).map_err(|e| e.to_string())?;
+            let resources = ops
+                .iter()
+                .find(|op| op["path"] == "/spec/initContainers")
+                .map(|op| op["value"][1]["resources"].clone())
+                .unwrap_or_default();
+            expect(
+                resources,
+                &json!({"requests": {"cpu": "200m"}, "limits": {"memory": "512Mi"}}),
+            )
+        }
+    })
+    .await?;
+
     // Not ready: the endpoint leaves the client's view and the call has nowhere to go.
     let slice_port = c.web.inbound.port();
     c.api
