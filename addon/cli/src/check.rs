@@ -218,12 +218,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(exit_code(&checks))
 }
 
+/// `--warn-within`'s default: 30 days.
+pub(crate) const DEFAULT_WARN_WITHIN: Duration = Duration::from_secs(30 * 24 * 3600);
+
 const CONTROL_PLANE: &str = "control-plane";
 const TRUST: &str = "trust";
 const DATA_PLANE: &str = "data-plane";
 
 /// The local profile's checks, from the control plane's admin endpoints at `admin`.
-async fn local(admin: SocketAddr, warn_within: Duration) -> Vec<Check> {
+pub(crate) async fn local(admin: SocketAddr, warn_within: Duration) -> Vec<Check> {
     let http = HttpClient::new();
     let mut checks = Vec::new();
     let unreachable_hint = "is the control plane running? (`trellis demo` starts one; for a \
@@ -571,6 +574,15 @@ pub(crate) fn unix(t: SystemTime) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_default_warn_within_is_the_flags() {
+        assert_eq!(
+            humantime::parse_duration("30d").unwrap(),
+            DEFAULT_WARN_WITHIN
+        );
+    }
+
     use super::*;
 
     fn proxy(workload: &str, sent: u64, acked: Option<u64>, synced: bool) -> ProxyStatus {

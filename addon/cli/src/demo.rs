@@ -428,6 +428,12 @@ async fn run_in(
         }
         Err(e) => say(&format!("config application unknown: {e:#}")),
     }
+    // The health report `trellis check` prints (on a cluster: `trellis check --kubernetes`).
+    let checks = check::local(cp_admin, check::DEFAULT_WARN_WITHIN).await;
+    say(&format!("trellis check: {}", check::summary(&checks)));
+    for c in &checks {
+        say(&format!("  {} {}", c.verdict.mark(), c.line));
+    }
     say(&format!("logs: {}", logs.display()));
     if failed > 0 && ok == 0 {
         bail!("no request succeeded; see the logs above");
