@@ -182,17 +182,7 @@ impl TraceService for Gateway {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let inner = &self.inner;
         let metrics = &inner.metrics;
-        // Only the TLS acceptor puts ConnectInfo here: a caller cannot forge it.
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo>()
-            .and_then(|info| info.peer.clone());
-        if peer.is_none() && inner.config.require_identity {
-            metrics.refused_unauthenticated.inc();
-            return Err(Status::unauthenticated(
-                "telemetry export needs a verified workload identity (mTLS client certificate)",
-            ));
-        }
+        let peer = caller(&request, inner.config.require_identity, metrics)?;
         let request = request.into_inner();
         let total = span_count(&request);
         if total > inner.config.max_spans_per_request {
@@ -268,6 +258,27 @@ impl TraceService for Gateway {
             partial_success,
         }))
     }
+}
+
+/// The caller's verified identity, for traces and metrics alike. Only the TLS acceptor
+/// puts `ConnectInfo` into the request's extensions, so a caller cannot forge it; without
+/// one, the request is refused when `require_identity` (counted), else anonymous.
+pub(crate) fn caller<T>(
+    request: &Request<T>,
+    require_identity: bool,
+    metrics: &Metrics,
+) -> Result<Option<trellis_identity::SpiffeId>, Status> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo>()
+        .and_then(|info| info.peer.clone());
+    if peer.is_none() && require_identity {
+        metrics.refused_unauthenticated.inc();
+        return Err(Status::unauthenticated(
+            "telemetry export needs a verified workload identity (mTLS client certificate)",
+        ));
+    }
+    Ok(peer)
 }
 
 fn as_u64(n: usize) -> u64 {

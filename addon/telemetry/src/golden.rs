@@ -62,7 +62,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
-use trellis_identity::{ConnectInfo, SpiffeId};
+use trellis_identity::SpiffeId;
 
 use crate::convert::{IDENTITY_ATTRIBUTE, key_values, resource_attributes};
 use crate::{DEFAULT_MAX_MESSAGE_BYTES, Error, Metrics};
@@ -561,17 +561,7 @@ impl MetricsService for MetricsGateway {
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let inner = &self.inner;
         let metrics = &inner.metrics;
-        // Only the TLS acceptor puts ConnectInfo here: a caller cannot forge it.
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo>()
-            .and_then(|info| info.peer.clone());
-        if peer.is_none() && inner.config.require_identity {
-            metrics.refused_unauthenticated.inc();
-            return Err(Status::unauthenticated(
-                "telemetry export needs a verified workload identity (mTLS client certificate)",
-            ));
-        }
+        let peer = crate::gateway::caller(&request, inner.config.require_identity, metrics)?;
         let converted = convert(request.into_inner(), peer.as_ref());
         let accepted = u64::try_from(converted.points.len()).unwrap_or(u64::MAX);
         let total = accepted + converted.unsupported;

@@ -54,7 +54,7 @@ use std::fmt::Display;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
@@ -648,52 +648,29 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
         .get_opt(INJECTOR)
         .await
         .map(|found| {
-            found.map(|c| WebhookConfig {
-                cert_manager: has_annotation(&c.metadata, CERT_MANAGER_INJECT),
-                webhooks: (c.webhooks.unwrap_or_default().into_iter())
-                    .map(|w| (w.name, w.client_config.ca_bundle.map(|b| b.0)))
-                    .collect(),
+            found.map(|c| {
+                let hooks = c.webhooks.unwrap_or_default().into_iter();
+                WebhookConfig::of(&c.metadata, hooks.map(|w| (w.name, w.client_config)))
             })
         });
-    checks.push(match mutating {
-        Ok(found) => ca_bundle_check(
-            "MutatingWebhookConfiguration",
-            INJECTOR,
-            found.as_ref(),
-            trust.as_deref(),
-            now,
-        ),
-        Err(e) => read_failed(
-            WEBHOOK,
-            &format!("MutatingWebhookConfiguration {INJECTOR}"),
-            &error_text(&e),
-        ),
-    });
     let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone())
         .get_opt(VALIDATOR)
         .await
         .map(|found| {
-            found.map(|c| WebhookConfig {
-                cert_manager: has_annotation(&c.metadata, CERT_MANAGER_INJECT),
-                webhooks: (c.webhooks.unwrap_or_default().into_iter())
-                    .map(|w| (w.name, w.client_config.ca_bundle.map(|b| b.0)))
-                    .collect(),
+            found.map(|c| {
+                let hooks = c.webhooks.unwrap_or_default().into_iter();
+                WebhookConfig::of(&c.metadata, hooks.map(|w| (w.name, w.client_config)))
             })
         });
-    checks.push(match validating {
-        Ok(found) => ca_bundle_check(
-            "ValidatingWebhookConfiguration",
-            VALIDATOR,
-            found.as_ref(),
-            trust.as_deref(),
-            now,
-        ),
-        Err(e) => read_failed(
-            WEBHOOK,
-            &format!("ValidatingWebhookConfiguration {VALIDATOR}"),
-            &error_text(&e),
-        ),
-    });
+    for (kind, name, read) in [
+        ("MutatingWebhookConfiguration", INJECTOR, mutating),
+        ("ValidatingWebhookConfiguration", VALIDATOR, validating),
+    ] {
+        checks.push(match read {
+            Ok(found) => ca_bundle_check(kind, name, found.as_ref(), trust.as_deref(), now),
+            Err(e) => read_failed(WEBHOOK, &format!("{kind} {name}"), &error_text(&e)),
+        });
+    }
     checks.push(webhook_endpoints(client, ns).await);
     checks.push(injection_check(&dry_run(client, options).await));
 
@@ -865,6 +842,18 @@ pub(crate) struct WebhookConfig {
     pub(crate) webhooks: Vec<(String, Option<Vec<u8>>)>,
     /// Whether cert-manager's CA injector owns the `caBundle`s.
     pub(crate) cert_manager: bool,
+}
+
+impl WebhookConfig {
+    /// From a configuration's metadata and its webhooks' names and client configs.
+    fn of(meta: &ObjectMeta, hooks: impl Iterator<Item = (String, WebhookClientConfig)>) -> Self {
+        Self {
+            cert_manager: has_annotation(meta, CERT_MANAGER_INJECT),
+            webhooks: hooks
+                .map(|(name, c)| (name, c.ca_bundle.map(|b| b.0)))
+                .collect(),
+        }
+    }
 }
 
 /// One webhook configuration: found, and every webhook's `caBundle` is PEM certificates,
