@@ -213,6 +213,18 @@ def assertions(docs, podmonitor_schema):
         for r in TRUST_PUBLISH_RULES:
             if cr is None or r not in cr["rules"]:
                 fail(f"[{p}] ClusterRole trellis-control-plane lacks the trust bundle rule {r}")
+        # The cluster-wide ConfigMap create is narrowed back to one name by an admission
+        # policy (rendered for Kubernetes >= 1.30, which the SDK's default version is).
+        vap = find(ds, "ValidatingAdmissionPolicy", "trellis-control-plane-configmaps")
+        vapb = find(ds, "ValidatingAdmissionPolicyBinding", "trellis-control-plane-configmaps")
+        sa = "system:serviceaccount:trellis-system:trellis-control-plane"
+        if (vap is None or vapb is None
+                or vap["spec"]["matchConditions"][0]["expression"] != f'request.userInfo.username == "{sa}"'
+                or vap["spec"]["validations"][0]["expression"] != 'object.metadata.name == "trellis-trust-bundle"'
+                or vap["spec"]["matchConstraints"]["resourceRules"][0]["operations"] != ["CREATE"]
+                or vap["spec"]["failurePolicy"] != "Fail"
+                or vapb["spec"]["validationActions"] != ["Deny"]):
+            fail(f"[{p}] the ConfigMap-create admission policy is missing or wrong: {vap} {vapb}")
         mwc = find(ds, "MutatingWebhookConfiguration", "trellis-sidecar-injector")
         w = mwc["webhooks"][0]
         want = {"failurePolicy": "Fail", "sideEffects": "None", "reinvocationPolicy": "Never",

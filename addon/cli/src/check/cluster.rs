@@ -302,7 +302,7 @@ const CREATE_NAMESPACE: Access = Access::new("", "namespaces", false);
 /// Services, the Deployment, a PodDisruptionBudget (2 replicas), two NetworkPolicies, the
 /// RBAC objects and both webhook configurations. Not the PodMonitor (off by default) nor
 /// the `helm test` pod (created by `helm test`, not by the install).
-pub(crate) const CHART_CREATES: [Access; 12] = [
+pub(crate) const CHART_CREATES: [Access; 14] = [
     Access::new("", "serviceaccounts", true),
     Access::new("", "configmaps", true),
     Access::new("", "services", true),
@@ -321,6 +321,17 @@ pub(crate) const CHART_CREATES: [Access; 12] = [
     Access::new(
         "admissionregistration.k8s.io",
         "validatingwebhookconfigurations",
+        false,
+    ),
+    // Rendered for Kubernetes 1.30+ only; asking on older clusters is harmless.
+    Access::new(
+        "admissionregistration.k8s.io",
+        "validatingadmissionpolicies",
+        false,
+    ),
+    Access::new(
+        "admissionregistration.k8s.io",
+        "validatingadmissionpolicybindings",
         false,
     ),
 ];

@@ -63,7 +63,7 @@ kubernetes-version
 
 pre-install
 -----------
-✔ can create the 13 kinds of objects the chart installs
+✔ can create the 15 kinds of objects the chart installs
 ✔ Trellis is not installed yet
 ✖ Istio is installed: namespace istio-system
     hint: two meshes' sidecars in one pod fight over its traffic: uninstall Istio first (istioctl uninstall --purge)

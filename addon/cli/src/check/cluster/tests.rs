@@ -447,7 +447,7 @@ kubernetes-version
 
 pre-install
 -----------
-✔ can create the 13 kinds of objects the chart installs
+✔ can create the 15 kinds of objects the chart installs
 ✔ Trellis is not installed yet
 ✔ no other service mesh found (Istio, Linkerd, Open Service Mesh)
 
@@ -472,6 +472,8 @@ Status check results are ✔
             "rolebindings",
             "mutatingwebhookconfigurations",
             "validatingwebhookconfigurations",
+            "validatingadmissionpolicies",
+            "validatingadmissionpolicybindings",
         ]
     );
 }
@@ -1304,7 +1306,7 @@ fn permission_lines() {
         permissions_check(NAMESPACE, &answers),
         Check::ok(
             PRE_INSTALL,
-            "can create the 12 kinds of objects the chart installs"
+            "can create the 14 kinds of objects the chart installs"
         )
     );
 }
