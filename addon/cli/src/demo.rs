@@ -428,6 +428,8 @@ async fn run_in(
         }
         Err(e) => say(&format!("config application unknown: {e:#}")),
     }
+    // What the sidecar injector does to a pod on a cluster (`/inject`, `trellis inject`).
+    say(&injector_line());
     // The health report `trellis check` prints (on a cluster: `trellis check --kubernetes`).
     let checks = check::local(cp_admin, check::DEFAULT_WARN_WITHIN).await;
     say(&format!("trellis check: {}", check::summary(&checks)));
@@ -754,6 +756,45 @@ fn unix_now() -> u64 {
 
 fn say(line: &str) {
     println!("[trellis demo] {line}");
+}
+
+/// The sidecar injector's decision for the demo's `web` pod as it would run on a cluster
+/// (namespace labelled `trellis.dev/inject: enabled`, Kubernetes 1.33): the function the
+/// control plane serves at `/inject` and `trellis inject` runs offline.
+fn injector_line() -> String {
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "demo", "labels": {"app": "web"}},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "web", "image": "demo/web:1",
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+            }],
+        },
+    });
+    let labels = BTreeMap::from([("trellis.dev/inject".to_owned(), "enabled".to_owned())]);
+    let mut config = trellis_webhook::InjectConfig::new(
+        "ghcr.io/trellis-mesh/proxy:0.1.0",
+        trellis_webhook::DEFAULT_CONTROL_PLANE,
+    );
+    config.kubernetes_version = trellis_webhook::KubeVersion {
+        major: 1,
+        minor: 33,
+    };
+    let decision = serde_json::from_value(pod)
+        .map_err(|e| e.to_string())
+        .and_then(|pod| trellis_webhook::inject(&pod, &labels, &config).map_err(|e| e.to_string()));
+    match decision {
+        Ok(trellis_webhook::Decision::Patch(ops, summary)) => format!(
+            "sidecar injector (on a cluster: /inject; offline: trellis inject): pod demo/web-1 -> \
+             {summary} ({} patch operations)",
+            ops.len()
+        ),
+        Ok(trellis_webhook::Decision::Skip(why)) => format!("sidecar injector: skipped: {why:?}"),
+        Err(e) => format!("sidecar injector: refused: {e}"),
+    }
 }
 
 #[cfg(test)]
