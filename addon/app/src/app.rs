@@ -347,7 +347,11 @@ async fn run(
                 Some(crate::injector::Injector::new(
                     settings,
                     args.trust_domain.clone(),
-                    version,
+                    crate::injector::follow_version(
+                        cluster.client.clone(),
+                        version,
+                        crate::injector::VERSION_REFRESH,
+                    ),
                     applied.proxy.clone(),
                     crate::injector::NamespaceLookup::new(
                         cluster.handle.clone(),

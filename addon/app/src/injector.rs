@@ -12,8 +12,8 @@
 //!   ([`trellis_webhook::pod_namespace`]) and looked up before the review runs.
 //! - **The [`InjectConfig`]**: built from the control plane's own settings
 //!   ([`InjectorSettings`]: images, pull policy, the control plane's address as proxies
-//!   dial it), its trust domain, the cluster's Kubernetes version (read once at startup:
-//!   native or classic sidecar) and the mesh config's `proxy` key, followed live so a
+//!   dial it), its trust domain, the cluster's Kubernetes version (read at startup and
+//!   every 10 minutes, [`follow_version`]: native or classic sidecar) and the mesh config's `proxy` key, followed live so a
 //!   `logLevel` change applies to the next pod created.
 
 use std::sync::Arc;
@@ -143,6 +143,44 @@ impl InjectorSettings {
     }
 }
 
+/// How often [`follow_version`] asks the API server its version again.
+pub(crate) const VERSION_REFRESH: Duration = Duration::from_secs(600);
+
+/// The cluster's version, starting at `first` and read again every `every`, so an
+/// upgraded cluster (to 1.29+, native sidecars) is seen without restarting the control
+/// plane; a failed read keeps the last version. The task ends with the receiver.
+pub(crate) fn follow_version(
+    client: kube::Client,
+    first: KubeVersion,
+    every: Duration,
+) -> watch::Receiver<KubeVersion> {
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match cluster_version(&client).await {
+                Ok(v) => {
+                    tx.send_if_modified(|old| {
+                        let changed = *old != v;
+                        if changed {
+                            tracing::info!(from = %old, to = %v, native_sidecars = v.has_native_sidecars(), "the cluster's Kubernetes version changed");
+                            *old = v;
+                        }
+                        changed
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "re-reading the Kubernetes version failed; keeping the last one")
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// The cluster's Kubernetes version from `GET /version`: native sidecars from 1.29.
 pub(crate) async fn cluster_version(client: &kube::Client) -> anyhow::Result<KubeVersion> {
     let info = client
@@ -159,21 +197,34 @@ pub(crate) async fn cluster_version(client: &kube::Client) -> anyhow::Result<Kub
 
 impl Injector {
     /// The injector with `settings`, rebuilding its config whenever the mesh config's
-    /// `proxy` key changes (`proxy`, from `config_watch::Applier`).
+    /// `proxy` key changes (`proxy`, from `config_watch::Applier`) or the cluster's
+    /// version does (`kubernetes_version`, from [`follow_version`]).
     pub(crate) fn new(
         settings: InjectorSettings,
         trust_domain: String,
-        kubernetes_version: KubeVersion,
+        mut kubernetes_version: watch::Receiver<KubeVersion>,
         mut proxy: watch::Receiver<ProxySettings>,
         namespaces: NamespaceLookup,
     ) -> Self {
-        let build = move |p: &ProxySettings| {
-            Arc::new(settings.config(&trust_domain, kubernetes_version, p))
-        };
-        let (tx, rx) = watch::channel(build(&proxy.borrow_and_update()));
+        let build =
+            move |v: KubeVersion, p: &ProxySettings| Arc::new(settings.config(&trust_domain, v, p));
+        let first = build(
+            *kubernetes_version.borrow_and_update(),
+            &proxy.borrow_and_update(),
+        );
+        let (tx, rx) = watch::channel(first);
         tokio::spawn(async move {
-            while proxy.changed().await.is_ok() {
-                let next = build(&proxy.borrow_and_update());
+            // A closed channel just stops changing; both closed: nothing changes any more.
+            let (mut version_open, mut proxy_open) = (true, true);
+            while version_open || proxy_open {
+                tokio::select! {
+                    r = kubernetes_version.changed(), if version_open => version_open = r.is_ok(),
+                    r = proxy.changed(), if proxy_open => proxy_open = r.is_ok(),
+                }
+                let next = build(
+                    *kubernetes_version.borrow_and_update(),
+                    &proxy.borrow_and_update(),
+                );
                 if tx.send(next).is_err() {
                     return;
                 }
@@ -345,6 +396,25 @@ mod tests {
         api.set_version("v1.28.3");
         let v = cluster_version(&api.client()).await.unwrap();
         assert!(!v.has_native_sidecars(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_cluster_is_seen_without_a_restart() {
+        let api = trellis_kube::stand_in::ApiStandIn::default();
+        api.set_version("v1.28.9");
+        let mut v = follow_version(
+            api.client(),
+            "1.28".parse().unwrap(),
+            Duration::from_millis(20),
+        );
+        assert!(!v.borrow_and_update().has_native_sidecars());
+        api.set_version("v1.30.2");
+        tokio::time::timeout(Duration::from_secs(5), v.changed())
+            .await
+            .expect("the new version within a few refreshes")
+            .unwrap();
+        assert_eq!(v.borrow().to_string(), "1.30");
+        assert!(v.borrow().has_native_sidecars());
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn injector(
     let injector = Injector::new(
         settings(),
         TD.to_owned(),
-        version.parse().unwrap(),
+        watch::channel(version.parse().unwrap()).1,
         rx,
         NamespaceLookup::new(cache, api.client()),
     );
@@ -588,4 +588,25 @@ async fn namespaces_in_the_watch_cache_need_no_api_call() {
     let reviewed = injector.review(&pod_review("plain")).await;
     assert_eq!(reviewed.outcome, Outcome::Skipped, "{}", reviewed.message);
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_cluster_version_change_switches_the_sidecar_mode_of_the_next_pod() {
+    let api = ApiStandIn::default();
+    let (version_tx, version_rx) = watch::channel("1.28".parse().unwrap());
+    let (_proxy_tx, proxy_rx) = watch::channel(ProxySettings::default());
+    let injector = Injector::new(
+        settings(),
+        TD.to_owned(),
+        version_rx,
+        proxy_rx,
+        NamespaceLookup::new(empty_cache(&api), api.client()),
+    );
+    assert!(!injector.config().kubernetes_version.has_native_sidecars());
+    version_tx.send("1.30".parse().unwrap()).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !injector.config().kubernetes_version.has_native_sidecars() {
+        assert!(tokio::time::Instant::now() < deadline, "still classic");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
