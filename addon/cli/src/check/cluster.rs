@@ -117,6 +117,11 @@ const BEHIND: &str = "trellis_discovery_proxies_behind";
 const BY_VERSION: &str = "trellis_discovery_proxies_by_version";
 /// The issuing CA's expiry (addon/ca/src/source.rs).
 const SIGNING_EXPIRY: &str = "trellis_ca_signing_expiry_timestamp_seconds";
+/// The webhook listener's serving certificate expiry (addon/app/src/webhook.rs).
+const WEBHOOK_CERT_EXPIRY: &str = "trellis_webhook_certificate_expiration_timestamp_seconds";
+/// Below this much left, the webhook certificate's renewal (at half its lifetime, 24 h by
+/// default) has been failing for hours.
+const WEBHOOK_CERT_MIN_LEFT: u64 = 3600;
 
 const API: &str = "kubernetes-api";
 const VERSION: &str = "kubernetes-version";
@@ -694,6 +699,7 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
         .collect();
     if !read.is_empty() {
         checks.push(signing_check(&read, now, options.warn_within));
+        checks.push(webhook_cert_check(&read, now));
     }
 
     // data-plane
@@ -1289,11 +1295,20 @@ pub(crate) struct ReplicaMetrics {
     pub(crate) by_version: BTreeMap<String, u64>,
     /// The issuing CA's `notAfter`, unix seconds.
     pub(crate) signing_not_after: Option<u64>,
+    /// The webhook serving certificate's `notAfter`, unix seconds.
+    pub(crate) webhook_not_after: Option<u64>,
 }
 
 /// The families [`ReplicaMetrics`] holds, from a Prometheus text exposition.
 pub(crate) fn replica_metrics(text: &str) -> Result<ReplicaMetrics, String> {
-    let families = [BUILD_INFO, CONNECTED, BEHIND, BY_VERSION, SIGNING_EXPIRY];
+    let families = [
+        BUILD_INFO,
+        CONNECTED,
+        BEHIND,
+        BY_VERSION,
+        SIGNING_EXPIRY,
+        WEBHOOK_CERT_EXPIRY,
+    ];
     let samples =
         stat::parse_where(text, |name| families.contains(&name)).map_err(|e| format!("{e:#}"))?;
     // Gauges are whole numbers here; `as` saturates (negative and NaN become 0).
@@ -1311,6 +1326,7 @@ pub(crate) fn replica_metrics(text: &str) -> Result<ReplicaMetrics, String> {
                     .or_default() += whole(s.value());
             }
             SIGNING_EXPIRY => metrics.signing_not_after = Some(whole(s.value())),
+            WEBHOOK_CERT_EXPIRY => metrics.webhook_not_after = Some(whole(s.value())),
             _ => {}
         }
     }
@@ -1365,6 +1381,44 @@ pub(crate) fn signing_check(
                 verdict,
                 format!("CA signing certificate: {left}"),
                 ROTATE,
+            )
+        }
+    }
+}
+
+/// The webhook serving certificate each replica reports: the API server verifies it with
+/// `caBundle` on every admission call, so an expired one stops injection. The control
+/// plane renews it at half its lifetime: ✖ expired, ‼ under an hour left (renewal failing).
+pub(crate) fn webhook_cert_check(replicas: &[&ReplicaMetrics], now: u64) -> Check {
+    match replicas.iter().filter_map(|m| m.webhook_not_after).min() {
+        None => Check::new(
+            TRUST,
+            Verdict::Warn,
+            format!("the control plane reports no webhook certificate ({WEBHOOK_CERT_EXPIRY})"),
+            "is --webhook-listen set? The chart sets it; an older control plane does not report it",
+        ),
+        Some(not_after) if not_after <= now => Check::new(
+            TRUST,
+            Verdict::Fail,
+            "webhook serving certificate: EXPIRED: the API server refuses the webhooks",
+            "read the control plane's log for the renewal error (kubectl -n trellis-system logs deploy/trellis-control-plane)",
+        ),
+        Some(not_after) => {
+            let left = not_after - now;
+            let verdict = if left < WEBHOOK_CERT_MIN_LEFT {
+                Verdict::Warn
+            } else {
+                Verdict::Ok
+            };
+            Check::new(
+                TRUST,
+                verdict,
+                format!(
+                    "webhook serving certificate (from the mesh CA): {}h {}m left",
+                    left / 3600,
+                    left % 3600 / 60
+                ),
+                "renewal is late: read the control plane's log (kubectl -n trellis-system logs deploy/trellis-control-plane)",
             )
         }
     }

@@ -72,7 +72,9 @@ fn metrics(
         ));
     }
     out.push_str(&format!(
-        "trellis_ca_signing_expiry_timestamp_seconds {signing}\n# EOF\n"
+        "trellis_ca_signing_expiry_timestamp_seconds {signing}\n\
+         trellis_webhook_certificate_expiration_timestamp_seconds {}\n# EOF\n",
+        NOW + 20 * 3600
     ));
     out
 }
@@ -412,6 +414,7 @@ trust
 -----
 ✔ trust root CN=Trellis root: 1826 days left
 ✔ CA signing certificate: 200 days left
+✔ webhook serving certificate (from the mesh CA): 20h 0m left
 
 data-plane
 ----------
@@ -1292,6 +1295,7 @@ fn replica_metrics_read_the_contract_families_and_skip_the_rest() {
             behind: 1,
             by_version: BTreeMap::from([("0.0.9".to_owned(), 1), ("0.1.0".to_owned(), 4)]),
             signing_not_after: Some(1_900_000_000),
+            webhook_not_after: Some(NOW + 20 * 3600),
         }
     );
     assert_eq!(replica_metrics("").unwrap(), ReplicaMetrics::default());
@@ -1309,4 +1313,47 @@ fn permission_lines() {
             "can create the 14 kinds of objects the chart installs"
         )
     );
+}
+
+#[test]
+fn the_webhook_certificate_must_be_renewed_in_time() {
+    let at = |left: Option<i64>| {
+        let m = ReplicaMetrics {
+            webhook_not_after: left.map(|l| NOW.saturating_add_signed(l)),
+            ..ReplicaMetrics::default()
+        };
+        webhook_cert_check(&[&m], NOW)
+    };
+    let ok = at(Some(13 * 3600));
+    assert_eq!(
+        (ok.verdict, ok.line.as_str()),
+        (
+            Verdict::Ok,
+            "webhook serving certificate (from the mesh CA): 13h 0m left"
+        )
+    );
+    let late = at(Some(59 * 60));
+    assert_eq!(
+        (late.verdict, late.line.as_str()),
+        (
+            Verdict::Warn,
+            "webhook serving certificate (from the mesh CA): 0h 59m left"
+        )
+    );
+    assert_eq!(at(Some(0)).verdict, Verdict::Fail);
+    assert_eq!(at(Some(-60)).verdict, Verdict::Fail);
+    assert!(at(Some(-60)).line.contains("EXPIRED"));
+    assert_eq!(at(None).verdict, Verdict::Warn);
+    // The soonest of the replicas counts.
+    let (a, b) = (
+        ReplicaMetrics {
+            webhook_not_after: Some(NOW + 20 * 3600),
+            ..ReplicaMetrics::default()
+        },
+        ReplicaMetrics {
+            webhook_not_after: Some(NOW + 30 * 60),
+            ..ReplicaMetrics::default()
+        },
+    );
+    assert_eq!(webhook_cert_check(&[&a, &b], NOW).verdict, Verdict::Warn);
 }
