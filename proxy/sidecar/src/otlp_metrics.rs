@@ -776,20 +776,7 @@ mod tests {
     }
 
     fn labels(status: u16) -> crate::telemetry::HttpLabels {
-        crate::telemetry::HttpLabels {
-            http_request_method: "GET",
-            http_response_status_code: status,
-            rpc_grpc_status_code: None,
-            source_workload: "client".into(),
-            source_namespace: "demo".into(),
-            source_principal: "spiffe://cluster.local/ns/demo/sa/client".into(),
-            destination_workload: "web".into(),
-            destination_namespace: "demo".into(),
-            destination_principal: "spiffe://cluster.local/ns/demo/sa/web".into(),
-            destination_service_name: "web".into(),
-            destination_service_namespace: "demo".into(),
-            connection_security_policy: "mutual_tls",
-        }
+        crate::telemetry::HttpLabels::sample(status)
     }
 
     fn proxy() -> (Metrics, Pusher, Registry) {

@@ -600,14 +600,12 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::{BodyExt, StreamBody};
-
-    fn labels() -> HttpLabels {
-        HttpLabels {
+impl HttpLabels {
+    /// A `GET` from demo/client to demo/web with `status`, for tests.
+    pub(crate) fn sample(status: u16) -> Self {
+        Self {
             http_request_method: "GET",
-            http_response_status_code: 200,
+            http_response_status_code: status,
             rpc_grpc_status_code: None,
             source_workload: "client".into(),
             source_namespace: "demo".into(),
@@ -619,6 +617,16 @@ mod tests {
             destination_service_namespace: "demo".into(),
             connection_security_policy: "mutual_tls",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn labels() -> HttpLabels {
+        HttpLabels::sample(200)
     }
 
     fn exposition(r: &Registry) -> String {
