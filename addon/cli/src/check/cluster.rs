@@ -35,7 +35,9 @@
 //! - `trust`: ConfigMap `trellis-trust-bundle` (key `trust-bundle.pem`): every root parses,
 //!   is a CA, and is not about to expire (the local check's rule: ‼ within `--warn-within`,
 //!   ✖ within a tenth of it or expired); the same rule for the issuing CA's `notAfter`, from
-//!   the control plane's metrics.
+//!   the control plane's metrics; every namespace labelled for injection holds the same
+//!   bundle (✖ naming those missing or different: their new pods' proxies cannot start);
+//!   the webhook serving certificate's `notAfter` (✖ expired, ‼ under an hour left).
 //! - `data-plane`: from each running control plane replica's Prometheus metrics on port
 //!   9090, read through the API server's pod proxy
 //!   (`/api/v1/namespaces/<ns>/pods/<pod>:9090/proxy/metrics`), summed over replicas:
@@ -49,7 +51,7 @@
 //! Reading is in the `async` functions; every verdict is a pure function of what was read
 //! (tested with tables, and end to end against the Kubernetes API stand-in).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::time::{Duration, SystemTime};
 
@@ -692,6 +694,7 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
 
     // trust
     checks.extend(trust_checks(ns, &bundle, now, options.warn_within));
+    checks.extend(published_check(&bundle, &published_bundles(client).await));
     let scrapes = scrape(client, ns, &pods).await;
     let read: Vec<&ReplicaMetrics> = scrapes
         .iter()
@@ -1059,6 +1062,103 @@ pub(crate) enum DryRun {
 }
 
 /// Finds the namespace and sends the throwaway pod with `dryRun=All`.
+/// The namespaces that opt into injection (the label), sorted; never the excluded ones.
+fn injected_namespaces(namespaces: &[Namespace]) -> Vec<String> {
+    let mut names: Vec<String> = (namespaces.iter())
+        .filter(|ns| injection_enabled(ns))
+        .filter_map(|ns| ns.metadata.name.clone())
+        .filter(|name| !NEVER_INJECTED.contains(&name.as_str()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Each injected namespace's copy of the trust bundle, as read: the PEM, `None` when
+/// the ConfigMap (or its key) is missing, or why it could not be read.
+async fn published_bundles(
+    client: &kube::Client,
+) -> Result<Vec<(String, Result<Option<String>, String>)>, String> {
+    let selector = format!("{ANNOTATION_INJECT}=enabled");
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| error_text(&e))?;
+    let mut out = Vec::new();
+    for name in injected_namespaces(&namespaces.items) {
+        let read = Api::<ConfigMap>::namespaced(client.clone(), &name)
+            .get_opt(TRUST_BUNDLE)
+            .await
+            .map(|cm| {
+                cm.and_then(|cm| cm.data)
+                    .and_then(|mut d| d.remove(TRUST_BUNDLE_KEY))
+            })
+            .map_err(|e| error_text(&e));
+        out.push((name, read));
+    }
+    Ok(out)
+}
+
+/// Every injected namespace holds the trust bundle (the injector mounts it into each
+/// proxy; without it a pod's proxy cannot start), equal to the reference one as a set of
+/// certificates. The control plane's leader publishes it.
+pub(crate) fn published_check(
+    reference: &Result<Vec<(CertSummary, Vec<u8>)>, String>,
+    published: &Result<Vec<(String, Result<Option<String>, String>)>, String>,
+) -> Option<Check> {
+    let want: BTreeSet<&[u8]> = match reference {
+        Ok(certs) => certs.iter().map(|(_, der)| der.as_slice()).collect(),
+        // The reference bundle's own failure is reported by the trust checks.
+        Err(_) => return None,
+    };
+    let published = match published {
+        Ok(p) => p,
+        Err(e) => {
+            return Some(read_failed(TRUST, "namespaces labelled for injection", e));
+        }
+    };
+    if published.is_empty() {
+        return None;
+    }
+    let mut bad = Vec::new();
+    for (ns, read) in published {
+        let problem = match read {
+            Err(e) => Some(format!("{ns} (unreadable: {e})")),
+            Ok(None) => Some(format!("{ns} (missing)")),
+            Ok(Some(pem)) => match parse_bundle(pem) {
+                Ok(certs) => {
+                    let got: BTreeSet<&[u8]> =
+                        certs.iter().map(|(_, der)| der.as_slice()).collect();
+                    (got != want).then(|| format!("{ns} (differs)"))
+                }
+                Err(_) => Some(format!("{ns} (not PEM)")),
+            },
+        };
+        bad.extend(problem);
+    }
+    Some(if bad.is_empty() {
+        Check::ok(
+            TRUST,
+            format!(
+                "trust bundle published in every injected namespace ({})",
+                published.len()
+            ),
+        )
+    } else {
+        Check::new(
+            TRUST,
+            Verdict::Fail,
+            format!(
+                "trust bundle configmap {TRUST_BUNDLE} not current in {} of {} injected namespaces: {}",
+                bad.len(),
+                published.len(),
+                bad.join(", ")
+            ),
+            "new pods there cannot start their proxy: the control plane's leader publishes \
+             it; check its log (kubectl -n trellis-system logs deployment/trellis-control-plane)",
+        )
+    })
+}
+
 async fn dry_run(client: &kube::Client, options: &Options) -> DryRun {
     let namespaces = Api::<Namespace>::all(client.clone());
     let target = match &options.injection_namespace {
@@ -1074,18 +1174,10 @@ async fn dry_run(client: &kube::Client, options: &Options) -> DryRun {
                 .list(&ListParams::default().labels(&selector))
                 .await
             {
-                Ok(list) => {
-                    let mut names: Vec<String> = (list.items.iter())
-                        .filter(|ns| injection_enabled(ns))
-                        .filter_map(|ns| ns.metadata.name.clone())
-                        .filter(|name| !NEVER_INJECTED.contains(&name.as_str()))
-                        .collect();
-                    names.sort();
-                    match names.into_iter().next() {
-                        Some(name) => name,
-                        None => return DryRun::NoNamespace,
-                    }
-                }
+                Ok(list) => match injected_namespaces(&list.items).into_iter().next() {
+                    Some(name) => name,
+                    None => return DryRun::NoNamespace,
+                },
                 Err(e) => return DryRun::Unreadable(error_text(&e)),
             }
         }

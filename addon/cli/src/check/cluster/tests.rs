@@ -214,6 +214,7 @@ impl Cluster {
         cluster.serve_metrics(CP_A, metrics("0.1.0", 2, 0, &[("0.1.0", 2)], signing));
         cluster.serve_metrics(CP_B, metrics("0.1.0", 1, 0, &[("0.1.0", 1)], signing));
         cluster.inject_in("shop", true);
+        cluster.publish_bundle("shop", &cluster.root);
         cluster
     }
 
@@ -283,10 +284,15 @@ impl Cluster {
     }
 
     fn set_trust_bundle(&self, pem: &str) {
+        self.publish_bundle(NAMESPACE, pem);
+    }
+
+    /// The control plane's copy of the trust bundle in `namespace`.
+    fn publish_bundle(&self, namespace: &str, pem: &str) {
         self.api
             .apply_json(json!({
                 "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "trellis-trust-bundle", "namespace": NAMESPACE},
+                "metadata": {"name": "trellis-trust-bundle", "namespace": namespace},
                 "data": {"trust-bundle.pem": pem},
             }))
             .unwrap();
@@ -413,6 +419,7 @@ webhook
 trust
 -----
 ✔ trust root CN=Trellis root: 1826 days left
+✔ trust bundle published in every injected namespace (1)
 ✔ CA signing certificate: 200 days left
 ✔ webhook serving certificate (from the mesh CA): 20h 0m left
 
@@ -1063,7 +1070,7 @@ async fn an_expiring_signing_certificate_fails() {
         "CA signing certificate: 1 days left",
         "rotate the CA",
     );
-    // The soonest of the replicas counts; the name the CA exports today is read too.
+    // The soonest of the replicas counts.
     let today = "trellis_build_info{version=\"0.1.0\"} 1\n\
                  trellis_discovery_connected_proxies 1\n\
                  trellis_ca_signing_expiry_timestamp_seconds 1893000000\n";
@@ -1356,4 +1363,34 @@ fn the_webhook_certificate_must_be_renewed_in_time() {
         },
     );
     assert_eq!(webhook_cert_check(&[&a, &b], NOW).verdict, Verdict::Warn);
+}
+
+#[tokio::test]
+async fn an_injected_namespace_without_the_current_trust_bundle_fails() {
+    let cluster = Cluster::healthy();
+    // A second injected namespace the publisher has not reached, and shop on an old bundle.
+    cluster
+        .api
+        .apply_json(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "pay", "labels": {"trellis.dev/inject": "enabled"}}}))
+        .unwrap();
+    let old = cert("Old root", true, (2031, 6, 1));
+    cluster.publish_bundle("shop", &old);
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "trust bundle configmap trellis-trust-bundle not current in 2 of 2 injected namespaces: \
+         pay (missing), shop (differs)",
+        "cannot start their proxy",
+    );
+    // Published again: current everywhere.
+    cluster.publish_bundle("shop", &cluster.root);
+    cluster.publish_bundle("pay", &cluster.root);
+    let checks = cluster.post().await;
+    find(
+        &checks,
+        Verdict::Ok,
+        "trust bundle published in every injected namespace (2)",
+    );
 }
