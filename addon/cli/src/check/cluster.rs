@@ -1073,11 +1073,12 @@ fn injected_namespaces(namespaces: &[Namespace]) -> Vec<String> {
     names
 }
 
-/// Each injected namespace's copy of the trust bundle, as read: the PEM, `None` when
+/// Each injected namespace and its copy of the trust bundle as read: the PEM, `None` when
 /// the ConfigMap (or its key) is missing, or why it could not be read.
-async fn published_bundles(
-    client: &kube::Client,
-) -> Result<Vec<(String, Result<Option<String>, String>)>, String> {
+pub(crate) type Published = Vec<(String, Result<Option<String>, String>)>;
+
+/// [`Published`] for every namespace labelled for injection.
+async fn published_bundles(client: &kube::Client) -> Result<Published, String> {
     let selector = format!("{ANNOTATION_INJECT}=enabled");
     let namespaces = Api::<Namespace>::all(client.clone())
         .list(&ListParams::default().labels(&selector))
@@ -1103,7 +1104,7 @@ async fn published_bundles(
 /// certificates. The control plane's leader publishes it.
 pub(crate) fn published_check(
     reference: &Result<Vec<(CertSummary, Vec<u8>)>, String>,
-    published: &Result<Vec<(String, Result<Option<String>, String>)>, String>,
+    published: &Result<Published, String>,
 ) -> Option<Check> {
     let want: BTreeSet<&[u8]> = match reference {
         Ok(certs) => certs.iter().map(|(_, der)| der.as_slice()).collect(),
