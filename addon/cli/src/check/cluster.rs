@@ -31,7 +31,9 @@
 //!   `sideEffects: None`) of a throwaway pod comes back with `trellis.dev/injected`. The pod
 //!   goes to `--injection-namespace`, default the first namespace labelled
 //!   `trellis.dev/inject=enabled`: the injector's namespaceSelector only sends it pods of
-//!   such namespaces, so a dry run elsewhere would prove nothing (‼ injection not tested).
+//!   such namespaces, so a dry run elsewhere would prove nothing (‼ injection not tested);
+//!   no namespace labelled for injection enforces Pod Security `baseline` or `restricted`,
+//!   which refuse the capture step's NET_ADMIN and NET_RAW (✖ naming them).
 //! - `trust`: ConfigMap `trellis-trust-bundle` (key `trust-bundle.pem`): every root parses,
 //!   is a CA, and is not about to expire (the local check's rule: ‼ within `--warn-within`,
 //!   ✖ within a tenth of it or expired); the same rule for the issuing CA's `notAfter`, from
@@ -691,10 +693,20 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
     }
     checks.push(webhook_endpoints(client, ns).await);
     checks.push(injection_check(&dry_run(client, options).await));
+    let selector = format!("{ANNOTATION_INJECT}=enabled");
+    let labelled = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map(|list| list.items)
+        .map_err(|e| error_text(&e));
+    checks.extend(pod_security_check(&labelled));
 
     // trust
     checks.extend(trust_checks(ns, &bundle, now, options.warn_within));
-    checks.extend(published_check(&bundle, &published_bundles(client).await));
+    checks.extend(published_check(
+        &bundle,
+        &published_bundles(client, &labelled).await,
+    ));
     let scrapes = scrape(client, ns, &pods).await;
     let read: Vec<&ReplicaMetrics> = scrapes
         .iter()
@@ -1077,15 +1089,13 @@ fn injected_namespaces(namespaces: &[Namespace]) -> Vec<String> {
 /// the ConfigMap (or its key) is missing, or why it could not be read.
 pub(crate) type Published = Vec<(String, Result<Option<String>, String>)>;
 
-/// [`Published`] for every namespace labelled for injection.
-async fn published_bundles(client: &kube::Client) -> Result<Published, String> {
-    let selector = format!("{ANNOTATION_INJECT}=enabled");
-    let namespaces = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|e| error_text(&e))?;
+/// [`Published`] for every namespace labelled for injection (`labelled`, as listed).
+async fn published_bundles(
+    client: &kube::Client,
+    labelled: &Result<Vec<Namespace>, String>,
+) -> Result<Published, String> {
     let mut out = Vec::new();
-    for name in injected_namespaces(&namespaces.items) {
+    for name in injected_namespaces(labelled.as_ref().map_err(Clone::clone)?) {
         let read = Api::<ConfigMap>::namespaced(client.clone(), &name)
             .get_opt(TRUST_BUNDLE)
             .await
@@ -1097,6 +1107,50 @@ async fn published_bundles(client: &kube::Client) -> Result<Published, String> {
         out.push((name, read));
     }
     Ok(out)
+}
+
+/// The Pod Security label that refuses injected pods: `baseline` and `restricted` forbid
+/// the capture step's NET_ADMIN and NET_RAW.
+const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+
+/// No namespace labelled for injection enforces a Pod Security level that refuses the
+/// capture step (`trellis-init`, NET_ADMIN and NET_RAW): the API server would refuse
+/// every injected pod there. `None` without such namespaces, or when they could not be
+/// listed (the trust check reports that).
+pub(crate) fn pod_security_check(labelled: &Result<Vec<Namespace>, String>) -> Option<Check> {
+    let namespaces = labelled.as_ref().ok()?;
+    let injected = injected_namespaces(namespaces);
+    if injected.is_empty() {
+        return None;
+    }
+    let mut refusing: Vec<String> = (namespaces.iter())
+        .filter_map(|ns| {
+            let name = ns.metadata.name.as_ref()?;
+            let level = ns.metadata.labels.as_ref()?.get(POD_SECURITY_ENFORCE)?;
+            (injected.contains(name) && matches!(level.as_str(), "baseline" | "restricted"))
+                .then(|| format!("{name} ({level})"))
+        })
+        .collect();
+    refusing.sort();
+    Some(if refusing.is_empty() {
+        Check::ok(
+            WEBHOOK,
+            format!(
+                "no injected namespace enforces a Pod Security level that refuses the capture step ({} checked)",
+                injected.len()
+            ),
+        )
+    } else {
+        Check::new(
+            WEBHOOK,
+            Verdict::Fail,
+            format!(
+                "Pod Security refuses injected pods (the capture step needs NET_ADMIN and NET_RAW) in: {}",
+                refusing.join(", ")
+            ),
+            "label those namespaces pod-security.kubernetes.io/enforce=privileged, or stop injecting there",
+        )
+    })
 }
 
 /// Every injected namespace holds the trust bundle (the injector mounts it into each

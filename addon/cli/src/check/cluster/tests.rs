@@ -415,6 +415,7 @@ webhook
 ✔ ValidatingWebhookConfiguration trellis-config: caBundle is the trust bundle (1 certificate)
 ✔ service trellis-system/trellis-webhook has 2 ready endpoints
 ✔ a dry-run pod in shop is injected (trellis.dev/injected=0.1.0, native sidecar)
+✔ no injected namespace enforces a Pod Security level that refuses the capture step (1 checked)
 
 trust
 -----
@@ -1392,5 +1393,40 @@ async fn an_injected_namespace_without_the_current_trust_bundle_fails() {
         &checks,
         Verdict::Ok,
         "trust bundle published in every injected namespace (2)",
+    );
+}
+
+#[tokio::test]
+async fn pod_security_that_refuses_the_capture_step_fails() {
+    let cluster = Cluster::healthy();
+    for (name, level) in [
+        ("shop", "restricted"),
+        ("pay", "baseline"),
+        ("ops", "privileged"),
+    ] {
+        cluster
+            .api
+            .apply_json(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {
+                "trellis.dev/inject": "enabled",
+                "pod-security.kubernetes.io/enforce": level,
+            }}}))
+            .unwrap();
+    }
+    // Not injected: its level does not matter.
+    cluster
+        .api
+        .apply_json(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "locked", "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+        }}}))
+        .unwrap();
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "Pod Security refuses injected pods (the capture step needs NET_ADMIN and NET_RAW) in: \
+         pay (baseline), shop (restricted)",
+        "pod-security.kubernetes.io/enforce=privileged",
     );
 }
