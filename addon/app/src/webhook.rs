@@ -42,7 +42,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use kube::core::response::{StatusCause, StatusDetails, StatusSummary};
 use kube::core::{DynamicObject, GroupVersionKind};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -84,7 +84,6 @@ pub(crate) const DEFAULT_DNS_NAME: &str = "trellis-webhook.trellis-system.svc";
 /// How long a client may take to send the request head, and then the body. The API
 /// server gives the whole call `timeoutSeconds` (5 s), so this only cuts slow clients.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-const ADMISSION_V1: &str = "admission.k8s.io/v1";
 
 /// What [`review`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,32 +205,9 @@ enum InjectOutcome {
 /// An UPDATE that changes `trustDomain` is allowed with a warning: the running control
 /// plane keeps its trust domain until it restarts.
 pub(crate) fn review(body: &[u8]) -> Reviewed {
-    let raw: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return malformed(None, format!("request body is not JSON: {e}")),
-    };
-    let uid = raw
-        .pointer("/request/uid")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let api_version = raw.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    let kind = raw.get("kind").and_then(Value::as_str).unwrap_or("");
-    if api_version != ADMISSION_V1 || kind != "AdmissionReview" {
-        return malformed(
-            uid,
-            format!(
-                "expected apiVersion {ADMISSION_V1}, kind AdmissionReview; \
-                 found {api_version:?} {kind:?}"
-            ),
-        );
-    }
-    let review = match AdmissionReview::<DynamicObject>::deserialize(&raw) {
-        Ok(r) => r,
-        Err(e) => return malformed(uid, format!("malformed AdmissionReview: {e}")),
-    };
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(r) => r,
-        Err(_) => return malformed(uid, "AdmissionReview has no request".to_owned()),
+    let (raw, request) = match trellis_webhook::admission_request(body) {
+        Ok(parsed) => parsed,
+        Err(trellis_webhook::MalformedReview { uid, message }) => return malformed(uid, message),
     };
     let (verdict, response) = decide(&request, &raw);
     let message = match verdict {

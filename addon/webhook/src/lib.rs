@@ -28,7 +28,10 @@ pub use inject::{
     ANNOTATION_SERVICE_NAME, Decision, INIT_CONTAINER_NAME, InjectError, LABEL_PROXY,
     PROXY_CONTAINER_NAME, SHUTDOWN_TOKEN_PATH, SidecarMode, SkipReason, Summary, inject,
 };
-pub use review::{NamespaceLabels, Outcome, Reviewed, pod_namespace, review, review_with};
+pub use review::{
+    MalformedReview, NamespaceLabels, Outcome, Reviewed, admission_request, pod_namespace, review,
+    review_with,
+};
 
 /// The injector's version, written into `trellis.dev/injected`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -78,32 +78,9 @@ pub fn review_with(
     namespace_labels: &dyn Fn(&str) -> NamespaceLabels,
     config: &InjectConfig,
 ) -> Reviewed {
-    let raw: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return malformed(None, &format!("request body is not JSON: {e}")),
-    };
-    let uid = raw
-        .pointer("/request/uid")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let api_version = raw.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    let kind = raw.get("kind").and_then(Value::as_str).unwrap_or("");
-    if api_version != ADMISSION_V1 || kind != "AdmissionReview" {
-        return malformed(
-            uid,
-            &format!(
-                "expected apiVersion {ADMISSION_V1}, kind AdmissionReview; \
-                 found {api_version:?} {kind:?}"
-            ),
-        );
-    }
-    let review = match AdmissionReview::<DynamicObject>::deserialize(&raw) {
-        Ok(r) => r,
-        Err(e) => return malformed(uid, &format!("malformed AdmissionReview: {e}")),
-    };
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(r) => r,
-        Err(_) => return malformed(uid, "AdmissionReview has no request"),
+    let (raw, request) = match admission_request(body) {
+        Ok(parsed) => parsed,
+        Err(MalformedReview { uid, message }) => return malformed(uid, &message),
     };
     let allow = AdmissionResponse::from(&request);
     let skipped = |mut r: AdmissionResponse, why: String| {
@@ -238,6 +215,49 @@ fn answer(outcome: Outcome, r: AdmissionResponse, uid: &str, message: String) ->
         uid: uid.to_owned(),
         message,
     }
+}
+
+/// A body that is not a usable `admission.k8s.io/v1` AdmissionReview: the request's uid
+/// when it could still be read (the API server reads only an answer that echoes it, so
+/// with one the refusal is a 200, without one a 400), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedReview {
+    /// `request.uid`, when the body is JSON that has one.
+    pub uid: Option<String>,
+    /// What is wrong, e.g. `AdmissionReview has no request`.
+    pub message: String,
+}
+
+/// Parses an `admission.k8s.io/v1` AdmissionReview into its raw JSON (for the fields the
+/// typed request leaves out, such as the object as sent) and its request. Every webhook
+/// the control plane serves (`/inject` here, `/validate` in the app) starts with it.
+pub fn admission_request(
+    body: &[u8],
+) -> Result<(Value, AdmissionRequest<DynamicObject>), MalformedReview> {
+    let bad = |uid: Option<String>, message: String| MalformedReview { uid, message };
+    let raw: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(None, format!("request body is not JSON: {e}")))?;
+    let uid = raw
+        .pointer("/request/uid")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let api_version = raw.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = raw.get("kind").and_then(Value::as_str).unwrap_or("");
+    if api_version != ADMISSION_V1 || kind != "AdmissionReview" {
+        return Err(bad(
+            uid,
+            format!(
+                "expected apiVersion {ADMISSION_V1}, kind AdmissionReview; \
+                 found {api_version:?} {kind:?}"
+            ),
+        ));
+    }
+    let review = AdmissionReview::<DynamicObject>::deserialize(&raw)
+        .map_err(|e| bad(uid.clone(), format!("malformed AdmissionReview: {e}")))?;
+    let request: AdmissionRequest<DynamicObject> = review
+        .try_into()
+        .map_err(|_| bad(uid, "AdmissionReview has no request".to_owned()))?;
+    Ok((raw, request))
 }
 
 fn malformed(uid: Option<String>, message: &str) -> Reviewed {

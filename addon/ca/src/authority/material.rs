@@ -226,43 +226,21 @@ impl CaMaterial {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<Issued, Error> {
-        // Whole seconds: the certificate cannot carry more, and the reported not_after
-        // must equal the one in the certificate.
-        let now = now.replace_nanosecond(0).unwrap_or(now);
-        let not_after = (now + ttl).min(self.not_after);
-        if not_after <= now {
-            return Err(Error::RootExpired {
-                not_after: self.not_after,
-            });
-        }
-        let serial = random_serial();
-        let mut params = rcgen::CertificateParams::default();
-        // Empty subject, identity only in the (then critical) SAN, per X.509-SVID.
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity.as_str())?)];
-        // Explicit CA:FALSE rather than an absent extension: no reader may guess.
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(serial.clone());
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = not_after;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(public_key, &self.issuer)?;
-        let mut chain_der = Vec::with_capacity(1 + self.chain_der.len());
-        chain_der.push(cert.der().to_vec());
-        chain_der.extend(self.chain_der.iter().cloned());
-        Ok(Issued {
-            chain_der,
-            not_after: not_after.into(),
-            serial: hex(serial.as_ref()),
-        })
+        let (issued, _) = self.sign(public_key, now, ttl, |params| {
+            // Empty subject, identity only in the (then critical) SAN, per X.509-SVID.
+            params.distinguished_name = DistinguishedName::new();
+            params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity.as_str())?)];
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyAgreement,
+            ];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            Ok(())
+        })?;
+        Ok(issued)
     }
 
     /// Signs a TLS serving leaf for `dns_names` over `public_key` (the control plane's
@@ -279,6 +257,39 @@ impl CaMaterial {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<(Issued, SystemTime), Error> {
+        self.sign(public_key, now, ttl, |params| {
+            let mut dn = DistinguishedName::new();
+            // The first name as CN, for people reading the certificate (`openssl x509`);
+            // verifiers use only the SANs.
+            if let Some(first) = dns_names.first() {
+                dn.push(rcgen::DnType::CommonName, first.as_str());
+            }
+            params.distinguished_name = dn;
+            params.subject_alt_names = dns_names
+                .iter()
+                .map(|n| Ia5String::try_from(n.as_str()).map(SanType::DnsName))
+                .collect::<Result<_, _>>()?;
+            // ECDHE key exchange: the key only signs the handshake.
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            // serverAuth only: it can never act as a client (a proxy's mTLS peer) either.
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            Ok(())
+        })
+    }
+
+    /// What every leaf shares: valid from one minute before `now` (whole seconds: the
+    /// certificate cannot carry more, and the reported `not_after` must equal the one in
+    /// it) for `ttl`, cut at [`CaMaterial::not_after`] (an error once that has passed);
+    /// explicit `CA:FALSE` (no reader may guess); a random serial; the authority key id;
+    /// signed by the issuing CA, returned with its chain (never the root) and `notBefore`.
+    /// `fill` sets the subject, SANs and usages.
+    fn sign(
+        &self,
+        public_key: &impl PublicKeyData,
+        now: OffsetDateTime,
+        ttl: Duration,
+        fill: impl FnOnce(&mut rcgen::CertificateParams) -> Result<(), Error>,
+    ) -> Result<(Issued, SystemTime), Error> {
         let now = now.replace_nanosecond(0).unwrap_or(now);
         let not_after = (now + ttl).min(self.not_after);
         if not_after <= now {
@@ -288,22 +299,8 @@ impl CaMaterial {
         }
         let serial = random_serial();
         let mut params = rcgen::CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        // The first name as CN, for people reading the certificate (`openssl x509`);
-        // verifiers use only the SANs.
-        if let Some(first) = dns_names.first() {
-            dn.push(rcgen::DnType::CommonName, first.as_str());
-        }
-        params.distinguished_name = dn;
-        params.subject_alt_names = dns_names
-            .iter()
-            .map(|n| Ia5String::try_from(n.as_str()).map(SanType::DnsName))
-            .collect::<Result<_, _>>()?;
+        fill(&mut params)?;
         params.is_ca = IsCa::ExplicitNoCa;
-        // ECDHE key exchange: the key only signs the handshake.
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // serverAuth only: it can never act as a client (a proxy's mTLS peer) either.
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.serial_number = Some(serial.clone());
         let not_before = now - CLOCK_SKEW;
         params.not_before = not_before;

@@ -692,13 +692,14 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
         });
     }
     checks.push(webhook_endpoints(client, ns).await);
-    checks.push(injection_check(&dry_run(client, options).await));
+    // Listed once: the dry run's default namespace, Pod Security, the published bundles.
     let selector = format!("{ANNOTATION_INJECT}=enabled");
     let labelled = Api::<Namespace>::all(client.clone())
         .list(&ListParams::default().labels(&selector))
         .await
         .map(|list| list.items)
         .map_err(|e| error_text(&e));
+    checks.push(injection_check(&dry_run(client, options, &labelled).await));
     checks.extend(pod_security_check(&labelled));
 
     // trust
@@ -1214,7 +1215,11 @@ pub(crate) fn published_check(
     })
 }
 
-async fn dry_run(client: &kube::Client, options: &Options) -> DryRun {
+async fn dry_run(
+    client: &kube::Client,
+    options: &Options,
+    labelled: &Result<Vec<Namespace>, String>,
+) -> DryRun {
     let namespaces = Api::<Namespace>::all(client.clone());
     let target = match &options.injection_namespace {
         Some(name) => match namespaces.get_opt(name).await {
@@ -1223,19 +1228,13 @@ async fn dry_run(client: &kube::Client, options: &Options) -> DryRun {
             Ok(None) => return DryRun::Missing(name.clone()),
             Err(e) => return DryRun::Unreadable(error_text(&e)),
         },
-        None => {
-            let selector = format!("{ANNOTATION_INJECT}=enabled");
-            match namespaces
-                .list(&ListParams::default().labels(&selector))
-                .await
-            {
-                Ok(list) => match injected_namespaces(&list.items).into_iter().next() {
-                    Some(name) => name,
-                    None => return DryRun::NoNamespace,
-                },
-                Err(e) => return DryRun::Unreadable(error_text(&e)),
-            }
-        }
+        None => match labelled {
+            Ok(list) => match injected_namespaces(list).into_iter().next() {
+                Some(name) => name,
+                None => return DryRun::NoNamespace,
+            },
+            Err(e) => return DryRun::Unreadable(e.clone()),
+        },
     };
     let params = PostParams {
         dry_run: true,

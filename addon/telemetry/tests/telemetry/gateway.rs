@@ -1,13 +1,8 @@
-//! The telemetry gateway end to end: proxies export OTLP over real gRPC, the gateway
-//! converts, queues and exports, and the Application Insights ingestion stand-in receives
-//! the envelopes the real exporter sends.
-//!
-//! TLS is the serving binary's job, so each proxy here gets its own loopback listener whose
-//! interceptor puts the `ConnectInfo` that binary's acceptor would (one listener stands in
-//! for one proxy's mTLS connection).
+//! Spans: proxies export OTLP over real gRPC, the gateway converts, queues and exports,
+//! and the Application Insights ingestion stand-in receives the envelopes the real
+//! exporter sends.
 
 // Test helpers outside #[test] functions panic on broken fixtures, as the tests do.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -21,54 +16,34 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Trac
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, span, status,
 };
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Server};
-use trellis_identity::{ConnectInfo, SpiffeId};
+use trellis_identity::ConnectInfo;
 use trellis_telemetry::stand_in::IngestionStandIn;
 use trellis_telemetry::{Gateway, GatewayConfig, Metrics, app_insights_exporter};
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::support::*;
+
 /// 2023-11-14T22:13:20Z, the start of every test trace.
 const T0_NANOS: u64 = 1_700_000_000_000_000_000;
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const CHECKOUT: &str = "spiffe://cluster.local/ns/payments/sa/checkout";
 const LEDGER: &str = "spiffe://cluster.local/ns/ledger/sa/ledger";
 
 // === OTLP builders ===
-
-fn attr(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-fn s(key: &str, value: &str) -> KeyValue {
-    attr(key, any_value::Value::StringValue(value.to_owned()))
-}
-
-fn i(key: &str, value: i64) -> KeyValue {
-    attr(key, any_value::Value::IntValue(value))
-}
 
 fn hex(id: &str) -> Vec<u8> {
     (0..id.len())
@@ -77,21 +52,6 @@ fn hex(id: &str) -> Vec<u8> {
         .collect()
 }
 
-/// What a proxy reports about its workload, under the semantic conventions.
-fn workload(namespace: &str, service: &str, pod: &str) -> Resource {
-    Resource {
-        attributes: vec![
-            s("service.name", service),
-            s("service.namespace", namespace),
-            s("service.instance.id", pod),
-            s("k8s.pod.name", pod),
-            s("k8s.namespace.name", namespace),
-        ],
-        ..Default::default()
-    }
-}
-
-/// A span of trace [`TRACE_ID`], `start_us`..`end_us` after [`T0_NANOS`].
 fn span(
     id: &str,
     parent: Option<&str>,
@@ -286,53 +246,23 @@ impl Harness {
     /// The gateway on its own listener whose every request carries `peer` as its verified
     /// identity (`None`: a TLS client without a certificate), and a client for it.
     async fn proxy(&mut self, peer: Option<&str>) -> anyhow::Result<TraceServiceClient<Channel>> {
-        let peer: Option<SpiffeId> = peer.map(str::parse).transpose()?;
-        let inject = move |mut req: tonic::Request<()>| {
-            let info = ConnectInfo {
-                remote_addr: req.remote_addr(),
-                peer: peer.clone(),
-            };
-            req.extensions_mut().insert(info);
-            Ok(req)
-        };
         let service = tonic::service::interceptor::InterceptedService::new(
             self.gateway.clone().into_server(),
-            inject,
+            as_peer(peer),
         );
-        let addr = self.serve(Server::builder().add_service(service)).await?;
+        let addr = serve(&mut self.servers, Server::builder().add_service(service)).await;
         client(addr).await
     }
 
     /// The gateway with no `ConnectInfo` at all (mounted without the TLS acceptor).
     async fn bare(&mut self) -> anyhow::Result<TraceServiceClient<Channel>> {
         let router = Server::builder().add_service(self.gateway.clone().into_server());
-        let addr = self.serve(router).await?;
+        let addr = serve(&mut self.servers, router).await;
         client(addr).await
     }
 
-    async fn serve(
-        &mut self,
-        router: tonic::transport::server::Router,
-    ) -> anyhow::Result<SocketAddr> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        self.servers.push(tokio::spawn(async move {
-            let _ = router
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        }));
-        Ok(addr)
-    }
-
-    /// The value of one series, e.g. `trellis_telemetry_spans_dropped_total{reason="invalid"}`.
     fn metric(&self, series: &str) -> u64 {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-            .parse()
-            .unwrap()
+        metric(&self.registry, series)
     }
 
     fn dropped(&self, reason: &str) -> u64 {

@@ -1,79 +1,36 @@
-//! The metrics service end to end: proxies push their golden histograms over real gRPC
-//! (cumulative), the gateway turns them into deltas and records them, and the real
-//! Application Insights exporter posts `Microsoft.ApplicationInsights.Metric` envelopes to
-//! the ingestion stand-in.
-//!
-//! As in `gateway.rs`, each caller gets its own loopback listener whose interceptor puts
-//! the `ConnectInfo` the serving binary's TLS acceptor would.
+//! Golden metrics: proxies push their histograms over real gRPC (cumulative), the gateway
+//! turns them into deltas and records them, and the real Application Insights exporter
+//! posts `Microsoft.ApplicationInsights.Metric` envelopes to the ingestion stand-in.
 
 // Test helpers outside #[test] functions panic on broken fixtures, as the tests do.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, metric,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 use tonic::transport::{Channel, Server};
-use trellis_identity::{ConnectInfo, SpiffeId};
 use trellis_telemetry::stand_in::IngestionStandIn;
 use trellis_telemetry::{
     Metrics, MetricsConfig, MetricsGateway, MetricsWorker, app_insights_exporter,
 };
 
-const WAIT: Duration = Duration::from_secs(20);
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const CHECKOUT: &str = "spiffe://cluster.local/ns/payments/sa/checkout";
+use crate::support::*;
+
 const SERVER: &str = "http.server.request.duration";
 const CLIENT: &str = "http.client.request.duration";
 
 // === OTLP builders ===
 
-fn attr(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-fn s(key: &str, value: &str) -> KeyValue {
-    attr(key, any_value::Value::StringValue(value.to_owned()))
-}
-
-fn i(key: &str, value: i64) -> KeyValue {
-    attr(key, any_value::Value::IntValue(value))
-}
-
-/// What a proxy reports about its workload (as `trace::resource` builds it).
-fn workload(namespace: &str, service: &str, pod: &str) -> Resource {
-    Resource {
-        attributes: vec![
-            s("service.name", service),
-            s("service.namespace", namespace),
-            s("service.instance.id", pod),
-            s("k8s.pod.name", pod),
-            s("k8s.namespace.name", namespace),
-        ],
-        ..Default::default()
-    }
-}
-
-/// A cumulative data point of requests with `status`, started at `start`.
 fn point(status: i64, start: u64, count: u64, sum: f64) -> HistogramDataPoint {
     HistogramDataPoint {
         attributes: vec![
@@ -167,27 +124,11 @@ impl Harness {
     /// A client whose every request carries `peer` as its verified identity (`None`: a TLS
     /// client without a certificate).
     async fn proxy(&mut self, peer: Option<&str>) -> MetricsServiceClient<Channel> {
-        let peer: Option<SpiffeId> = peer.map(|p| p.parse().unwrap());
-        let inject = move |mut req: tonic::Request<()>| {
-            let info = ConnectInfo {
-                remote_addr: req.remote_addr(),
-                peer: peer.clone(),
-            };
-            req.extensions_mut().insert(info);
-            Ok(req)
-        };
         let service = tonic::service::interceptor::InterceptedService::new(
             self.gateway.clone().into_server(),
-            inject,
+            as_peer(peer),
         );
-        let router = Server::builder().add_service(service);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        self.servers.push(tokio::spawn(async move {
-            let _ = router
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        }));
+        let addr = serve(&mut self.servers, Server::builder().add_service(service)).await;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -197,13 +138,7 @@ impl Harness {
     }
 
     fn metric(&self, series: &str) -> u64 {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
-            .parse()
-            .unwrap()
+        metric(&self.registry, series)
     }
 
     fn dropped(&self, reason: &str) -> u64 {
