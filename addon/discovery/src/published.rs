@@ -338,6 +338,7 @@ impl Published {
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
+            authorization: None,
         }
     }
 
@@ -406,6 +407,7 @@ impl Published {
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
+            authorization: None,
         })
     }
 }

@@ -76,6 +76,14 @@ pub enum ConvertError {
         /// The value received.
         value: String,
     },
+    /// An authorization policy the proxy cannot enforce as sent.
+    #[error("authorization policy {policy}: {error}")]
+    BadPolicy {
+        /// `<namespace>/<name>` of the policy.
+        policy: String,
+        /// What is wrong with it.
+        error: crate::authz::PolicyError,
+    },
     /// A response whose version is not newer than the one held.
     #[error("stale version {version}: already at {current}")]
     Stale {

@@ -60,6 +60,14 @@ pub fn apply(
     for key in &removed {
         services.remove(key);
     }
+    // Replaced whole when present; absent means "none" in a full response and
+    // "unchanged" in an increment, like the trust bundle.
+    let authorization = match &resp.authorization {
+        Some(set) => crate::authz::policies_from_wire(set)
+            .map_err(|(policy, error)| ConvertError::BadPolicy { policy, error })?,
+        None if resp.full => Vec::new(),
+        None => current.authorization.clone(),
+    };
     let trust = if resp.full || !resp.trust_roots_der.is_empty() {
         Trust {
             roots_der: resp.trust_roots_der.clone(),
@@ -77,6 +85,7 @@ pub fn apply(
         outbound: OutboundPolicy::from_wire(resp.outbound_traffic_policy),
         access_log: AccessLog::from_wire(resp.access_log),
         tracing: Tracing::from_wire(resp.tracing.as_ref()),
+        authorization,
     })
 }
 
@@ -84,8 +93,9 @@ pub fn apply(
 ///
 /// Upserts carry every service that is new or changed in any way, whole; `removed` lists
 /// the keys only `old` has. The trust bundle and CA generation are included only when
-/// `old.trust != new.trust`. The response has `new`'s version even when nothing changed;
-/// callers that want to skip such pushes check [`same_view`] first.
+/// `old.trust != new.trust`, the authorization policies only when they changed. The
+/// response has `new`'s version even when nothing changed; callers that want to skip such
+/// pushes check [`same_view`] first.
 ///
 /// One change has no incremental form: to a trust with no roots (an increment without
 /// roots means "unchanged"). For that, rare, change the result is [`full`]`(new)`, so
@@ -124,11 +134,13 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(new.outbound).into(),
         access_log: pb::AccessLog::from(new.access_log).into(),
         tracing: new.tracing.to_wire(),
+        authorization: (old.authorization != new.authorization)
+            .then(|| crate::authz::policies_to_wire(&new.authorization)),
     }
 }
 
-/// The full response for `snapshot` (`full = true`): every service and the trust bundle
-/// with its CA generation, replacing all state.
+/// The full response for `snapshot` (`full = true`): every service, the trust bundle with
+/// its CA generation and every authorization policy, replacing all state.
 pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
     pb::DiscoveryResponse {
         version: snapshot.version,
@@ -142,6 +154,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         outbound_traffic_policy: pb::OutboundTrafficPolicy::from(snapshot.outbound).into(),
         access_log: pb::AccessLog::from(snapshot.access_log).into(),
         tracing: snapshot.tracing.to_wire(),
+        authorization: Some(crate::authz::policies_to_wire(&snapshot.authorization)),
     }
 }
 
@@ -155,6 +168,7 @@ pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
         && old.outbound == new.outbound
         && old.access_log == new.access_log
         && old.tracing == new.tracing
+        && old.authorization == new.authorization
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

@@ -9,6 +9,7 @@
 //! Must not depend on: any other Trellis crate, kube, azure. It sits under `proxy/` so the
 //! data plane builds without anything from `addon/`.
 
+pub mod authz;
 pub mod convert;
 pub mod delta;
 pub mod lookup;

@@ -189,6 +189,7 @@ mod tests {
             outbound_traffic_policy: 1,
             access_log: 2,
             tracing: None,
+            authorization: None,
         }
     }
 

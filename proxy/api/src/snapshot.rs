@@ -36,6 +36,10 @@ pub struct MeshSnapshot {
     pub access_log: AccessLog,
     /// Where and how often proxies record spans.
     pub tracing: Tracing,
+    /// Authorization policies, sorted by namespace and name. The control plane's snapshot
+    /// holds every policy of the mesh; a proxy's view holds those of its namespace and of
+    /// [`crate::authz::ROOT_NAMESPACE`].
+    pub authorization: Vec<crate::authz::AuthorizationPolicy>,
 }
 
 /// trellis-config's `tracing`: how often proxies sample new traces and where they send

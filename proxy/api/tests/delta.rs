@@ -47,6 +47,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         outbound: OutboundPolicy::AllowAny,
         access_log: AccessLog::Unset,
         tracing: Default::default(),
+        authorization: Vec::new(),
     }
 }
 
@@ -184,6 +185,7 @@ fn diff_carries_only_changes() {
             outbound_traffic_policy: 0,
             access_log: 0,
             tracing: None,
+            authorization: None,
         }
     );
     assert!(trellis_api::same_view(
@@ -302,6 +304,7 @@ fn full_carries_the_bundle_and_generation() {
             outbound_traffic_policy: 0,
             access_log: 0,
             tracing: None,
+            authorization: Some(pb::AuthorizationPolicies::default()),
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -400,6 +403,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 outbound_traffic_policy: 0,
                 access_log: 0,
                 tracing: None,
+                authorization: None,
             },
             "{case}"
         );
@@ -523,6 +527,89 @@ fn outbound_policy_travels_with_every_response() -> Result<(), trellis_api::Conv
     assert_eq!(
         apply(&old, &unknown)?.outbound,
         OutboundPolicy::RegistryOnly
+    );
+    Ok(())
+}
+
+fn policies(names: &[&str]) -> Vec<trellis_api::authz::AuthorizationPolicy> {
+    use trellis_api::authz::{Action, AuthorizationPolicy, Pattern, Rule, Source};
+    names
+        .iter()
+        .map(|name| AuthorizationPolicy {
+            namespace: "demo".into(),
+            name: (*name).into(),
+            target_services: vec!["web".into()],
+            action: Action::Allow,
+            dry_run: false,
+            rules: vec![Rule {
+                from: vec![Source {
+                    principals: vec![Pattern::Prefix("spiffe://cluster.local/ns/demo/".into())],
+                    namespaces: Vec::new(),
+                }],
+                to: Vec::new(),
+            }],
+        })
+        .collect()
+}
+
+#[test]
+fn policies_travel_whole_and_only_when_changed() -> Result<(), ConvertError> {
+    let mut old = snapshot(1, vec![service("web", 80, &["10.0.0.1:8080"])]);
+    old.authorization = policies(&["a", "b"]);
+    // A full response carries the policies even when the proxy has none.
+    let held = apply(&MeshSnapshot::default(), &full(&old))?;
+    assert_eq!(held.authorization, old.authorization);
+
+    // An increment that changes something else leaves them out, and the proxy keeps them.
+    let mut other = old.clone();
+    other.version = 2;
+    other.services.clear();
+    let resp = diff(&old, &other);
+    assert_eq!(resp.authorization, None);
+    assert_eq!(apply(&held, &resp)?.authorization, old.authorization);
+    assert!(!same_view(&old, &other));
+
+    // A change sends the whole new set, which replaces the old one (no merge).
+    let mut new = old.clone();
+    new.version = 3;
+    new.authorization = policies(&["c"]);
+    assert!(!same_view(&old, &new));
+    let resp = diff(&old, &new);
+    assert_eq!(
+        resp.authorization.as_ref().map(|a| a.policies.len()),
+        Some(1)
+    );
+    assert_eq!(apply(&held, &resp)?.authorization, new.authorization);
+
+    // Removing every policy is an empty set, not an absent one.
+    let mut none = old.clone();
+    none.version = 4;
+    none.authorization.clear();
+    let resp = diff(&old, &none);
+    assert_eq!(
+        resp.authorization.as_ref().map(|a| a.policies.len()),
+        Some(0)
+    );
+    assert!(apply(&held, &resp)?.authorization.is_empty());
+
+    // A full response without the field (an older control plane) means none.
+    let mut older = full(&new);
+    older.version = 5;
+    older.authorization = None;
+    assert!(apply(&held, &older)?.authorization.is_empty());
+
+    // A bad policy refuses the whole response, naming the policy and the field.
+    let mut bad = diff(&old, &new);
+    if let Some(set) = bad.authorization.as_mut() {
+        set.policies[0].rules[0].from[0].principals[0] = "a*b".into();
+    }
+    let err = apply(&held, &bad).err().map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some(
+            "authorization policy demo/c: rules[0].from[0].principals[0] = \"a*b\" is not a \
+             pattern (exact, \"*\", \"prefix*\" or \"*suffix\")"
+        )
     );
     Ok(())
 }

@@ -96,6 +96,13 @@ pub struct DiscoveryResponse {
     /// number its CA generations.
     #[prost(uint64, tag = "7")]
     pub ca_generation: u64,
+    /// The authorization policies the receiving proxy enforces on its inbound side: those of
+    /// its own namespace and of the root namespace (trellis-system), whose untargeted
+    /// policies apply to every workload of the mesh. Replaced whole, never merged, like the
+    /// trust bundle: a full response always carries it (absent there means "no policies");
+    /// an increment carries it only when it changed (absent there means "unchanged").
+    #[prost(message, optional, tag = "8")]
+    pub authorization: ::core::option::Option<AuthorizationPolicies>,
     /// true: this response is one part of a version, and the next response on the stream
     /// continues it (same version, full = false, more upserts and removals). The proxy
     /// applies nothing until the part with more = false arrives, then applies all parts of
@@ -186,6 +193,73 @@ pub struct Endpoint {
         ::prost::alloc::string::String,
     >,
 }
+/// Every authorization policy a proxy enforces; see DiscoveryResponse.authorization.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorizationPolicies {
+    #[prost(message, repeated, tag = "1")]
+    pub policies: ::prost::alloc::vec::Vec<AuthorizationPolicy>,
+}
+/// A policy.trellis.dev AuthorizationPolicy as the control plane validated and resolved
+/// it. Istio's semantics: for a request to a workload, a matching DENY policy refuses it;
+/// else, when ALLOW policies apply to the workload, one of them must match; else (no ALLOW
+/// policy applies) it is allowed. A dry-run policy is evaluated and its would-be decision
+/// logged and counted, never enforced.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorizationPolicy {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Names of Services of `namespace` whose workloads (on the Services' target ports) the
+    /// policy applies to. Empty: every workload of `namespace`, and in the root namespace
+    /// (trellis-system) every workload of the mesh.
+    #[prost(string, repeated, tag = "3")]
+    pub target_services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(enumeration = "AuthorizationAction", tag = "4")]
+    pub action: i32,
+    #[prost(bool, tag = "5")]
+    pub dry_run: bool,
+    /// A request matches the policy when it matches any rule. No rules: an ALLOW policy
+    /// matches nothing (allow-nothing); a DENY policy matches nothing either.
+    #[prost(message, repeated, tag = "6")]
+    pub rules: ::prost::alloc::vec::Vec<AuthorizationRule>,
+}
+/// A rule matches when the source matches any of `from` (or `from` is empty) and the
+/// request matches any of `to` (or `to` is empty).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorizationRule {
+    #[prost(message, repeated, tag = "1")]
+    pub from: ::prost::alloc::vec::Vec<AuthorizationSource>,
+    #[prost(message, repeated, tag = "2")]
+    pub to: ::prost::alloc::vec::Vec<AuthorizationOperation>,
+}
+/// Who calls. Every non-empty list must match (AND); within a list any entry (OR).
+/// Entries are patterns: exact, "*" (anything present), "prefix*" or "*suffix".
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizationSource {
+    /// SPIFFE IDs of the caller, e.g. "spiffe://cluster.local/ns/demo/sa/web".
+    #[prost(string, repeated, tag = "1")]
+    pub principals: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Namespaces of the caller's identity.
+    #[prost(string, repeated, tag = "2")]
+    pub namespaces: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// What is called. Every non-empty list must match (AND); within a list any entry (OR).
+/// `methods` and `paths` exist only for HTTP: on an opaque TCP connection an ALLOW
+/// operation that names them matches nothing and a DENY operation ignores them (so it
+/// refuses the connection): both the fail-closed reading.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizationOperation {
+    /// The workload's (target) ports, 1..=65535.
+    #[prost(uint32, repeated, tag = "1")]
+    pub ports: ::prost::alloc::vec::Vec<u32>,
+    /// HTTP methods, exact upper-case names or "*".
+    #[prost(string, repeated, tag = "2")]
+    pub methods: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Normalized request paths (no query): patterns as above.
+    #[prost(string, repeated, tag = "3")]
+    pub paths: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
 /// How proxies write their access log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -248,6 +322,36 @@ impl OutboundTrafficPolicy {
         match value {
             "ALLOW_ANY" => Some(Self::AllowAny),
             "REGISTRY_ONLY" => Some(Self::RegistryOnly),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AuthorizationAction {
+    /// Never sent; a proxy refuses (nacks) a policy without an action.
+    Unspecified = 0,
+    Allow = 1,
+    Deny = 2,
+}
+impl AuthorizationAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "AUTHORIZATION_ACTION_UNSPECIFIED",
+            Self::Allow => "AUTHORIZATION_ACTION_ALLOW",
+            Self::Deny => "AUTHORIZATION_ACTION_DENY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AUTHORIZATION_ACTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "AUTHORIZATION_ACTION_ALLOW" => Some(Self::Allow),
+            "AUTHORIZATION_ACTION_DENY" => Some(Self::Deny),
             _ => None,
         }
     }
