@@ -29,6 +29,7 @@ mod error;
 mod files;
 mod metrics;
 pub mod objects;
+pub mod policy;
 mod source;
 mod translate;
 mod validate;
