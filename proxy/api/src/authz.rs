@@ -1,9 +1,10 @@
-//! Authorization policies as proxies enforce them, and their wire form.
+//! Authorization policies as proxies enforce them, their wire form, and the decision.
 //!
 //! The control plane validates a `policy.trellis.dev` `AuthorizationPolicy`, resolves
 //! service-account shorthands to SPIFFE IDs and sends the result; proxies evaluate it on
-//! their inbound side. Everything here is plain data plus parsing: the decision itself is
-//! [`crate::authz::Authorizer`]'s, a pure function over these types.
+//! their inbound side. This file is plain data plus parsing; the decision is
+//! [`Authorizer`]'s (`authz/decide.rs`), a pure function over these types, and request
+//! paths are normalized for it by [`normalize_path`] (`authz/path.rs`).
 //!
 //! Semantics are Istio's, so a user moving over keeps their mental model: a matching DENY
 //! policy refuses a request; else, when ALLOW policies apply to the workload, one of them
@@ -13,6 +14,15 @@
 use std::fmt;
 
 use crate::discovery::v1 as pb;
+
+mod decide;
+mod path;
+
+pub use decide::{
+    Authorizer, Decision, Denial, DryRun, EndpointPorts, HttpRequest, PolicyKey, Request, Verdict,
+    Workload,
+};
+pub use path::{PathError, normalize_path};
 
 /// The root namespace: its untargeted policies apply to every workload of the mesh.
 pub const ROOT_NAMESPACE: &str = "trellis-system";

@@ -1,6 +1,6 @@
 //! The admin endpoints, on loopback only (enforced by the config): `/live`, `/ready`,
 //! `/metrics` (Prometheus text) and `/config` (identity, certificate, trust bundle and
-//! CA generation, discovery view in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
+//! CA generation, discovery view and authorization policies in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
 //! for Jobs without native sidecars), exists only when a token file is configured and
 //! needs `Authorization: Bearer <token>`; so does `GET /tap`, the live request stream
 //! (`trellis tap`, `trellis top`), which exists only with `--tap-token-file`.
@@ -300,6 +300,14 @@ impl Admin {
         });
         let view = self.view.borrow().clone();
         let services: Vec<_> = view.snapshot.services.values().collect();
+        // Which of the pushed policies this workload enforces, and on which ports (`null`:
+        // every port).
+        let applied: Vec<_> = view
+            .authz
+            .applied()
+            .into_iter()
+            .map(|(policy, ports)| serde_json::json!({"policy": &*policy, "ports": ports}))
+            .collect();
         let doc = serde_json::json!({
             "workload": self.workload,
             "ready": self.is_ready().is_ok(),
@@ -313,6 +321,10 @@ impl Admin {
                 "outbound_traffic_policy": view.snapshot.outbound,
                 "tracing": view.snapshot.tracing,
                 "services": services,
+                "authorization": {
+                    "policies": view.snapshot.authorization,
+                    "applied": applied,
+                },
             },
         });
         serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -581,17 +593,38 @@ mod tests {
         let roots = vec![a.root_der().to_vec(), b.root_der().to_vec()];
         let bundle = TrustBundle::from_der(roots.clone()).unwrap();
         let certified = Certified::new(a.issue(&id), bundle, 3).unwrap();
+        let policy = |ns: &str, name: &str| trellis_api::authz::AuthorizationPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            target_services: Vec::new(),
+            action: trellis_api::authz::Action::Deny,
+            dry_run: false,
+            rules: vec![trellis_api::authz::Rule {
+                from: vec![trellis_api::authz::Source {
+                    principals: Vec::new(),
+                    namespaces: vec![trellis_api::authz::Pattern::Prefix("dev-".into())],
+                }],
+                to: Vec::new(),
+            }],
+        };
         let snapshot = MeshSnapshot {
             version: 2,
             trust: Trust {
                 roots_der: roots,
                 generation: 4,
             },
+            authorization: vec![policy("demo", "deny-dev"), policy("shop", "x")],
             ..Default::default()
         };
         let a_admin = Admin {
             certs: watch::channel(Some(Arc::new(certified))).1,
-            view: watch::channel(Arc::new(View::new(snapshot, &id))).1,
+            view: watch::channel(Arc::new(View::new(
+                snapshot,
+                &id,
+                "web-0",
+                crate::config::Mode::Explicit,
+            )))
+            .1,
             ..admin(None)
         };
         let doc: serde_json::Value = serde_json::from_str(&a_admin.config_json()).unwrap();
@@ -611,6 +644,20 @@ mod tests {
         assert_eq!(
             doc["discovery"]["trust"],
             serde_json::json!({"roots": 2, "fingerprints": [fa, fb], "generation": 4})
+        );
+        // Every pushed policy as pushed; the ones this workload enforces, with their ports.
+        let authz = &doc["discovery"]["authorization"];
+        assert_eq!(
+            authz["policies"][0],
+            serde_json::json!({
+                "namespace": "demo", "name": "deny-dev", "target_services": [],
+                "action": "DENY", "dry_run": false,
+                "rules": [{"from": [{"principals": [], "namespaces": ["dev-*"]}], "to": []}],
+            })
+        );
+        assert_eq!(
+            authz["applied"],
+            serde_json::json!([{"policy": "demo/deny-dev", "ports": null}])
         );
     }
 

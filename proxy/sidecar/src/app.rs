@@ -184,6 +184,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.app,
         cfg.mode,
         certs_rx.clone(),
+        view_rx.clone(),
         metrics.clone(),
         cfg.request_timeout,
         limits.clone(),

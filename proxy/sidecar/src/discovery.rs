@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use trellis_api::MeshSnapshot;
 use trellis_api::discovery::v1::{
     Ack, DiscoveryRequest, Hello, Nack, discovery_client::DiscoveryClient, discovery_request::Kind,
@@ -121,6 +121,7 @@ async fn stream_once(
                     outbound = ?next.outbound,
                     access_log = ?next.access_log,
                     tracing = ?next.tracing,
+                    authorization_policies = next.authorization.len(),
                     "discovery view applied"
                 );
                 crate::logging::set_access_log(next.access_log);
@@ -130,7 +131,13 @@ async fn stream_once(
                 metrics
                     .discovery_version
                     .set(i64::try_from(next.version).unwrap_or(i64::MAX));
-                view_tx.send_replace(Arc::new(View::new(next, &cfg.identity)));
+                let view = View::new(next, &cfg.identity, &cfg.workload, cfg.mode);
+                debug!(
+                    version = view.snapshot.version,
+                    applied = ?view.authz.applied(),
+                    "authorization policies that apply to this workload (None: every port)"
+                );
+                view_tx.send_replace(Arc::new(view));
                 needs_full = false;
                 backoff.reset();
                 Kind::Ack(Ack {

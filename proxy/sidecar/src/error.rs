@@ -59,6 +59,10 @@ pub enum Error {
     /// REGISTRY_ONLY.
     #[error("{0} is outside the mesh and outboundTrafficPolicy is REGISTRY_ONLY")]
     OutsideMesh(std::net::SocketAddr),
+    /// An authorization policy refused the request or tunnel (inbound); the message names
+    /// the policy (`denied by policy demo/deny-admin`, `no ALLOW policy matched`).
+    #[error("{0}")]
+    Denied(trellis_api::authz::Denial),
 }
 
 // === impl Error ===
@@ -67,9 +71,11 @@ impl Error {
     /// Which side failed.
     pub fn side(&self) -> Side {
         match self {
-            Error::NoHost | Error::BadHost(_) | Error::NoRoute(_) | Error::OutsideMesh(_) => {
-                Side::Downstream
-            }
+            Error::NoHost
+            | Error::BadHost(_)
+            | Error::NoRoute(_)
+            | Error::OutsideMesh(_)
+            | Error::Denied(_) => Side::Downstream,
             Error::NotReady(_) => Side::Internal,
             Error::NoEndpoints(_)
             | Error::BadEndpointIdentity { .. }
@@ -83,6 +89,8 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NoHost | Error::BadHost(_) => StatusCode::BAD_REQUEST,
+            Error::Denied(trellis_api::authz::Denial::BadPath(_)) => StatusCode::BAD_REQUEST,
+            Error::Denied(_) => StatusCode::FORBIDDEN,
             Error::NoRoute(_) => StatusCode::NOT_FOUND,
             // Istio's BlackHoleCluster answers 502 for HTTP under REGISTRY_ONLY.
             Error::OutsideMesh(_) => StatusCode::BAD_GATEWAY,

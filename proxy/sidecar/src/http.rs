@@ -315,6 +315,7 @@ impl TunnelAccess {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Error::OutsideMesh(_)) => "blocked",
+            Err(Error::Denied(_)) => "denied",
             Err(_) => "error",
         };
         metrics

@@ -698,8 +698,12 @@ mod tests {
                 trust,
                 ..Default::default()
             };
-            self.views
-                .send_replace(Arc::new(View::new(snapshot, &me())));
+            self.views.send_replace(Arc::new(View::new(
+                snapshot,
+                &me(),
+                "web-0",
+                crate::config::Mode::Explicit,
+            )));
         }
 
         /// The next certificate published, within `within` of (paused) time.

@@ -1,11 +1,17 @@
 //! Mesh -> app. Terminates mTLS (client certificate required, verified against the trust
-//! bundle with exactly one SPIFFE ID in the trust domain), authorizes the peer, and
-//! forwards each HTTP/2 request to the local app over HTTP/1.1 with the peer's identity
-//! in `x-forwarded-client-cert`.
+//! bundle with exactly one SPIFFE ID in the trust domain), authorizes the peer, then each
+//! request and tunnel against the authorization policies of the current view, and
+//! forwards what is allowed to the local app (HTTP/1.1 or HTTP/2, as the client spoke)
+//! with the peer's identity in `x-forwarded-client-cert`.
 //!
 //! ```text
-//! mTLS accept -> peer identity -> authorize (pure) -> http2 server -> app (http1)
+//! mTLS accept -> peer identity -> trust domain (pure) -> http2 server
+//!   -> per request / CONNECT: authorize (pure, trellis_api::authz) -> app | 403
 //! ```
+//!
+//! The policies are read from the view per request, so a pushed change applies to the
+//! next request, on connections already open too. Nothing of a refused request reaches
+//! the app: no connection is opened to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +30,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+use trellis_api::authz::{
+    Decision, HttpRequest, Request as AuthzRequest, Verdict as PolicyVerdict,
+};
 use trellis_identity::SpiffeId;
 
 use crate::config::Mode;
@@ -31,6 +40,7 @@ use crate::error::Error;
 use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
+use crate::outbound::route::View;
 use crate::telemetry::{
     DST_SERVICE, DST_WORKLOAD, HttpLabels, Local, Pending, SRC_WORKLOAD, method_label,
 };
@@ -54,6 +64,8 @@ pub struct Inbound {
     pub metrics: Metrics,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// The discovery view: its authorizer decides on every request and tunnel.
+    pub view: watch::Receiver<Arc<View>>,
     client: Client<HttpConnector, Body>,
     /// HTTP/2 (prior knowledge) connections to the app, for clients that spoke HTTP/2
     /// (gRPC), keyed by app address so the request keeps the client's `:authority`.
@@ -70,8 +82,9 @@ pub enum Verdict {
     Deny(String),
 }
 
-/// Decides whether `peer` may talk to `me`. Pure. Today: any identity of our trust
-/// domain (the TLS verifier already enforced that); policies arrive with the policy issue.
+/// Decides whether `peer` may talk to `me` at all, per connection. Pure. Any identity of
+/// our trust domain (the TLS verifier already enforced that); authorization policies then
+/// decide per request ([`trellis_api::authz::Authorizer`]).
 pub fn authorize(peer: &SpiffeId, me: &SpiffeId) -> Verdict {
     if peer.trust_domain() == me.trust_domain() {
         Verdict::Allow
@@ -87,11 +100,13 @@ pub fn authorize(peer: &SpiffeId, me: &SpiffeId) -> Verdict {
 
 impl Inbound {
     /// Builds the inbound side.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: SpiffeId,
         app: SocketAddr,
         mode: Mode,
         certs: watch::Receiver<Option<Arc<Certified>>>,
+        view: watch::Receiver<Arc<View>>,
         metrics: Metrics,
         request_timeout: Duration,
         limits: crate::transport::Limits,
@@ -110,6 +125,7 @@ impl Inbound {
             mode,
             app_h2: AppH2Pool::default(),
             certs,
+            view,
             metrics,
             request_timeout,
             client,
@@ -317,9 +333,26 @@ impl Inbound {
             trace_id: pending.trace.trace_id,
             start,
         };
-        let (resp, err) = match self.forward(req, peer, app, h2, &pending).await {
-            Ok(r) => (r, None),
-            Err(e) => (error_response(&e), Some(e)),
+        let decision = self.authorize_request(peer, app.port(), Some((&method, &path)));
+        let (resp, err) = match decision {
+            Some(Decision {
+                verdict: PolicyVerdict::Deny(denial),
+                ..
+            }) => {
+                debug!(%peer, %method, %path, ?denial, "request refused by authorization policy");
+                (
+                    crate::authz::denied(&denial, req.headers()),
+                    Some(Error::Denied(denial)),
+                )
+            }
+            allowed => {
+                // The app gets the path that was authorized.
+                let path = allowed.and_then(|d| d.path);
+                match self.forward(req, peer, app, h2, path, &pending).await {
+                    Ok(r) => (r, None),
+                    Err(e) => (error_response(&e), Some(e)),
+                }
+            }
         };
         let line = access.line(resp.status(), err.as_ref());
         let (mut parts, body) = resp.into_parts();
@@ -342,6 +375,16 @@ impl Inbound {
         log.endpoint = app.to_string();
         let metrics = self.metrics.clone();
         let start = Instant::now();
+        // Before connecting to the app: a refused tunnel never reaches it.
+        if let Some(Decision {
+            verdict: PolicyVerdict::Deny(denial),
+            ..
+        }) = self.authorize_request(peer, app.port(), None)
+        {
+            debug!(%peer, %app, ?denial, "tunnel refused by authorization policy");
+            log.finish(start, Err(Error::Denied(denial)), &metrics);
+            return crate::authz::forbidden();
+        }
         match crate::tunnel::accept(req, app, move |r| {
             log.finish(start, r.map_err(|e| Error::Upstream(Box::new(e))), &metrics);
         })
@@ -355,15 +398,58 @@ impl Inbound {
         }
     }
 
+    /// The authorization policies' decision on a request from `peer` to the app's `port`
+    /// (`http`: its method and path; `None` for a tunnel), counted and logged; `None`
+    /// when no policy applies to it (allowed: nothing to decide, nothing counted).
+    fn authorize_request(
+        &self,
+        peer: &SpiffeId,
+        port: u16,
+        http: Option<(&http::Method, &str)>,
+    ) -> Option<Decision> {
+        let decision = {
+            // Decided under the view's read lock: a pure computation, no await.
+            let view = self.view.borrow();
+            if view.authz.is_empty() {
+                return None;
+            }
+            view.authz.authorize(&AuthzRequest {
+                principal: peer.as_str(),
+                namespace: peer.namespace(),
+                port,
+                http: http.map(|(method, path)| HttpRequest {
+                    method: method.as_str(),
+                    path,
+                }),
+            })?
+        };
+        let authz = &self.metrics.authz;
+        match &http {
+            Some((method, path)) => {
+                authz.record(&decision, peer.as_str(), &format_args!("{method} {path}"));
+            }
+            None => authz.record(
+                &decision,
+                peer.as_str(),
+                &format_args!("tunnel to port {port}"),
+            ),
+        }
+        Some(decision)
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         peer: &SpiffeId,
         app: SocketAddr,
         h2: bool,
+        path: Option<String>,
         pending: &Pending,
     ) -> Result<Response<Body>, Error> {
         let (mut parts, body) = req.into_parts();
+        if let Some(path) = path {
+            set_path(&mut parts.uri, &path)?;
+        }
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(&ORIG_PROTO);
         parts.headers.remove(&SRC_WORKLOAD);
@@ -397,6 +483,26 @@ impl Inbound {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
+}
+
+/// Replaces `uri`'s path with `path` (normalized by the authorizer), keeping its query,
+/// scheme and authority.
+fn set_path(uri: &mut Uri, path: &str) -> Result<(), Error> {
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    // Cannot fail for a path the authorizer produced (only valid characters survive
+    // normalization); refused as a bad path if it ever did, rather than sent unchanged.
+    let refuse = || {
+        Error::Denied(trellis_api::authz::Denial::BadPath(
+            trellis_api::authz::PathError::NotOriginForm(path.to_owned()),
+        ))
+    };
+    parts.path_and_query = Some(target.parse().map_err(|_| refuse())?);
+    *uri = Uri::from_parts(parts).map_err(|_| refuse())?;
+    Ok(())
 }
 
 /// Sends an HTTP/1.1 request to the app at `app` (the URI is rewritten to it; the

@@ -11,12 +11,14 @@
 //! process), holds one discovery stream for its view of the mesh, and keeps serving on
 //! its last good view when the control plane is gone.
 //!
-//! Owns: listeners, routing, balancing, mTLS connections, the access log and proxy
+//! Owns: listeners, routing, balancing, mTLS connections, authorization policy
+//! enforcement (the decision is `trellis_api::authz`'s), the access log and proxy
 //! metrics. May depend on `trellis-api` and `trellis-identity` only: never on kube,
 //! k8s-openapi, azure or any `addon/` crate (checked by `.ci/run`).
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod control;

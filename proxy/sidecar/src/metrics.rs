@@ -17,7 +17,8 @@ use crate::trace::Tracer;
 pub struct TcpLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// `ok`, `error`, or `blocked` (a destination outside the mesh under `REGISTRY_ONLY`).
+    /// `ok`, `error`, `blocked` (a destination outside the mesh under `REGISTRY_ONLY`) or
+    /// `denied` (an inbound tunnel an authorization policy refused).
     pub outcome: &'static str,
 }
 
@@ -72,6 +73,8 @@ pub struct Metrics {
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Connections closed at accept because the listener was full, by listener.
     pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Authorization decisions on inbound requests and tunnels.
+    pub authz: crate::authz::AuthzMetrics,
 }
 
 /// The registry as the OpenMetrics text `/metrics` serves (ending in `# EOF`). Also what
@@ -107,6 +110,7 @@ impl Metrics {
             ca_generation: Gauge::default(),
             connections_open: Family::default(),
             connections_refused: Family::default(),
+            authz: crate::authz::AuthzMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis_proxy");
         r.register(
@@ -159,12 +163,18 @@ impl Metrics {
             "Connections closed at accept because the listener was at --max-connections",
             m.connections_refused.clone(),
         );
+        r.register(
+            "authorization_decisions",
+            "Authorization policy decisions on inbound requests and tunnels that a policy \
+             applied to, by decision and deciding policy",
+            m.authz.decisions.clone(),
+        );
         // The fixed label sets exist from the start, at 0: a series that appears only with
         // its first event breaks `rate()` and "no errors" alerts. Request series stay
         // created on demand: their peers and status codes are not known in advance.
         for direction in ["inbound", "outbound"] {
             let _ = m.tls_failures.get_or_create(&DirectionLabels { direction });
-            for outcome in ["ok", "error", "blocked"] {
+            for outcome in ["ok", "error", "blocked", "denied"] {
                 let _ = m
                     .tcp_connections
                     .get_or_create(&TcpLabels { direction, outcome });

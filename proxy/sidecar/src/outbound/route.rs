@@ -1,24 +1,30 @@
 //! Outbound routing: which service and endpoints a request's authority names. Pure over
-//! the discovery view, so it is table-tested without sockets.
+//! the discovery view, so it is table-tested without sockets. The view also carries the
+//! inbound side's [`Authorizer`], built here once per view rather than per request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use trellis_api::authz::{Authorizer, EndpointPorts, Workload};
 use trellis_api::{
     AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey, ServicePort,
 };
 use trellis_identity::SpiffeId;
 
+use crate::config::Mode;
 use crate::error::Error;
 
 /// Cluster DNS suffix accepted in host names (`<svc>.<ns>.svc.cluster.local`).
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
-/// The discovery view plus the index routing needs.
+/// The discovery view plus the index routing needs and the authorization policies that
+/// apply to this proxy.
 #[derive(Debug, Default)]
 pub struct View {
     /// The applied snapshot.
     pub snapshot: MeshSnapshot,
+    /// The snapshot's authorization policies that apply to this workload, ready to decide.
+    pub authz: Authorizer,
     /// host name (lowercase, no port) -> service.
     hosts: HashMap<String, ServiceKey>,
     /// service and endpoint addresses -> what they are.
@@ -40,8 +46,9 @@ pub struct Target {
 
 impl View {
     /// Indexes a snapshot for a proxy whose own identity is `me` (short names resolve in
-    /// its namespace, like Kubernetes DNS search paths).
-    pub fn new(snapshot: MeshSnapshot, me: &SpiffeId) -> Self {
+    /// its namespace, like Kubernetes DNS search paths), serving the workload `workload`
+    /// (its pod name, as its endpoints in discovery name it) in `mode`.
+    pub fn new(snapshot: MeshSnapshot, me: &SpiffeId, workload: &str, mode: Mode) -> Self {
         let mut hosts = HashMap::new();
         for (key, svc) in &snapshot.services {
             let (n, ns) = (&key.name, &key.namespace);
@@ -59,8 +66,22 @@ impl View {
             }
         }
         let index = AddressIndex::new(&snapshot);
+        let authz = Authorizer::new(
+            &snapshot.authorization,
+            &snapshot.services,
+            &Workload {
+                namespace: me.namespace(),
+                name: workload,
+                // Explicit mode: our endpoints are our inbound address, whatever the port.
+                endpoints: match mode {
+                    Mode::Explicit => EndpointPorts::ProxyAddress,
+                    Mode::Transparent => EndpointPorts::TargetPort,
+                },
+            },
+        );
         Self {
             snapshot,
+            authz,
             hosts,
             index,
         }
@@ -215,6 +236,8 @@ mod tests {
         View::new(
             snap,
             &SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/client").unwrap(),
+            "client-0",
+            Mode::Explicit,
         )
     }
 
