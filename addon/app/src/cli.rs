@@ -1,11 +1,13 @@
 //! Subcommands and flags of `trellis-addon`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use trellis_ca::{DEFAULT_AUDIENCE, LocalIssuer};
+use trellis_controller::crd;
 
 /// EX_CONFIG from sysexits.h.
 pub(crate) const EXIT_CONFIG: u8 = 64;
@@ -46,6 +48,9 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Prints every Trellis CustomResourceDefinition (generated from the Rust types) as
+    /// multi-document YAML: what charts/trellis/crds/ holds, for `kubectl apply -f -`.
+    PrintCrds,
 }
 
 /// Flags of `trellis-addon run`.
@@ -245,6 +250,22 @@ impl Cli {
                     Err(e) => {
                         eprintln!("trellis-addon issue-token: {e}");
                         ExitCode::from(EXIT_CONFIG)
+                    }
+                }
+            }
+            Command::PrintCrds => {
+                // Written, not `print!`ed: a closed pipe (`| head`) is an error, not a panic.
+                let printed =
+                    (crd::to_yaml(&crd::crds()).map_err(|e| e.to_string())).and_then(|yaml| {
+                        let mut out = std::io::stdout().lock();
+                        (out.write_all(yaml.as_bytes()).and_then(|()| out.flush()))
+                            .map_err(|e| format!("writing to stdout: {e}"))
+                    });
+                match printed {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("trellis-addon print-crds: {e}");
+                        ExitCode::FAILURE
                     }
                 }
             }

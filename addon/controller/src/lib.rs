@@ -17,14 +17,17 @@
 //! - [`translate`]: the pure objects-to-snapshot function.
 //! - [`FileSource`]: polls the directory and publishes changed snapshots, keeping the last
 //!   good one when an edit is broken.
+//! - [`policy`] and [`crd`]: the `policy.trellis.dev` custom resource types and the
+//!   CustomResourceDefinitions generated from them (shipped in `charts/trellis/crds/`).
 //!
 //! Owns: parsing and validation of mesh objects, snapshot versioning for the file source,
-//! the `trellis_controller_*` metrics.
+//! the `trellis_controller_*` metrics, the Trellis CRDs.
 //!
 //! Must not depend on: kube, azure, or the proxy crate.
 //!
 //! [`MeshSnapshot`]: trellis_api::MeshSnapshot
 
+pub mod crd;
 mod error;
 mod files;
 mod metrics;

@@ -7,9 +7,9 @@
 //! sidecars; ✔ from 1.29, native sidecars).
 //!
 //! `--pre` (`pre-install`):
-//! - permission to create what the chart renders with its default values (one
-//!   `SelfSubjectAccessReview` per kind, [`CHART_CREATES`]; the namespace too when it does
-//!   not exist yet);
+//! - permission to create what the chart renders with its default values and the
+//!   CustomResourceDefinitions of its `crds/` (one `SelfSubjectAccessReview` per kind,
+//!   [`CHART_CREATES`]; the namespace too when it does not exist yet);
 //! - Trellis installed already (‼: upgrade rather than install);
 //! - other meshes: Istio (`istio-system`, webhooks `istio-sidecar-injector*` and
 //!   `istio-revision-tag-*`), Linkerd (`linkerd`, `linkerd-proxy-injector-webhook-config`),
@@ -22,6 +22,11 @@
 //! `--kubernetes`:
 //! - `control-plane`: Deployment `trellis-control-plane` exists, ✖ with no available
 //!   replica, ‼ with fewer than wanted; its pods all run one image version (‼ otherwise).
+//! - `crds`: every Trellis CustomResourceDefinition (`trellis_controller::crd::crds`, e.g.
+//!   `authorizationpolicies.policy.trellis.dev`) is installed, `Established`, and serves
+//!   every version this build knows (✖ otherwise, with `kubectl apply -f
+//!   charts/trellis/crds/`); ‼ when its schema differs from this build's: Helm installs
+//!   `crds/` on the first install only and never upgrades them.
 //! - `webhook`: `MutatingWebhookConfiguration trellis-sidecar-injector` and
 //!   `ValidatingWebhookConfiguration trellis-config` exist, and each webhook's `caBundle`
 //!   holds PEM certificates, none expired, equal to the trust bundle (the control plane keeps
@@ -69,6 +74,7 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecurityContext, Service,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use rustls_pki_types::CertificateDer;
@@ -130,7 +136,11 @@ const WEBHOOK_CERT_MIN_LEFT: u64 = 3600;
 const API: &str = "kubernetes-api";
 const VERSION: &str = "kubernetes-version";
 const PRE_INSTALL: &str = "pre-install";
+const CRDS: &str = "crds";
 const WEBHOOK: &str = "webhook";
+/// How to install (or upgrade) the CRDs: Helm installs the chart's `crds/` on the first
+/// install only, never on `helm upgrade`.
+const APPLY_CRDS: &str = "kubectl apply -f charts/trellis/crds/";
 
 /// What the Kubernetes checks need besides the client.
 #[derive(Debug, Clone)]
@@ -309,9 +319,11 @@ const CREATE_NAMESPACE: Access = Access::new("", "namespaces", false);
 /// What `helm install` of charts/trellis creates with its default values
 /// (charts/trellis/templates): the ServiceAccount, the `trellis-config` ConfigMap, two
 /// Services, the Deployment, a PodDisruptionBudget (2 replicas), two NetworkPolicies, the
-/// RBAC objects and both webhook configurations. Not the PodMonitor (off by default) nor
-/// the `helm test` pod (created by `helm test`, not by the install).
-pub(crate) const CHART_CREATES: [Access; 14] = [
+/// RBAC objects and both webhook configurations; and, first of all, the
+/// CustomResourceDefinitions of charts/trellis/crds/. Not the PodMonitor (off by default)
+/// nor the `helm test` pod (created by `helm test`, not by the install).
+pub(crate) const CHART_CREATES: [Access; 15] = [
+    Access::new("apiextensions.k8s.io", "customresourcedefinitions", false),
     Access::new("", "serviceaccounts", true),
     Access::new("", "configmaps", true),
     Access::new("", "services", true),
@@ -652,6 +664,20 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
     }
     let pods = pods.unwrap_or_default();
 
+    // crds
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for expected in trellis_controller::crd::crds() {
+        let name = expected.metadata.name.clone().unwrap_or_default();
+        checks.push(match crds.get_opt(&name).await {
+            Ok(found) => crd_check(&expected, found.as_ref()),
+            Err(e) => read_failed(
+                CRDS,
+                &format!("customresourcedefinition {name}"),
+                &error_text(&e),
+            ),
+        });
+    }
+
     // webhook (the trust bundle is read first: the caBundles must equal it)
     let bundle = match Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(TRUST_BUNDLE)
@@ -735,6 +761,114 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
         )),
     }
     checks
+}
+
+/// The cluster's CRD (`found`) against this build's (`expected`): ✖ when it is missing,
+/// not `Established` or does not serve a version this build knows; ‼ when a version's
+/// schema differs (Helm never upgrades a chart's CRDs, so an upgraded mesh can run with the
+/// previous release's, refusing new fields or accepting removed ones).
+pub(crate) fn crd_check(
+    expected: &CustomResourceDefinition,
+    found: Option<&CustomResourceDefinition>,
+) -> Check {
+    let name = expected.metadata.name.as_deref().unwrap_or_default();
+    let Some(found) = found else {
+        return Check::new(
+            CRDS,
+            Verdict::Fail,
+            format!("CustomResourceDefinition {name} not found"),
+            format!(
+                "{APPLY_CRDS} (Helm installs them on the first install only); until then no \
+                 {} can be created",
+                expected.spec.names.kind
+            ),
+        );
+    };
+    let conditions = (found.status.as_ref())
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let condition = |kind: &str| conditions.iter().find(|c| c.type_ == kind);
+    if condition("Established").is_none_or(|c| c.status != "True") {
+        // NamesAccepted=False (a name taken by another CRD) says why; else whatever the
+        // Established condition says.
+        let why = [condition("NamesAccepted"), condition("Established")]
+            .into_iter()
+            .flatten()
+            .find(|c| c.status != "True")
+            .map(|c| {
+                let text = c.message.as_deref().or(c.reason.as_deref()).unwrap_or("");
+                format!(": {} {}: {text}", c.type_, c.status)
+            })
+            .unwrap_or_else(|| ": no Established condition".to_owned());
+        return Check::new(
+            CRDS,
+            Verdict::Fail,
+            format!("CustomResourceDefinition {name} is not established{why}"),
+            format!(
+                "the API server does not serve it (kubectl describe crd {name}); fix what it \
+                 says, then {APPLY_CRDS}"
+            ),
+        );
+    }
+    let served = |crd: &CustomResourceDefinition| -> Vec<String> {
+        (crd.spec.versions.iter())
+            .filter(|v| v.served)
+            .map(|v| v.name.clone())
+            .collect()
+    };
+    let (wanted, serves) = (served(expected), served(found));
+    let missing: Vec<&str> = (wanted.iter())
+        .filter(|v| !serves.contains(v))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Check::new(
+            CRDS,
+            Verdict::Fail,
+            format!(
+                "CustomResourceDefinition {name} does not serve {} (serves: {})",
+                missing.join(", "),
+                if serves.is_empty() {
+                    "none".to_owned()
+                } else {
+                    serves.join(", ")
+                }
+            ),
+            format!("{APPLY_CRDS} of the release you run"),
+        );
+    }
+    let schema = |crd: &CustomResourceDefinition, version: &str| {
+        (crd.spec.versions.iter())
+            .find(|v| v.name == version)
+            .and_then(|v| v.schema.as_ref())
+            .and_then(|s| s.open_api_v3_schema.clone())
+    };
+    let differ: Vec<&str> = (wanted.iter())
+        .filter(|v| schema(expected, v) != schema(found, v))
+        .map(String::as_str)
+        .collect();
+    if !differ.is_empty() {
+        return Check::new(
+            CRDS,
+            Verdict::Warn,
+            format!(
+                "CustomResourceDefinition {name} {}: schema differs from this trellis \
+                 version's",
+                differ.join(", ")
+            ),
+            format!(
+                "Helm never upgrades a chart's CRDs: {APPLY_CRDS} of the release you run (or \
+                 use the trellis CLI of that release)"
+            ),
+        );
+    }
+    Check::ok(
+        CRDS,
+        format!(
+            "CustomResourceDefinition {name} is established and serves {}",
+            wanted.join(", ")
+        ),
+    )
 }
 
 /// A ✖ for something that could not be read.

@@ -63,7 +63,7 @@ kubernetes-version
 
 pre-install
 -----------
-✔ can create the 15 kinds of objects the chart installs
+✔ can create the 16 kinds of objects the chart installs
 ✔ Trellis is not installed yet
 ✖ Istio is installed: namespace istio-system
     hint: two meshes' sidecars in one pod fight over its traffic: uninstall Istio first (istioctl uninstall --purge)
@@ -106,6 +106,11 @@ control-plane
 ✖ deployment trellis-system/trellis-control-plane not found
     hint: install the chart: helm install trellis charts/trellis -n trellis-system
 
+crds
+----
+✖ CustomResourceDefinition authorizationpolicies.policy.trellis.dev not found
+    hint: kubectl apply -f charts/trellis/crds/ (Helm installs them on the first install only); until then no AuthorizationPolicy can be created
+
 webhook
 -------
 ✖ MutatingWebhookConfiguration trellis-sidecar-injector not found
@@ -127,7 +132,7 @@ data-plane
 ✖ no running control plane pod to read metrics from
     hint: see the control-plane checks above
 
-✖ 6 checks failed, 1 warning
+✖ 7 checks failed, 1 warning
 "
     );
     assert_eq!(out.status.code(), Some(1));

@@ -215,7 +215,25 @@ impl Cluster {
         cluster.serve_metrics(CP_B, metrics("0.1.0", 1, 0, &[("0.1.0", 1)], signing));
         cluster.inject_in("shop", true);
         cluster.publish_bundle("shop", &cluster.root);
+        cluster.install_crds(|_| {});
         cluster
+    }
+
+    /// Applies the chart's CRD files (charts/trellis/crds/, as `kubectl apply` would),
+    /// established, after `edit` changed each (as JSON).
+    fn install_crds(&self, edit: impl Fn(&mut Value)) {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../charts/trellis/crds/authorizationpolicies.policy.trellis.dev.yaml"
+        ))
+        .unwrap();
+        let mut crd: Value = serde_yaml::from_str(&text).unwrap();
+        crd["status"] = json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"},
+        ]});
+        edit(&mut crd);
+        self.api.apply_json(crd).unwrap();
     }
 
     /// SelfSubjectAccessReviews answer allowed except for these resources.
@@ -409,6 +427,10 @@ control-plane
 ✔ control plane: 2 of 2 replicas available
 ✔ control plane pods run one version: 0.1.0
 
+crds
+----
+✔ CustomResourceDefinition authorizationpolicies.policy.trellis.dev is established and serves v1alpha1
+
 webhook
 -------
 ✔ MutatingWebhookConfiguration trellis-sidecar-injector: caBundle is the trust bundle (1 certificate)
@@ -458,7 +480,7 @@ kubernetes-version
 
 pre-install
 -----------
-✔ can create the 15 kinds of objects the chart installs
+✔ can create the 16 kinds of objects the chart installs
 ✔ Trellis is not installed yet
 ✔ no other service mesh found (Istio, Linkerd, Open Service Mesh)
 
@@ -471,6 +493,7 @@ Status check results are ✔
         reviews,
         [
             "namespaces",
+            "customresourcedefinitions",
             "serviceaccounts",
             "configmaps",
             "services",
@@ -752,6 +775,134 @@ async fn control_plane_pods_on_two_versions_warn() {
         Verdict::Warn,
         "control plane pods run different versions: 0.1.0 (1 pod), 0.2.0 (1 pod)",
         "rollout status",
+    );
+}
+
+// === crds ===
+
+const CRD: &str = "authorizationpolicies.policy.trellis.dev";
+
+#[tokio::test]
+async fn a_missing_crd_fails() {
+    let cluster = Cluster::healthy();
+    cluster.api.remove("customresourcedefinitions", "", CRD);
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev not found",
+        "kubectl apply -f charts/trellis/crds/ (Helm installs them on the first install only); \
+         until then no AuthorizationPolicy can be created",
+    );
+    assert_eq!(failed(&checks).len(), 1);
+    assert_eq!(exit_code(&checks), ExitCode::FAILURE);
+}
+
+#[tokio::test]
+async fn a_crd_that_is_not_established_fails_with_the_api_servers_reason() {
+    let cluster = Cluster::healthy();
+    cluster.install_crds(|crd| {
+        crd["status"] = json!({"conditions": [
+            {"type": "NamesAccepted", "status": "False", "reason": "ShortNamesConflict",
+             "message": "\"authz\" is already in use"},
+            {"type": "Established", "status": "False", "reason": "NotAccepted",
+             "message": "not all names are accepted"},
+        ]});
+    });
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev is not established: \
+         NamesAccepted False: \"authz\" is already in use",
+        "kubectl describe crd authorizationpolicies.policy.trellis.dev",
+    );
+
+    // Just created: no condition yet.
+    cluster.install_crds(|crd| crd["status"] = json!({}));
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev is not established: \
+         no Established condition",
+        "kubectl apply -f charts/trellis/crds/",
+    );
+    assert_eq!(failed(&checks).len(), 1);
+}
+
+#[tokio::test]
+async fn a_crd_that_does_not_serve_v1alpha1_fails() {
+    let cluster = Cluster::healthy();
+    cluster.install_crds(|crd| {
+        crd["spec"]["versions"][0]["served"] = json!(false);
+    });
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Fail,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev does not serve \
+         v1alpha1 (serves: none)",
+        "kubectl apply -f charts/trellis/crds/ of the release you run",
+    );
+    cluster.install_crds(|crd| {
+        crd["spec"]["versions"][0]["name"] = json!("v1alpha2");
+    });
+    let checks = cluster.post().await;
+    find(
+        &checks,
+        Verdict::Fail,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev does not serve \
+         v1alpha1 (serves: v1alpha2)",
+    );
+}
+
+#[tokio::test]
+async fn a_crd_from_another_release_warns() {
+    let cluster = Cluster::healthy();
+    // The previous release's schema: no limit on rules.
+    cluster.install_crds(|crd| {
+        let spec = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"];
+        spec["rules"].as_object_mut().unwrap().remove("maxItems");
+    });
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Warn,
+        "CustomResourceDefinition authorizationpolicies.policy.trellis.dev v1alpha1: schema \
+         differs from this trellis version's",
+        "Helm never upgrades a chart's CRDs: kubectl apply -f charts/trellis/crds/",
+    );
+    assert_eq!(exit_code(&checks), ExitCode::SUCCESS);
+}
+
+#[test]
+fn the_crd_as_the_chart_ships_it_is_the_one_generated() {
+    // The chart's YAML (whole numbers as integers) reads back as the generated CRD: the
+    // schema comparison above sees no difference where there is none.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../charts/trellis/crds/authorizationpolicies.policy.trellis.dev.yaml"
+    ))
+    .unwrap();
+    let shipped: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+    let generated = trellis_controller::crd::crds();
+    assert_eq!(
+        crd_check(&generated[0], Some(&shipped)).verdict,
+        Verdict::Fail
+    );
+    let mut established = shipped;
+    established.status =
+        serde_json::from_value(json!({"conditions": [{"type": "Established", "status": "True"}]}))
+            .unwrap();
+    assert_eq!(
+        crd_check(&generated[0], Some(&established)),
+        Check::ok(
+            CRDS,
+            "CustomResourceDefinition authorizationpolicies.policy.trellis.dev is established \
+             and serves v1alpha1"
+        )
     );
 }
 
@@ -1318,7 +1469,7 @@ fn permission_lines() {
         permissions_check(NAMESPACE, &answers),
         Check::ok(
             PRE_INSTALL,
-            "can create the 14 kinds of objects the chart installs"
+            "can create the 15 kinds of objects the chart installs"
         )
     );
 }
