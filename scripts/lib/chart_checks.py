@@ -31,6 +31,17 @@ TRUST_PUBLISH_RULES = [
 ]
 TRUST_PUBLISH_RESOURCES = {"configmaps", "mutatingwebhookconfigurations",
                            "validatingwebhookconfigurations"}
+# The exact ClusterRole rules the Kubernetes source's cluster-wide watches need
+# (addon/kube/src/source.rs: one reflector per kind; the ConfigMap's is namespaced, in the
+# Role): read-only.
+WATCH_RULES = [
+    {"apiGroups": [""], "resources": ["namespaces", "services", "pods"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["policy.trellis.dev"], "resources": ["authorizationpolicies"],
+     "verbs": ["get", "list", "watch"]},
+]
 
 
 def fail(msg):
@@ -213,6 +224,14 @@ def assertions(docs, podmonitor_schema):
         for r in TRUST_PUBLISH_RULES:
             if cr is None or r not in cr["rules"]:
                 fail(f"[{p}] ClusterRole trellis-control-plane lacks the trust bundle rule {r}")
+        for r in WATCH_RULES:
+            if cr is None or r not in cr["rules"]:
+                fail(f"[{p}] ClusterRole trellis-control-plane lacks the watch rule {r}")
+        if cr is not None:
+            for r in cr["rules"]:
+                if r not in WATCH_RULES and r not in TRUST_PUBLISH_RULES:
+                    fail(f"[{p}] ClusterRole trellis-control-plane has a rule that is neither "
+                         f"a watch nor a trust bundle rule: {r}")
         # The cluster-wide ConfigMap create is narrowed back to one name by an admission
         # policy (rendered for Kubernetes >= 1.30, which the SDK's default version is).
         vap = find(ds, "ValidatingAdmissionPolicy", "trellis-control-plane-configmaps")

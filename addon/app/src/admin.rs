@@ -2,7 +2,7 @@
 //! `/debug/proxies` (who is connected, which version each acked, whether it is synced),
 //! `/debug/acks` (per service: the version it last changed at and how many of the proxies
 //! that receive it applied that version), `/debug/snapshot` (the mesh as the control plane
-//! sees it), `/debug/source` (config reload status) and `/debug/ca` (CA source, generation,
+//! sees it, every authorization policy as enforced included), `/debug/source` (config reload status) and `/debug/ca` (CA source, generation,
 //! expiry, trust bundle). `--metrics-addr` serves `/metrics` alone on a second listener
 //! that may face out of the pod.
 
@@ -143,9 +143,13 @@ impl Admin {
             "/debug/snapshot" => {
                 let snap = self.snapshots.borrow().clone();
                 let services: Vec<_> = snap.services.values().collect();
-                json(
-                    &serde_json::json!({ "version": snap.version, "trust_domain": snap.trust_domain, "outbound_traffic_policy": snap.outbound, "services": services }),
-                )
+                json(&serde_json::json!({
+                    "version": snap.version,
+                    "trust_domain": snap.trust_domain,
+                    "outbound_traffic_policy": snap.outbound,
+                    "services": services,
+                    "authorization": snap.authorization,
+                }))
             }
             "/debug/ca" => json(&self.ca.status()),
             "/debug/traces" => json(&self.traces.traces(50)),
@@ -227,6 +231,14 @@ mod tests {
             version: 7,
             trust_domain: "cluster.local".into(),
             services: BTreeMap::from([service("demo", "web"), service("shop", "cart")]),
+            authorization: vec![trellis_api::authz::AuthorizationPolicy {
+                namespace: "demo".into(),
+                name: "deny-all".into(),
+                target_services: vec!["web".into()],
+                action: trellis_api::authz::Action::Deny,
+                dry_run: true,
+                rules: vec![trellis_api::authz::Rule::default()],
+            }],
             ..MeshSnapshot::default()
         };
         let (_tx, snapshots) = watch::channel(Arc::new(snapshot));
@@ -254,6 +266,18 @@ mod tests {
                 { "service": "demo/web", "version": 7, "proxies": 0, "applied": 0, "pending": [] },
                 { "service": "shop/cart", "version": 7, "proxies": 0, "applied": 0, "pending": [] },
             ])
+        );
+
+        let (status, body) = get(&admin, "/debug/snapshot").await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body)?;
+        assert_eq!(doc["version"], 7);
+        assert_eq!(
+            doc["authorization"],
+            serde_json::json!([{
+                "namespace": "demo", "name": "deny-all", "target_services": ["web"],
+                "action": "DENY", "dry_run": true, "rules": [{"from": [], "to": []}],
+            }])
         );
 
         let (status, body) = get(&admin, "/nope").await?;

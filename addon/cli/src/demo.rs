@@ -20,6 +20,8 @@ use crate::stat;
 use crate::tap;
 
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
+/// The authorization policies the demo applies to the running mesh.
+const POLICY_YAML: &str = include_str!("demo/policy.yaml");
 /// The demo app that answers slower, to show latency-aware (peak-EWMA) balancing.
 const SLOW_WORKLOAD: &str = "web-2";
 /// How much slower it answers.
@@ -296,6 +298,9 @@ async fn run_in(
             break;
         }
         procs.check_alive(&logs)?;
+        if n == POLICY_AT {
+            apply_policies(&http, &config, workloads).await?;
+        }
         if n == CA_SWITCH_AT {
             start_ca_switch(state, &mesh_config)?;
             switch = Some((ok, failed));
@@ -451,6 +456,106 @@ const LIVE_EVERY: u64 = 10;
 
 /// The request before which the demo switches the mesh to a plug-in CA.
 const CA_SWITCH_AT: u64 = 4;
+
+/// `(policy, count)` of every `trellis_proxy_authorization_decisions_total` sample with
+/// `decision="deny"` in a Prometheus text exposition.
+fn denials(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("trellis_proxy_authorization_decisions_total{")?;
+            let (labels, value) = rest.split_once("} ")?;
+            if !labels.split(',').any(|l| l == "decision=\"deny\"") {
+                return None;
+            }
+            let policy = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("policy=\""))?
+                .trim_end_matches('"');
+            Some((policy.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The request before which the demo applies its authorization policies.
+const POLICY_AT: u64 = 2;
+
+/// How long the demo waits for the web proxies to enforce the policies it applied.
+const POLICY_WAIT: Duration = Duration::from_secs(10);
+
+/// Adds the demo's AuthorizationPolicies to the running mesh (a file in its config
+/// directory, as `kubectl apply` would on a cluster), waits until the web proxies enforce
+/// them, then shows one request each of them refuses and what the proxies counted.
+async fn apply_policies(
+    http: &HttpClient,
+    config: &Path,
+    workloads: &[Workload],
+) -> anyhow::Result<()> {
+    std::fs::write(config.join("policy.yaml"), POLICY_YAML)?;
+    let web: Vec<&Workload> = workloads
+        .iter()
+        .filter(|w| w.service_account == "web")
+        .collect();
+    let deadline = Instant::now() + POLICY_WAIT;
+    let version = loop {
+        let mut versions = Vec::new();
+        for w in &web {
+            let doc: serde_json::Value = get_json(http, w.admin, "/config").await?;
+            let authz = &doc["discovery"]["authorization"]["applied"];
+            if authz.as_array().is_some_and(|a| a.len() == 2) {
+                versions.push(doc["discovery"]["version"].as_u64().unwrap_or(0));
+            }
+        }
+        if versions.len() == web.len() {
+            break versions.into_iter().max().unwrap_or(0);
+        }
+        if Instant::now() > deadline {
+            bail!("the web proxies did not enforce the demo's policies within {POLICY_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    say(&format!(
+        "authorization policies applied ({}): demo/web-readers ALLOWs only GET and HEAD from sa/client to Service web; demo/web-no-admin DENYs /admin and /admin/*; web-1 and web-2 enforce them from view v{version}",
+        config.join("policy.yaml").display()
+    ));
+    let client = &workloads[0];
+    for (method, path, why) in [
+        (http::Method::DELETE, "/hello", "not a read"),
+        (http::Method::GET, "/admin/users", "a denied path"),
+        (
+            http::Method::GET,
+            "/public/../admin",
+            "the same path, disguised",
+        ),
+    ] {
+        let r = http
+            .request(method.clone(), client.outbound, "web.demo", path)
+            .await?;
+        say(&format!(
+            "policy: client-1 {method} web.demo{path} ({why}) -> {} {}",
+            r.status,
+            r.body.trim()
+        ));
+    }
+    let mut denied: BTreeMap<String, f64> = BTreeMap::new();
+    for w in &web {
+        let text = http.get(w.admin, "localhost", "/metrics").await?.body;
+        for (policy, n) in denials(&text) {
+            *denied.entry(policy).or_default() += n;
+        }
+    }
+    let counted: Vec<String> = denied
+        .iter()
+        .map(|(policy, n)| match policy.as_str() {
+            "-" => format!("no ALLOW policy matched={n}"),
+            p => format!("{p}={n}"),
+        })
+        .collect();
+    say(&format!(
+        "policy: the web proxies refused them before the app saw anything (trellis_proxy_authorization_decisions_total{{decision=\"deny\"}}: {})",
+        counted.join(", ")
+    ));
+    Ok(())
+}
 
 fn render_mesh_config(ca: &str) -> String {
     let indented: String = ca.lines().map(|l| format!("    {l}\n")).collect();
@@ -806,6 +911,19 @@ mod tests {
         let y = render_mesh(20000);
         assert!(y.contains("meshAddress: 127.0.0.1:20012"), "{y}");
         assert!(!y.contains("${"), "{y}");
+    }
+
+    #[test]
+    fn denials_are_read_by_policy_from_the_exposition() {
+        let text = "# TYPE trellis_proxy_authorization_decisions_total counter\n\
+            trellis_proxy_authorization_decisions_total{decision=\"allow\",policy=\"demo/web-readers\"} 7\n\
+            trellis_proxy_authorization_decisions_total{decision=\"deny\",policy=\"demo/web-no-admin\"} 2\n\
+            trellis_proxy_authorization_decisions_total{decision=\"dry_run_deny\",policy=\"-\"} 5\n\
+            trellis_proxy_authorization_decisions_total{decision=\"deny\",policy=\"-\"} 1\n";
+        assert_eq!(
+            denials(text),
+            vec![("demo/web-no-admin".to_owned(), 2.0), ("-".to_owned(), 1.0)]
+        );
     }
 
     #[test]

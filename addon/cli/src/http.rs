@@ -37,7 +37,20 @@ impl HttpClient {
         host: &str,
         path: &str,
     ) -> anyhow::Result<Reply> {
-        let req = http::Request::get(format!("http://{addr}{path}"))
+        self.request(http::Method::GET, addr, host, path).await
+    }
+
+    /// `method` `path` (no body) to `addr`, with `host` as the Host header.
+    pub(crate) async fn request(
+        &self,
+        method: http::Method,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+    ) -> anyhow::Result<Reply> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
             .header(http::header::HOST, host)
             .body(Empty::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await??;

@@ -22,8 +22,9 @@ use serde_yaml::Value;
 
 use crate::error::{ConfigError, Position, Problem};
 use crate::objects::{
-    IntOrString, ObjectKey, Objects, SERVICE_API_VERSION, Service, ServiceDocument,
-    WORKLOAD_API_VERSION, Workload, WorkloadDocument,
+    IntOrString, ObjectKey, Objects, POLICY_API_VERSION, Policy, PolicyDocument,
+    SERVICE_API_VERSION, Service, ServiceDocument, WORKLOAD_API_VERSION, Workload,
+    WorkloadDocument,
 };
 use crate::translate::selects;
 use crate::validate::{self, FieldError};
@@ -281,6 +282,16 @@ impl Loader {
                     }
                 }
             }
+            (POLICY_API_VERSION, "AuthorizationPolicy") => {
+                doc.object = Some(format!("AuthorizationPolicy {namespace}/{name}"));
+                if let Some(p) = self.typed::<PolicyDocument>(doc, value) {
+                    let p = Policy::from(p);
+                    self.field_errors(doc, crate::authorization::problems(&p));
+                    if self.first_definition("AuthorizationPolicy", p.metadata.key(), doc) {
+                        self.objects.policies.insert(p.metadata.key(), p);
+                    }
+                }
+            }
             _ => {
                 let what = if kind.is_empty() || api_version.is_empty() {
                     "missing kind or apiVersion".to_owned()
@@ -288,8 +299,8 @@ impl Loader {
                     format!("unsupported kind {kind:?} (apiVersion {api_version:?})")
                 };
                 let message = format!(
-                    "{what}: supported kinds are Service ({SERVICE_API_VERSION}) and Workload \
-                     ({WORKLOAD_API_VERSION})"
+                    "{what}: supported kinds are Service ({SERVICE_API_VERSION}), Workload \
+                     ({WORKLOAD_API_VERSION}) and AuthorizationPolicy ({POLICY_API_VERSION})"
                 );
                 self.problems.push(doc.problem(None, message));
             }
@@ -516,7 +527,8 @@ spec: {serviceAccount: web, meshAddress: 127.0.0.1:16011}
         assert_eq!(
             err[3],
             "a.yaml (document 2): unsupported kind \"Deployment\" (apiVersion \"apps/v1\"): \
-             supported kinds are Service (v1) and Workload (local.trellis.dev/v1alpha1)"
+             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1) and \
+             AuthorizationPolicy (policy.trellis.dev/v1alpha1)"
         );
         assert!(
             err[4].starts_with("b.yaml:2:1 (document 1): invalid YAML: "),
@@ -531,7 +543,8 @@ spec: {serviceAccount: web, meshAddress: 127.0.0.1:16011}
             err,
             [
                 "x.yaml (document 1): missing kind or apiVersion: supported kinds are \
-                 Service (v1) and Workload (local.trellis.dev/v1alpha1)",
+                 Service (v1), Workload (local.trellis.dev/v1alpha1) and AuthorizationPolicy \
+                 (policy.trellis.dev/v1alpha1)",
                 "x.yaml (document 2): expected a mapping with apiVersion, kind and metadata",
             ]
         );

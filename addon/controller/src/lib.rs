@@ -2,19 +2,23 @@
 //!
 //! Two sources produce the same [`Objects`] and share [`translate`]:
 //!
-//! - a directory of YAML ([`FileSource`]) for the local profile: Services and Workloads,
-//!   endpoints by selector ([`EndpointSource::Selectors`]);
+//! - a directory of YAML ([`FileSource`]) for the local profile: Services, Workloads and
+//!   AuthorizationPolicies, endpoints by selector ([`EndpointSource::Selectors`]);
 //! - a Kubernetes cluster (crate `trellis-kube`, which depends on this one and not the
-//!   other way round): Namespaces, Services, EndpointSlices and Pods (as Workloads),
-//!   endpoints from the slices ([`EndpointSource::EndpointSlices`]).
+//!   other way round): Namespaces, Services, EndpointSlices, Pods (as Workloads) and
+//!   AuthorizationPolicies, endpoints from the slices ([`EndpointSource::EndpointSlices`]).
 //!
 //! Entry points:
 //!
 //! - [`objects`]: the object types (`v1` Service, `local.trellis.dev/v1alpha1` Workload,
-//!   and the Kubernetes-only Namespace and EndpointSlice), and the per-object checks both
-//!   sources apply ([`objects::Service::problems`], [`objects::Workload::problems`]).
+//!   `policy.trellis.dev/v1alpha1` AuthorizationPolicy as [`Policy`], and the
+//!   Kubernetes-only Namespace and EndpointSlice), and the per-object checks both sources
+//!   apply ([`objects::Service::problems`], [`objects::Workload::problems`],
+//!   [`Policy::problems`]).
 //! - [`load_dir`]: reads and validates a directory, reporting every problem at once.
-//! - [`translate`]: the pure objects-to-snapshot function.
+//! - [`translate`]: the pure objects-to-snapshot function; AuthorizationPolicies with
+//!   problems (possible from Kubernetes) are translated fail-closed, and
+//!   [`InvalidPolicies`] reports them (a warning per change, a gauge).
 //! - [`FileSource`]: polls the directory and publishes changed snapshots, keeping the last
 //!   good one when an edit is broken.
 //! - [`policy`] and [`crd`]: the `policy.trellis.dev` custom resource types and the
@@ -23,10 +27,12 @@
 //! Owns: parsing and validation of mesh objects, snapshot versioning for the file source,
 //! the `trellis_controller_*` metrics, the Trellis CRDs.
 //!
-//! Must not depend on: kube, azure, or the proxy crate.
+//! Must not depend on: kube's client or runtime (only its `derive`: the kube-core types and
+//! the CustomResource macro, no I/O), azure, or the proxy crate.
 //!
 //! [`MeshSnapshot`]: trellis_api::MeshSnapshot
 
+mod authorization;
 pub mod crd;
 mod error;
 mod files;
@@ -37,9 +43,12 @@ mod source;
 mod translate;
 mod validate;
 
+pub use authorization::{
+    InvalidPolicies, MAX_POLICY_ENTRIES, MAX_POLICY_LONG_STRING, MAX_POLICY_STRING,
+};
 pub use error::{ConfigError, EXIT_CONFIG, Error, Position, Problem};
 pub use files::{MAX_DOCUMENTS, MAX_FILE_BYTES, MAX_FILES, load_dir};
-pub use metrics::Metrics;
-pub use objects::{EndpointSource, ObjectKey, Objects};
+pub use metrics::{Metrics, PolicyMetrics};
+pub use objects::{EndpointSource, ObjectKey, Objects, Policy};
 pub use source::{FileSource, SourceStatus};
 pub use translate::translate;

@@ -5,6 +5,9 @@
 //!   rather than gaps.
 //! - `trellis_controller_snapshot_version`: version of the snapshot built from the
 //!   directory; the version discovery pushes adds trust and proxy-setting changes on top.
+//! - `trellis_controller_invalid_policies` ([`PolicyMetrics`], registered by the source
+//!   that can hold invalid policies, Kubernetes): AuthorizationPolicies with problems,
+//!   translated fail-closed. The file source refuses such a directory instead.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,6 +21,13 @@ type ResultLabel = [(&'static str, &'static str); 1];
 pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     snapshot_version: Gauge,
+}
+
+/// The AuthorizationPolicy gauge, for [`InvalidPolicies`](crate::InvalidPolicies); cheap
+/// to clone.
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    invalid: Gauge,
 }
 
 // === impl Metrics ===
@@ -56,6 +66,27 @@ impl Metrics {
     pub(crate) fn set_version(&self, version: u64) {
         self.snapshot_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+}
+
+// === impl PolicyMetrics ===
+
+impl PolicyMetrics {
+    /// Registers `trellis_controller_invalid_policies` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            invalid: Gauge::default(),
+        };
+        registry.register(
+            "trellis_controller_invalid_policies",
+            "AuthorizationPolicies with problems, enforced fail-closed (ALLOW: allows nothing; DENY: refuses everything) until fixed",
+            metrics.invalid.clone(),
+        );
+        metrics
+    }
+
+    pub(crate) fn set_invalid(&self, count: usize) {
+        self.invalid.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 }
 

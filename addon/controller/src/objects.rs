@@ -2,17 +2,21 @@
 //!
 //! Two sources fill [`Objects`]:
 //!
-//! - **The file source** (local profile, [`crate::load_dir`]): Services and Workloads
-//!   written as YAML. Endpoints come from selectors ([`EndpointSource::Selectors`]).
+//! - **The file source** (local profile, [`crate::load_dir`]): Services, Workloads and
+//!   AuthorizationPolicies written as YAML. Endpoints come from selectors
+//!   ([`EndpointSource::Selectors`]).
 //! - **The Kubernetes source** (crate `trellis-kube`): Namespaces, Services,
-//!   `discovery.k8s.io/v1` EndpointSlices (as [`EndpointSlice`]) and Pods (as [`Workload`]s
-//!   with `address` = the pod IP and the pod's service account). Endpoints come from the
-//!   slices ([`EndpointSource::EndpointSlices`]); a Workload only gives an endpoint its
-//!   identity and labels. It converts its objects into these types and checks Services and
-//!   Workloads with [`Service::problems`] and [`Workload::problems`], the file source's
-//!   rules, so an object one source refuses the other refuses too.
+//!   `discovery.k8s.io/v1` EndpointSlices (as [`EndpointSlice`]), Pods (as [`Workload`]s
+//!   with `address` = the pod IP and the pod's service account) and
+//!   `policy.trellis.dev/v1alpha1` AuthorizationPolicies (as [`Policy`]s). Endpoints come
+//!   from the slices ([`EndpointSource::EndpointSlices`]); a Workload only gives an
+//!   endpoint its identity and labels. It converts its objects into these types and checks
+//!   Services and Workloads with [`Service::problems`] and [`Workload::problems`], the file
+//!   source's rules, so an object one source refuses the other refuses too. Policies are
+//!   checked with [`Policy::problems`] by both too, but a policy is never left out: one
+//!   with problems is translated fail-closed (leaving it out could open access).
 //!
-//! The file source accepts two kinds, written exactly as they would be applied to
+//! The file source accepts three kinds, written exactly as they would be applied to
 //! Kubernetes:
 //!
 //! - `v1` **Service**: the subset of the Kubernetes Service the mesh uses. `metadata` takes
@@ -66,6 +70,27 @@
 //!   address: 10.244.0.12          # the pod IP; IPv6 works too, e.g. fd00:10:244::12
 //! ```
 //!
+//! - `policy.trellis.dev/v1alpha1` **AuthorizationPolicy** (as [`Policy`]): who may call
+//!   the workloads of its namespace, or of the Services its `spec.targetRefs` name, and
+//!   what they may call; the custom resource of [`crate::policy`], whose docs show the
+//!   `spec`. `metadata` is as for a Service. The Kubernetes source converts the custom
+//!   resource into the same type, and both sources check it with [`Policy::problems`]: the
+//!   file source refuses the directory, while a policy from Kubernetes with problems is
+//!   still translated, fail-closed (see [`crate::translate`]).
+//!
+//! ```yaml
+//! apiVersion: policy.trellis.dev/v1alpha1
+//! kind: AuthorizationPolicy
+//! metadata:
+//!   name: web-readers
+//!   namespace: demo
+//! spec:
+//!   targetRefs: [{kind: Service, name: web}]
+//!   rules:
+//!     - from: [{serviceAccounts: [client]}]   # spiffe://<trust-domain>/ns/demo/sa/client
+//!       to: [{methods: [GET]}]
+//! ```
+//!
 //! The types deserialize with `deny_unknown_fields`; checks that serde cannot express
 //! (ranges, name syntax, duplicates) live in `validate` and `files`. The Kubernetes-only
 //! types ([`Namespace`], [`EndpointSlice`]) are built by that source's conversion, never
@@ -78,10 +103,14 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 
+use crate::policy::AuthorizationPolicySpec;
+
 /// `apiVersion` of the Service kind.
 pub const SERVICE_API_VERSION: &str = "v1";
 /// `apiVersion` of the Workload kind.
 pub const WORKLOAD_API_VERSION: &str = "local.trellis.dev/v1alpha1";
+/// `apiVersion` of the AuthorizationPolicy kind.
+pub use crate::policy::POLICY_API_VERSION;
 /// Service annotation listing extra host names, comma-separated.
 pub const HOSTNAMES_ANNOTATION: &str = "trellis.dev/hostnames";
 
@@ -101,6 +130,8 @@ pub struct Objects {
     pub namespaces: BTreeMap<String, Namespace>,
     /// EndpointSlices by namespace and name (Kubernetes only; empty for the file source).
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// AuthorizationPolicies by namespace and name.
+    pub policies: BTreeMap<ObjectKey, Policy>,
     /// Where Services' endpoints come from.
     pub endpoint_source: EndpointSource,
 }
@@ -287,6 +318,16 @@ pub struct WorkloadSpec {
     pub address: Option<IpAddr>,
 }
 
+/// A `policy.trellis.dev/v1alpha1` AuthorizationPolicy: its metadata and its `spec`, the
+/// custom resource's own type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Name, namespace (where it applies), labels, annotations.
+    pub metadata: ObjectMeta,
+    /// Targets, action and rules, as written.
+    pub spec: AuthorizationPolicySpec,
+}
+
 /// A whole `v1` Service document as written; converted into [`Service`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -313,6 +354,18 @@ pub(crate) struct WorkloadDocument {
     _kind: IgnoredAny,
     metadata: ObjectMeta,
     spec: WorkloadSpec,
+}
+
+/// A whole AuthorizationPolicy document as written; converted into [`Policy`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct PolicyDocument {
+    #[serde(rename = "apiVersion")]
+    _api_version: IgnoredAny,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    metadata: ObjectMeta,
+    spec: AuthorizationPolicySpec,
 }
 
 fn default_namespace() -> String {
@@ -420,6 +473,22 @@ impl Workload {
     }
 }
 
+// === impl Policy ===
+
+impl Policy {
+    /// Every problem of this policy, one `field: message` line each (e.g.
+    /// `spec.rules[0].from[1].serviceAccounts[0]: "a/b/c" is not <name> or
+    /// <namespace>/<name>`); empty when it is acceptable. Both sources apply it: the file
+    /// source refuses a directory holding a policy with problems, the Kubernetes source
+    /// has such a policy translated fail-closed.
+    pub fn problems(&self) -> Vec<String> {
+        crate::authorization::problems(self)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+}
+
 // === impl ServiceSpec ===
 
 impl ServiceSpec {
@@ -486,6 +555,17 @@ impl<'de> Deserialize<'de> for IntOrString {
 
 impl From<ServiceDocument> for Service {
     fn from(doc: ServiceDocument) -> Self {
+        Self {
+            metadata: doc.metadata,
+            spec: doc.spec,
+        }
+    }
+}
+
+// === impl PolicyDocument ===
+
+impl From<PolicyDocument> for Policy {
+    fn from(doc: PolicyDocument) -> Self {
         Self {
             metadata: doc.metadata,
             spec: doc.spec,

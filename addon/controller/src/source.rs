@@ -116,6 +116,7 @@ impl FileSource {
         tracing::info!(
             dir = %self.dir.display(),
             services = snapshot.services.len(),
+            policies = snapshot.authorization.len(),
             "loaded mesh snapshot version 1"
         );
         Ok(snapshot)
@@ -188,8 +189,9 @@ impl FileSource {
         let next_version = current.version.saturating_add(1);
         match loaded.and_then(|objects| self.snapshot(&objects, next_version)) {
             Ok(next) => {
-                let changed =
-                    next.services != current.services || next.trust_domain != current.trust_domain;
+                let changed = next.services != current.services
+                    || next.authorization != current.authorization
+                    || next.trust_domain != current.trust_domain;
                 let version = if changed {
                     tx.send_replace(Arc::new(next));
                     tracing::info!(

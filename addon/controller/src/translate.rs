@@ -37,6 +37,9 @@
 //!   name without a known prefix says nothing, so it gets the HTTP default.
 //! - Extra host names come from the `trellis.dev/hostnames` annotation, in written order,
 //!   without duplicates.
+//! - AuthorizationPolicies become `MeshSnapshot::authorization`, sorted by namespace and
+//!   name, service accounts resolved to SPIFFE IDs; one with problems is translated
+//!   fail-closed, never left out (see `crate::authorization`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -52,8 +55,9 @@ use crate::validate::split_hostnames;
 
 /// Builds the snapshot for `objects` at `version`.
 ///
-/// Objects are expected to be validated (as [`crate::load_dir`] does); anything that still
-/// cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
+/// Objects are expected to be validated (as [`crate::load_dir`] does); an
+/// AuthorizationPolicy with problems is translated fail-closed (report it with
+/// [`crate::InvalidPolicies`]), and anything else that still cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
 /// under an invalid trust domain, a pod address with a named targetPort, a slice endpoint
 /// whose Pod is unknown) is left out with a warning rather than failing.
 pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSnapshot {
@@ -90,6 +94,7 @@ pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSna
         version,
         trust_domain: trust_domain.to_owned(),
         services,
+        authorization: crate::authorization::translate_policies(objects, trust_domain),
         ..Default::default()
     }
 }

@@ -263,7 +263,7 @@ pub(crate) fn dns_label(s: &str) -> Result<(), String> {
 }
 
 /// Checks a DNS-1123 subdomain: dot-separated labels, at most 253 characters.
-fn dns_subdomain(s: &str) -> Result<(), String> {
+pub(crate) fn dns_subdomain(s: &str) -> Result<(), String> {
     if s.len() > MAX_SUBDOMAIN {
         return Err(format!("must be at most {MAX_SUBDOMAIN} characters"));
     }

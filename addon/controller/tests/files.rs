@@ -13,6 +13,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use trellis_api::authz::Action;
 use trellis_api::{MeshSnapshot, Protocol, ServiceKey};
 use trellis_controller::{FileSource, Metrics, SourceStatus, load_dir};
 
@@ -33,6 +34,14 @@ fn workload(name: &str, sa: &str, addr: &str) -> String {
         "apiVersion: local.trellis.dev/v1alpha1\nkind: Workload\n\
          metadata: {{name: {name}, namespace: demo, labels: {{app: web}}}}\n\
          spec: {{serviceAccount: {sa}, meshAddress: {addr:?}}}\n"
+    )
+}
+
+/// An AuthorizationPolicy in `demo` with `spec` (flow YAML).
+fn policy(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: policy.trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
     )
 }
 
@@ -242,7 +251,71 @@ fn validation_errors_name_file_document_object_and_field() {
                 ),
             )],
             "x.yaml (document 2): unsupported kind \"Deployment\" (apiVersion \"apps/v1\"): \
-             supported kinds are Service (v1) and Workload (local.trellis.dev/v1alpha1)",
+             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1) and \
+             AuthorizationPolicy (policy.trellis.dev/v1alpha1)",
+        ),
+        (
+            "policy: unknown field",
+            vec![("p.yaml", policy("readers", "{rulez: []}"))],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: spec.rulez: unknown field \
+             `rulez`, expected one of `targetRefs`, `action`, `dryRun`, `rules`",
+        ),
+        (
+            "policy: unknown field in a rule",
+            vec![(
+                "p.yaml",
+                policy("readers", "{rules: [{from: [{users: [x]}]}]}"),
+            )],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: spec.rules[0].from[0].users: \
+             unknown field `users`, expected one of `principals`, `namespaces`, \
+             `serviceAccounts`",
+        ),
+        (
+            "policy: action neither ALLOW nor DENY",
+            vec![("p.yaml", policy("readers", "{action: AUDIT}"))],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: spec.action: unknown \
+             variant `AUDIT`, expected `ALLOW` or `DENY`",
+        ),
+        (
+            "policy: port out of range",
+            vec![(
+                "p.yaml",
+                policy("readers", "{rules: [{to: [{ports: [70000]}]}]}"),
+            )],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: spec.rules[0].to[0].ports[0]: \
+             invalid value: integer `70000`, expected u16",
+        ),
+        (
+            "policy: a problem serde cannot see",
+            vec![(
+                "p.yaml",
+                policy(
+                    "readers",
+                    "{rules: [{from: [{}, {serviceAccounts: [a/b/c]}]}]}",
+                ),
+            )],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: \
+             spec.rules[0].from[1].serviceAccounts[0]: \"a/b/c\" is not <name> or \
+             <namespace>/<name>",
+        ),
+        (
+            "policy defined twice",
+            vec![
+                ("a.yaml", policy("readers", "{}")),
+                ("b.yaml", policy("readers", "{action: DENY}")),
+            ],
+            "b.yaml (document 1): AuthorizationPolicy demo/readers: \
+             defined twice: in a.yaml (document 1) and in b.yaml (document 1)",
+        ),
+        (
+            "policy without a spec",
+            vec![(
+                "p.yaml",
+                "apiVersion: policy.trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: readers, namespace: demo}\n"
+                    .to_owned(),
+            )],
+            "p.yaml (document 1): AuthorizationPolicy demo/readers: missing field `spec`",
         ),
         (
             "yaml syntax",
@@ -515,6 +588,82 @@ async fn watcher_publishes_good_changes_and_keeps_the_last_good_snapshot_on_erro
             "missing {line:?} in\n{metrics}"
         );
     }
+}
+
+#[test]
+fn policies_load_into_the_snapshot_with_service_accounts_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", WEB_SERVICE);
+    write(
+        dir.path(),
+        "policies.yaml",
+        &format!(
+            "{}---\n{}",
+            policy(
+                "web-readers",
+                "{targetRefs: [{kind: Service, name: web}], rules: [{from: [{serviceAccounts: \
+                 [client, other/batch]}], to: [{methods: [GET], paths: ['/api/*']}]}]}"
+            ),
+            policy("deny-all", "{action: DENY, dryRun: true, rules: [{}]}")
+        ),
+    );
+    let objects = load_dir(dir.path()).unwrap();
+    assert_eq!(objects.policies.len(), 2);
+    let snapshot = FileSource::new(dir.path(), "mesh.example", POLL)
+        .load_initial()
+        .unwrap();
+    let keys: Vec<String> = snapshot.authorization.iter().map(|p| p.key()).collect();
+    assert_eq!(keys, ["demo/deny-all", "demo/web-readers"]);
+    let readers = &snapshot.authorization[1];
+    assert_eq!(readers.target_services, ["web"]);
+    assert_eq!(readers.action, Action::Allow);
+    let principals: Vec<String> = readers.rules[0].from[0]
+        .principals
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        principals,
+        [
+            "spiffe://mesh.example/ns/demo/sa/client",
+            "spiffe://mesh.example/ns/other/sa/batch"
+        ]
+    );
+    let deny = &snapshot.authorization[0];
+    assert_eq!((deny.action, deny.dry_run), (Action::Deny, true));
+}
+
+/// A policy change alone is a new snapshot: proxies must get it.
+#[tokio::test]
+async fn watcher_publishes_a_policy_only_change() {
+    let mut w = Watcher::start(&[("svc.yaml", WEB_SERVICE)]);
+    assert!(w.snapshots.borrow().authorization.is_empty());
+    w.write("p.yaml", &policy("readers", "{action: DENY, rules: [{}]}"));
+    let v2 = w.next_snapshot().await;
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.authorization.len(), 1);
+    // An invalid edit is refused whole: the policy stays as it was.
+    w.write(
+        "p.yaml",
+        &policy(
+            "readers",
+            "{action: DENY, rules: [{to: [{methods: [get]}]}]}",
+        ),
+    );
+    let status = w.status_when(|s| s.reloads_failed == 1).await;
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains(
+            "AuthorizationPolicy demo/readers: spec.rules[0].to[0].methods[0]: \"get\" is not \
+             an HTTP method"
+        ),
+        "{error}"
+    );
+    assert_eq!(w.snapshots.borrow().version, 2);
+    w.write("p.yaml", "");
+    let v3 = w.next_snapshot().await;
+    assert_eq!(v3.version, 3);
+    assert!(v3.authorization.is_empty());
 }
 
 #[tokio::test]

@@ -13,7 +13,14 @@
 //!   the cost of a push is the size of the change, not of the mesh;
 //! - a stream that fell behind the log's horizon, or whose view was reset (versions went
 //!   backwards after a source restart, the trust domain changed, the scope changed), gets
-//!   a full view instead.
+//!   a full view instead;
+//! - authorization policies are kept per namespace, in protobuf form, with the version
+//!   each namespace's set last changed at. A proxy receives only the policies of its own
+//!   namespace and of the root namespace (`trellis-system`,
+//!   [`AuthorizationPolicy::concerns_namespace`]), whatever the discovery scope: a full
+//!   view always carries that set (possibly empty), an increment carries it whole when
+//!   either namespace's set changed since the proxy's version, and a change of policies
+//!   alone is pushed only to the proxies it concerns.
 //!
 //! Each stream keeps only the version (and epoch) its proxy holds, never a copy.
 
@@ -23,6 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use prost::Message;
 
 use tokio::sync::watch;
+use trellis_api::authz::{AuthorizationPolicy, ROOT_NAMESPACE};
 use trellis_api::discovery::v1 as pb;
 use trellis_api::parts::DEFAULT_PART_BYTES;
 use trellis_api::{MeshSnapshot, ServiceKey, Trust};
@@ -51,6 +59,16 @@ pub(crate) struct Entry {
     pub(crate) changed_at: u64,
 }
 
+/// The authorization policies of one namespace as served.
+#[derive(Debug, Clone)]
+pub(crate) struct NamespacePolicies {
+    /// Sorted by name; empty once the namespace's last policy went (kept until no proxy
+    /// can hold a version from before that).
+    protos: Arc<Vec<pb::AuthorizationPolicy>>,
+    /// The version this namespace's set last changed at.
+    changed_at: u64,
+}
+
 /// The mesh at one version, ready to serve.
 #[derive(Debug, Clone)]
 pub(crate) struct Published {
@@ -64,6 +82,8 @@ pub(crate) struct Published {
     /// The version the mesh-wide proxy settings (outbound traffic policy, access log)
     /// last changed at.
     settings_changed_at: u64,
+    /// Authorization policies by namespace.
+    policies: BTreeMap<String, NamespacePolicies>,
     /// (version, service) for every upsert and removal, oldest first.
     log: VecDeque<(u64, ServiceKey)>,
     /// Deltas can be computed from versions at or after this one.
@@ -123,7 +143,7 @@ impl Iterator for FullParts {
                 ..Default::default()
             }
         } else {
-            p.header(true)
+            p.header(&self.namespace)
         };
         self.started = true;
         let mut size = part.encoded_len();
@@ -169,6 +189,35 @@ impl Entry {
         Self {
             encoded_len: proto.encoded_len(),
             proto: Arc::new(proto),
+            changed_at,
+        }
+    }
+}
+
+// === impl NamespacePolicies ===
+
+/// `policies` grouped by namespace, each group sorted by name (the snapshot's order,
+/// which is not relied on).
+fn by_namespace(policies: &[AuthorizationPolicy]) -> BTreeMap<&str, Vec<&AuthorizationPolicy>> {
+    let mut groups: BTreeMap<&str, Vec<&AuthorizationPolicy>> = BTreeMap::new();
+    for p in policies {
+        groups.entry(p.namespace.as_str()).or_default().push(p);
+    }
+    for group in groups.values_mut() {
+        group.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    groups
+}
+
+impl NamespacePolicies {
+    fn new(policies: &[&AuthorizationPolicy], changed_at: u64) -> Self {
+        Self {
+            protos: Arc::new(
+                policies
+                    .iter()
+                    .map(|p| pb::AuthorizationPolicy::from(*p))
+                    .collect(),
+            ),
             changed_at,
         }
     }
@@ -225,6 +274,10 @@ impl Published {
                 (key.clone(), entry)
             })
             .collect();
+        let policies = by_namespace(&source.authorization)
+            .into_iter()
+            .map(|(ns, set)| (ns.to_owned(), NamespacePolicies::new(&set, version)))
+            .collect();
         Self {
             source,
             scope,
@@ -233,6 +286,7 @@ impl Published {
             services,
             trust_changed_at: version,
             settings_changed_at: version,
+            policies,
             log: VecDeque::new(),
             horizon: version,
         }
@@ -281,6 +335,25 @@ impl Published {
         {
             next.settings_changed_at = version;
         }
+        if source.authorization != self.source.authorization {
+            let old = by_namespace(&self.source.authorization);
+            let new = by_namespace(&source.authorization);
+            for (ns, set) in &new {
+                if old.get(ns) != Some(set) {
+                    next.policies
+                        .insert((*ns).to_owned(), NamespacePolicies::new(set, version));
+                }
+            }
+            for ns in old.keys().filter(|ns| !new.contains_key(*ns)) {
+                next.policies
+                    .insert((*ns).to_owned(), NamespacePolicies::new(&[], version));
+            }
+        }
+        // An emptied namespace is remembered only while a proxy may hold a version from
+        // before it emptied; past the horizon such a proxy gets a full view anyway.
+        let horizon = next.horizon;
+        next.policies
+            .retain(|_, set| !set.protos.is_empty() || set.changed_at > horizon);
         next.source = source;
         next.scope = scope;
         next
@@ -315,31 +388,52 @@ impl Published {
             .collect();
         pb::DiscoveryResponse {
             upserts,
-            ..self.header(true)
+            ..self.header(namespace)
         }
     }
 
-    /// A response at this version with no services: for a full view (`full`) with the
-    /// trust bundle, else without it.
-    fn header(&self, full: bool) -> pb::DiscoveryResponse {
+    /// The first part of a full view for a proxy in `namespace`, without services: the
+    /// trust bundle and the authorization policies it enforces.
+    fn header(&self, namespace: &str) -> pb::DiscoveryResponse {
         pb::DiscoveryResponse {
             version: self.version,
-            full,
+            full: true,
             upserts: Vec::new(),
             removed: Vec::new(),
             trust_domain: self.source.trust_domain.clone(),
-            trust_roots_der: if full {
-                self.trust().roots_der.clone()
-            } else {
-                Vec::new()
-            },
-            ca_generation: if full { self.trust().generation } else { 0 },
+            trust_roots_der: self.trust().roots_der.clone(),
+            ca_generation: self.trust().generation,
             more: false,
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
-            authorization: None,
+            authorization: Some(self.authorization_wire(namespace)),
         }
+    }
+
+    /// The namespaces whose policies a proxy in `namespace` enforces, in order.
+    fn policy_namespaces(namespace: &str) -> impl Iterator<Item = &str> {
+        let mut namespaces = [namespace, ROOT_NAMESPACE];
+        namespaces.sort_unstable();
+        let twice = namespace == ROOT_NAMESPACE;
+        namespaces.into_iter().skip(usize::from(twice))
+    }
+
+    /// The policies a proxy in `namespace` enforces, sorted by namespace and name.
+    fn authorization_wire(&self, namespace: &str) -> pb::AuthorizationPolicies {
+        pb::AuthorizationPolicies {
+            policies: Self::policy_namespaces(namespace)
+                .filter_map(|ns| self.policies.get(ns))
+                .flat_map(|set| set.protos.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// Whether the policies a proxy in `namespace` enforces changed after `version`.
+    fn policies_changed_since(&self, namespace: &str, version: u64) -> bool {
+        Self::policy_namespaces(namespace)
+            .filter_map(|ns| self.policies.get(ns))
+            .any(|set| set.changed_at > version)
     }
 
     /// The outbound traffic policy as every response carries it.
@@ -377,7 +471,9 @@ impl Published {
             .collect();
         // New proxy settings alone are worth a push: every response carries them.
         let settings_changed = self.settings_changed_at > base.version;
-        if changed.is_empty() && !trust_changed && !settings_changed {
+        // So are new policies, for the proxies that enforce them.
+        let policies_changed = self.policies_changed_since(namespace, base.version);
+        if changed.is_empty() && !trust_changed && !settings_changed && !policies_changed {
             return Push::Nothing;
         }
         let mut upserts = Vec::new();
@@ -407,7 +503,7 @@ impl Published {
             outbound_traffic_policy: self.outbound_wire(),
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
-            authorization: None,
+            authorization: policies_changed.then(|| self.authorization_wire(namespace)),
         })
     }
 }
@@ -473,7 +569,50 @@ mod tests {
         let mut view = snap.clone();
         view.services
             .retain(|key, _| scope.allows(ns, &key.namespace));
+        view.authorization.retain(|p| p.concerns_namespace(ns));
         view
+    }
+
+    /// An ALLOW policy `ns/name` whose one rule allows `principal`.
+    fn policy(ns: &str, name: &str, principal: &str) -> AuthorizationPolicy {
+        use trellis_api::authz::{Action, Pattern, Rule, Source};
+        AuthorizationPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            target_services: Vec::new(),
+            action: Action::Allow,
+            dry_run: false,
+            rules: vec![Rule {
+                from: vec![Source {
+                    principals: vec![Pattern::Exact(principal.into())],
+                    namespaces: Vec::new(),
+                }],
+                to: Vec::new(),
+            }],
+        }
+    }
+
+    /// `snapshot(version, services)` with `policies` (sorted here, as translate sorts).
+    fn with_policies(
+        version: u64,
+        services: &[Service],
+        mut policies: Vec<AuthorizationPolicy>,
+    ) -> Arc<MeshSnapshot> {
+        policies.sort();
+        Arc::new(MeshSnapshot {
+            authorization: policies,
+            ..(*snapshot(version, services)).clone()
+        })
+    }
+
+    /// The keys of the policies a response carries; `None` when it carries none.
+    fn policy_keys(resp: &pb::DiscoveryResponse) -> Option<Vec<String>> {
+        resp.authorization.as_ref().map(|set| {
+            set.policies
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect()
+        })
     }
 
     /// A proxy that applies every push lands exactly on its view of the newest snapshot,
@@ -601,6 +740,186 @@ mod tests {
         assert_eq!(parts.len(), 1);
         assert!(parts[0].full && !parts[0].more);
         Ok(())
+    }
+
+    /// Policies per namespace: from every base, in every namespace, the pushes land the
+    /// proxy exactly on its filtered view (its namespace's policies and the root's), full
+    /// views always carry the set, and no response ever carries another namespace's policy.
+    #[test]
+    fn policy_pushes_from_any_base_reach_the_filtered_view() -> Result<(), trellis_api::ConvertError>
+    {
+        let scope = Arc::new(Scope::all());
+        let a = service("a", "web", 1);
+        let svcs = std::slice::from_ref(&a);
+        let root = ROOT_NAMESPACE;
+        let snaps = [
+            with_policies(1, svcs, vec![]),
+            with_policies(2, svcs, vec![policy("a", "p1", "x")]),
+            with_policies(
+                3,
+                svcs,
+                vec![policy("a", "p1", "x"), policy("b", "p1", "y")],
+            ),
+            // Root policy added, a's changed: every namespace's view changes.
+            with_policies(
+                4,
+                svcs,
+                vec![
+                    policy("a", "p1", "z"),
+                    policy("b", "p1", "y"),
+                    policy(root, "all", "w"),
+                ],
+            ),
+            // A service change only.
+            with_policies(
+                5,
+                &[service("a", "web", 2)],
+                vec![
+                    policy("a", "p1", "z"),
+                    policy("b", "p1", "y"),
+                    policy(root, "all", "w"),
+                ],
+            ),
+            // a's last policy goes; b gains one.
+            with_policies(
+                6,
+                &[service("a", "web", 2)],
+                vec![
+                    policy("b", "p0", "v"),
+                    policy("b", "p1", "y"),
+                    policy(root, "all", "w"),
+                ],
+            ),
+        ];
+        let mut published = vec![Published::first(snaps[0].clone(), scope.clone(), 0)];
+        for snap in &snaps[1..] {
+            let next = published[published.len() - 1].next(snap.clone(), scope.clone());
+            published.push(next);
+        }
+        let newest = &published[published.len() - 1];
+        for ns in ["a", "b", "c", root] {
+            for (i, from) in published.iter().enumerate() {
+                let full = from.full(ns);
+                assert!(full.authorization.is_some(), "full view v{} in {ns}", i + 1);
+                let held = apply(&MeshSnapshot::default(), &full)?;
+                let got = match response(push(newest, from.base(), ns)) {
+                    Some(resp) => {
+                        for key in policy_keys(&resp).into_iter().flatten() {
+                            assert!(
+                                key.starts_with(&format!("{ns}/"))
+                                    || key.starts_with(&format!("{root}/")),
+                                "{key} sent to {ns}"
+                            );
+                        }
+                        apply(&held, &resp)?
+                    }
+                    None => MeshSnapshot {
+                        version: newest.version,
+                        ..held
+                    },
+                };
+                let want = view(&snaps[snaps.len() - 1], &scope, ns);
+                assert_eq!(
+                    got.authorization,
+                    want.authorization,
+                    "from v{} in {ns}",
+                    i + 1
+                );
+                assert_eq!(got.services, want.services, "from v{} in {ns}", i + 1);
+            }
+        }
+        // Full views: the own namespace's and the root's, sorted, possibly none.
+        let at = |v: usize, ns: &str| policy_keys(&published[v - 1].full(ns));
+        assert_eq!(at(1, "a"), Some(vec![]));
+        assert_eq!(at(3, "a"), Some(vec!["a/p1".to_owned()]));
+        assert_eq!(
+            at(6, "b"),
+            Some(vec!["b/p0".into(), "b/p1".into(), format!("{root}/all")])
+        );
+        assert_eq!(at(6, "a"), Some(vec![format!("{root}/all")]));
+        assert_eq!(at(6, root), Some(vec![format!("{root}/all")]));
+        // An increment carries the set only when it changed for that namespace.
+        let step = |v: usize, ns: &str| {
+            response(push(&published[v - 1], published[v - 2].base(), ns)).map(|r| policy_keys(&r))
+        };
+        assert_eq!(step(3, "a"), None, "b's change is nothing to a");
+        assert_eq!(step(3, "b"), Some(Some(vec!["b/p1".to_owned()])));
+        assert_eq!(
+            step(5, "a"),
+            Some(None),
+            "a service change, policies unchanged"
+        );
+        assert_eq!(step(5, "b"), Some(None), "every proxy sees a's service");
+        assert_eq!(step(6, "a"), Some(Some(vec![format!("{root}/all")])));
+        Ok(())
+    }
+
+    /// A change of policies alone is pushed, as an increment carrying the new set, to the
+    /// proxies it concerns only; a root-namespace change concerns every proxy.
+    #[test]
+    fn a_policy_only_change_is_pushed_to_the_proxies_it_concerns() {
+        let scope = Arc::new(Scope::own_namespace());
+        let svcs = [service("a", "web", 1), service("b", "db", 2)];
+        let first = Published::first(with_policies(1, &svcs, vec![]), scope.clone(), 0);
+        let second = first.next(
+            with_policies(2, &svcs, vec![policy("a", "only-a", "x")]),
+            scope.clone(),
+        );
+        match push(&second, first.base(), "a") {
+            Push::Send(resp) => {
+                assert!(!resp.full && resp.upserts.is_empty(), "{resp:?}");
+                assert_eq!(policy_keys(&resp), Some(vec!["a/only-a".to_owned()]));
+            }
+            other => panic!("expected an increment, got {other:?}"),
+        }
+        assert!(matches!(push(&second, first.base(), "b"), Push::Nothing));
+        let third = second.next(
+            with_policies(
+                3,
+                &svcs,
+                vec![
+                    policy("a", "only-a", "x"),
+                    policy(ROOT_NAMESPACE, "mesh", "y"),
+                ],
+            ),
+            scope.clone(),
+        );
+        for (ns, want) in [
+            (
+                "a",
+                vec!["a/only-a".to_owned(), format!("{ROOT_NAMESPACE}/mesh")],
+            ),
+            ("b", vec![format!("{ROOT_NAMESPACE}/mesh")]),
+        ] {
+            match push(&third, second.base(), ns) {
+                Push::Send(resp) => assert_eq!(policy_keys(&resp), Some(want), "{ns}"),
+                other => panic!("{ns}: expected an increment, got {other:?}"),
+            }
+        }
+        // Removing every policy is a change too: an empty set, not an absent one.
+        let fourth = third.next(with_policies(4, &svcs, vec![]), scope);
+        match push(&fourth, third.base(), "b") {
+            Push::Send(resp) => assert_eq!(policy_keys(&resp), Some(vec![])),
+            other => panic!("expected an increment, got {other:?}"),
+        }
+    }
+
+    /// A namespace whose policies all went is forgotten once no stream can be behind it.
+    #[test]
+    fn emptied_namespaces_are_forgotten_past_the_horizon() {
+        let scope = Arc::new(Scope::all());
+        let mut p = Published::first(
+            with_policies(1, &[], vec![policy("a", "p", "x")]),
+            scope.clone(),
+            0,
+        );
+        p = p.next(with_policies(2, &[], vec![]), scope.clone());
+        assert!(p.policies.get("a").is_some_and(|set| set.protos.is_empty()));
+        for i in 0..=MAX_LOG as u64 {
+            let svc = service("b", "db", (i % 200) as u8);
+            p = p.next(with_policies(3 + i, &[svc], vec![]), scope.clone());
+        }
+        assert!(p.policies.is_empty(), "{:?}", p.policies.keys());
     }
 
     /// A new outbound policy alone is pushed to every proxy, as an increment carrying it.

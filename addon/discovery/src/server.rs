@@ -2,7 +2,9 @@
 //!
 //! A stream goes: identity from the connection (never from the Hello), the Hello within
 //! [`DEFAULT_HELLO_TIMEOUT`], a full view, then one incremental diff per change of the
-//! snapshot watch channel that changes this proxy's view. Acks and Nacks are read
+//! snapshot watch channel that changes this proxy's view. The identity's namespace also
+//! picks the authorization policies the proxy receives (its namespace's and the root
+//! namespace's; see `published`). Acks and Nacks are read
 //! concurrently and recorded in the registry that [`DiscoveryService::proxies`] reads.
 //!
 //! After a Nack the proxy kept its previous version, not the one we sent, so a diff
@@ -506,6 +508,7 @@ impl ProxyStream {
             trust_roots = first.trust_roots_der.len(),
             ca_generation = first.ca_generation,
             outbound_traffic_policy = first.outbound_traffic_policy,
+            policies = first.authorization.as_ref().map(|a| a.policies.len()),
             "pushing view"
         );
         let mut bytes = 0;

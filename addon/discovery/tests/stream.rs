@@ -476,6 +476,52 @@ async fn an_outbound_policy_change_reaches_the_proxy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Authorization policies reach a connected proxy by its certificate's namespace: its
+/// own and the root namespace's, never another namespace's; a change of policies alone is
+/// pushed.
+#[tokio::test]
+async fn policies_of_the_proxys_namespace_reach_it() -> anyhow::Result<()> {
+    use trellis_api::authz::{Action, AuthorizationPolicy, ROOT_NAMESPACE};
+    let policy = |ns: &str, name: &str| AuthorizationPolicy {
+        namespace: ns.into(),
+        name: name.into(),
+        target_services: vec!["web".into()],
+        action: Action::Deny,
+        dry_run: false,
+        rules: Vec::new(),
+    };
+    let harness = Harness::start(Some(web_id()?), Duration::from_secs(10)).await?;
+    let mut proxy = harness.open(true).await?;
+    let full = proxy.next().await?;
+    assert_eq!(
+        full.authorization.as_ref().map(|a| a.policies.len()),
+        Some(0),
+        "a full view always carries the set"
+    );
+    let held = apply(&MeshSnapshot::default(), &full)?;
+    let mut policies = vec![
+        policy("demo", "deny-web"),
+        policy("other", "not-for-demo"),
+        policy(ROOT_NAMESPACE, "mesh-wide"),
+    ];
+    policies.sort();
+    harness.snapshots.send_replace(Arc::new(MeshSnapshot {
+        version: 2,
+        authorization: policies,
+        ..(*first_snapshot()?).clone()
+    }));
+    let resp = proxy.next().await?;
+    assert!(!resp.full && resp.upserts.is_empty(), "{resp:?}");
+    let held = apply(&held, &resp)?;
+    let keys: Vec<String> = held
+        .authorization
+        .iter()
+        .map(AuthorizationPolicy::key)
+        .collect();
+    assert_eq!(keys, ["demo/deny-web", "trellis-system/mesh-wide"]);
+    Ok(())
+}
+
 /// A proxy that stops reading does not hold up the others, and when it reads again it
 /// gets the newest view in a few coalesced pushes, not one per change it missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

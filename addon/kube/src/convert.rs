@@ -16,6 +16,11 @@
 //! - **EndpointSlice**: [`EndpointSlice`], for slices with address type `IPv4` or `IPv6`
 //!   and a `kubernetes.io/service-name` label; `FQDN` slices and unlabelled ones are not
 //!   the mesh's.
+//! - **AuthorizationPolicy** (`policy.trellis.dev/v1alpha1`): a [`Policy`] with the
+//!   object's name, namespace, labels and annotations and its `spec` as is. It is never
+//!   skipped for what its spec says: leaving out a policy could open access, so one with
+//!   problems ([`Policy::problems`]) goes to the translator, which enforces it
+//!   fail-closed.
 //!
 //! Each conversion returns a [`Skip`] for an object it leaves out: [`Skip::Ignored`] for
 //! objects that are simply not part of the mesh (logged at debug), [`Skip::Invalid`] for
@@ -35,7 +40,8 @@ use trellis_controller::objects::{
     self, EndpointPort, EndpointSlice, IntOrString, ObjectMeta, SERVICE_NAME_LABEL, Service,
     ServicePort, ServiceSpec, SliceEndpoint, Workload, WorkloadSpec,
 };
-use trellis_controller::{EndpointSource, ObjectKey, Objects};
+use trellis_controller::policy::AuthorizationPolicy;
+use trellis_controller::{EndpointSource, ObjectKey, Objects, Policy};
 
 use crate::Kind;
 
@@ -80,6 +86,7 @@ pub fn objects<'a>(
     services: impl IntoIterator<Item = &'a core::Service>,
     slices: impl IntoIterator<Item = &'a discovery::EndpointSlice>,
     pods: impl IntoIterator<Item = &'a core::Pod>,
+    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
 ) -> Converted {
     let mut out = Converted {
         objects: Objects {
@@ -120,7 +127,29 @@ pub fn objects<'a>(
             Err(skip) => out.skip(Kind::Pod, &p.metadata, skip),
         }
     }
+    for p in policies {
+        match policy(p) {
+            Ok(p) => {
+                out.objects.policies.insert(p.metadata.key(), p);
+            }
+            Err(skip) => out.skip(Kind::AuthorizationPolicy, &p.metadata, skip),
+        }
+    }
     out
+}
+
+/// An AuthorizationPolicy as the controller's [`Policy`]; only an object without a name
+/// or namespace (which the API server never sends) is refused.
+pub fn policy(p: &AuthorizationPolicy) -> Result<Policy, Skip> {
+    let metadata = meta(&p.metadata)?;
+    Ok(Policy {
+        metadata: ObjectMeta {
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            annotations: p.metadata.annotations.clone().unwrap_or_default(),
+            ..metadata
+        },
+        spec: p.spec.clone(),
+    })
 }
 
 /// A Namespace: its name and labels.
@@ -399,6 +428,11 @@ pub(crate) fn strip_pod(pod: &mut core::Pod) {
         pod_ips: s.pod_ips,
         ..core::PodStatus::default()
     });
+}
+
+/// Keeps a policy's name, namespace, labels, annotations (but kubectl's copy) and spec.
+pub(crate) fn strip_policy(p: &mut AuthorizationPolicy) {
+    strip_meta(&mut p.metadata);
 }
 
 /// Keeps a ConfigMap's `data`.

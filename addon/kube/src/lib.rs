@@ -10,16 +10,20 @@
 //! stops writing before another can take over.
 //!
 //! - [`KubeSource`]: one watcher and reflector (in-memory store) per kind: Namespaces,
-//!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, and the mesh ConfigMap
-//!   (`trellis-system/trellis-config` by default). It publishes a [`MeshSnapshot`] once
-//!   every kind has been listed, then after each change (coalesced over a debounce
-//!   interval) when the services changed. The ConfigMap's `data` goes out raw on its own
-//!   channel ([`KubeHandle::config`]); parsing and keeping the last good config is the
-//!   app's job.
-//! - [`convert`]: pure functions from the `k8s-openapi` types to the controller's objects.
-//!   An object the controller would refuse is skipped on its own (with a warning), never
-//!   the whole snapshot.
-//! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`.
+//!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, `policy.trellis.dev/v1alpha1`
+//!   AuthorizationPolicies, and the mesh ConfigMap (`trellis-system/trellis-config` by
+//!   default). It publishes a [`MeshSnapshot`] once every kind has been listed (a missing
+//!   AuthorizationPolicy CRD counts as listed and empty, with a warning, and is retried),
+//!   then after each change (coalesced over a debounce interval) when the services or the
+//!   policies changed. The ConfigMap's `data` goes out raw on its own channel
+//!   ([`KubeHandle::config`]); parsing and keeping the last good config is the app's job.
+//! - [`convert`]: pure functions from the `k8s-openapi` types (and the controller's
+//!   AuthorizationPolicy custom resource) to the controller's objects. An object the
+//!   controller would refuse is skipped on its own (with a warning), never the whole
+//!   snapshot; an AuthorizationPolicy never is: the translator enforces an invalid one
+//!   fail-closed, and [`trellis_controller::InvalidPolicies`] warns about it.
+//! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`,
+//!   and the controller's `trellis_controller_invalid_policies`.
 //! - [`leader`]: a Lease-based leader elector (client-go's semantics and timings: 15 s
 //!   lease, 10 s renew deadline, 2 s retry), publishing leadership on a `watch` channel;
 //!   `trellis_kube_leader`, `trellis_kube_leader_transitions_total`.
@@ -72,18 +76,22 @@ pub enum Kind {
     Pod,
     /// `v1` ConfigMap: the mesh configuration only.
     ConfigMap,
+    /// `policy.trellis.dev/v1alpha1` AuthorizationPolicy (a custom resource: its CRD may
+    /// not be installed, which counts as none).
+    AuthorizationPolicy,
 }
 
 // === impl Kind ===
 
 impl Kind {
     /// Every kind, in the order they are reported.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ConfigMap,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The Kubernetes kind name, e.g. `EndpointSlice`.
@@ -94,6 +102,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::ConfigMap => "ConfigMap",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }

@@ -5,11 +5,15 @@
 //!   a rate query sees zeros rather than gaps.
 //! - `trellis_kube_objects{kind}`: objects of each kind held in memory (skipped ones
 //!   included; the ConfigMap is 0 or 1).
+//! - `trellis_controller_invalid_policies`: the controller's gauge of AuthorizationPolicies
+//!   enforced fail-closed ([`trellis_controller::PolicyMetrics`]), registered here because
+//!   only this source can hold invalid ones.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use trellis_controller::PolicyMetrics;
 
 use crate::Kind;
 
@@ -20,6 +24,7 @@ type KindLabel = [(&'static str, &'static str); 1];
 pub struct Metrics {
     watch_errors: Family<KindLabel, Counter>,
     objects: Family<KindLabel, Gauge>,
+    pub(crate) policies: PolicyMetrics,
 }
 
 // === impl Metrics ===
@@ -31,6 +36,7 @@ impl Metrics {
         let metrics = Self {
             watch_errors: Family::default(),
             objects: Family::default(),
+            policies: PolicyMetrics::register(registry),
         };
         registry.register(
             "trellis_kube_watch_errors",

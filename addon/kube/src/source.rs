@@ -1,4 +1,4 @@
-//! The watch loop: five reflectors in, versioned snapshots and the raw mesh config out.
+//! The watch loop: six reflectors in, versioned snapshots and the raw mesh config out.
 //!
 //! Each kind runs a kube-rs `watcher` (list, then watch from the list's resource version;
 //! on an error it resumes or re-lists) with the default backoff, feeding a reflector
@@ -11,7 +11,15 @@
 //! 2. after that, on any change, waits the debounce interval (measured from the first
 //!    change, so a steady stream of changes still publishes once per interval), rebuilds
 //!    [`Objects`](trellis_controller::Objects) from the stores, translates, and publishes
-//!    only when the services differ from the last published snapshot.
+//!    only when the services or the authorization policies differ from the last published
+//!    snapshot. Policies with problems are reported (a warning per change, the
+//!    `trellis_controller_invalid_policies` gauge) and translated fail-closed.
+//!
+//! AuthorizationPolicy is a custom resource: without its CRD, its list fails with 404.
+//! That must not hold the first snapshot back forever (a control plane upgraded before
+//! its CRDs were applied would never become ready), so a 404 counts as listed and empty,
+//! with one warning naming the fix; the watcher keeps retrying with its backoff, and the
+//! policies appear once the CRD is installed.
 //!
 //! The ConfigMap does not feed the snapshot; its `data` is sent as soon as it changes.
 
@@ -34,6 +42,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use trellis_api::MeshSnapshot;
+use trellis_controller::InvalidPolicies;
+use trellis_controller::policy::AuthorizationPolicy;
 
 use crate::Kind;
 use crate::convert::{self, ConfigMapData, Skip, Skipped};
@@ -45,6 +55,8 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_CONFIG_NAMESPACE: &str = "trellis-system";
 /// Default name of the mesh ConfigMap.
 pub const DEFAULT_CONFIG_NAME: &str = "trellis-config";
+/// What to do when the AuthorizationPolicy CRD is missing.
+const INSTALL_CRDS: &str = "kubectl apply -f charts/trellis/crds/";
 
 /// What the source watches and how it publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +131,8 @@ pub struct KindStatus {
     pub errors: u64,
     /// The latest of those errors. It stays after the watch recovers (a resumed watch
     /// says nothing until something changes); compare `errors` over time to see whether
-    /// it is still failing.
+    /// it is still failing. The one exception: a missing AuthorizationPolicy CRD is
+    /// cleared when the kind lists, since then the CRD is there.
     pub last_error: Option<String>,
 }
 
@@ -136,7 +149,12 @@ enum Update {
     /// Part of a list in progress: the store is unchanged until it completes.
     Progress,
     /// The list or watch failed; it restarts after a backoff.
-    Failed(String),
+    Failed {
+        /// The error with its sources.
+        error: String,
+        /// The API server answered 404: for a custom resource, its CRD is not installed.
+        not_found: bool,
+    },
 }
 
 /// The reflector stores, read at every rebuild.
@@ -145,6 +163,7 @@ struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
+    policies: Store<AuthorizationPolicy>,
     config: Store<ConfigMap>,
 }
 
@@ -162,6 +181,10 @@ struct Publisher {
     published: bool,
     /// Skipped objects already logged, so a rebuild does not repeat the same warning.
     logged_skips: HashMap<(Kind, String), Skip>,
+    /// Reports policies enforced fail-closed, once per change.
+    invalid_policies: InvalidPolicies,
+    /// The missing-CRD warning was logged since the AuthorizationPolicy kind last listed.
+    crd_missing_warned: bool,
 }
 
 // === impl KubeSettings ===
@@ -245,6 +268,7 @@ impl KubeSource {
         let (services, services_w) = reflector::store();
         let (slices, slices_w) = reflector::store();
         let (pods, pods_w) = reflector::store();
+        let (policies, policies_w) = reflector::store();
         let (config_store, config_w) = reflector::store();
         let everything = watcher::Config::default;
         let config_only = everything().fields(&format!("metadata.name={}", settings.config_name));
@@ -278,6 +302,13 @@ impl KubeSource {
                 convert::strip_pod,
             ),
             watch_kind(
+                Kind::AuthorizationPolicy,
+                Api::<AuthorizationPolicy>::all(client.clone()),
+                everything(),
+                policies_w,
+                convert::strip_policy,
+            ),
+            watch_kind(
                 Kind::ConfigMap,
                 Api::namespaced(client, &settings.config_namespace),
                 config_only,
@@ -285,6 +316,10 @@ impl KubeSource {
                 convert::strip_config_map,
             ),
         ]);
+        let invalid_policies = match &metrics {
+            Some(m) => InvalidPolicies::new().with_metrics(m.policies.clone()),
+            None => InvalidPolicies::new(),
+        };
         let mut publisher = Publisher {
             settings,
             metrics,
@@ -296,12 +331,15 @@ impl KubeSource {
                 services,
                 slices,
                 pods,
+                policies,
                 config: config_store,
             },
             listed: BTreeSet::new(),
             pending_since: None,
             published: false,
             logged_skips: HashMap::new(),
+            invalid_policies,
+            crd_missing_warned: false,
         };
         tokio::pin!(shutdown);
         loop {
@@ -361,10 +399,25 @@ fn updates<K>(
             Ok(watcher::Event::InitDone) => Update::Listed,
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Update::Changed,
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Update::Progress,
-            Err(error) => Update::Failed(error_chain(&error)),
+            Err(error) => Update::Failed {
+                error: error_chain(&error),
+                not_found: not_found(&error),
+            },
         };
         (kind, update)
     })
+}
+
+/// Whether the API server answered 404, as it does for a custom resource whose CRD is not
+/// installed (with a plain-text body, which kube-rs turns into a `Status` with that code).
+fn not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status))
+        | watcher::Error::WatchError(status) => status.code == 404 || status.reason == "NotFound",
+        _ => false,
+    }
 }
 
 /// `error` with its sources, which hold the API server's message and code.
@@ -407,12 +460,28 @@ impl Publisher {
                 if self.listed.insert(kind) {
                     tracing::debug!(%kind, "listed");
                 }
+                // A missing CRD is not an error that a later list could leave in doubt.
+                let crd_installed = kind == Kind::AuthorizationPolicy && self.crd_missing_warned;
+                if crd_installed {
+                    tracing::info!(%kind, "listed: the CRD is installed now");
+                    self.crd_missing_warned = false;
+                }
                 self.status.send_modify(|s| {
-                    s.kinds.entry(kind).or_default().listed = true;
+                    let k = s.kinds.entry(kind).or_default();
+                    k.listed = true;
+                    if crd_installed {
+                        k.last_error = None;
+                    }
                 });
             }
             Update::Changed => {}
-            Update::Failed(error) => {
+            Update::Failed {
+                error,
+                not_found: true,
+            } if kind == Kind::AuthorizationPolicy => {
+                return self.crd_missing(kind, error);
+            }
+            Update::Failed { error, .. } => {
                 tracing::warn!(%kind, %error, "kubernetes watch failed; restarting with backoff");
                 if let Some(metrics) = &self.metrics {
                     metrics.watch_error(kind);
@@ -431,6 +500,38 @@ impl Publisher {
         // The ConfigMap's first list counts towards readiness; its changes do not touch
         // the snapshot.
         if kind != Kind::ConfigMap || !self.published {
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The AuthorizationPolicy CRD is not installed: the kind counts as listed and empty
+    /// (so the first snapshot is not held back), one warning says how to install it, and
+    /// the watcher keeps retrying with its backoff. The error is still counted, so the
+    /// watch error rate shows that it is missing.
+    fn crd_missing(&mut self, kind: Kind, error: String) {
+        let error = format!("{error} (the CRD is not installed: {INSTALL_CRDS})");
+        if self.crd_missing_warned {
+            tracing::debug!(%kind, %error, "still no CRD; retrying with backoff");
+        } else {
+            tracing::warn!(
+                %kind,
+                %error,
+                "the AuthorizationPolicy CRD is not installed, so there are no authorization \
+                 policies; install it with `{INSTALL_CRDS}` (retrying with backoff meanwhile)"
+            );
+            self.crd_missing_warned = true;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.watch_error(kind);
+        }
+        let first = self.listed.insert(kind);
+        self.status.send_modify(|s| {
+            let k = s.kinds.entry(kind).or_default();
+            k.listed = true;
+            k.errors += 1;
+            k.last_error = Some(error);
+        });
+        if first {
             self.pending_since.get_or_insert_with(Instant::now);
         }
     }
@@ -471,36 +572,44 @@ impl Publisher {
         });
     }
 
-    /// Rebuilds from the stores and publishes if the services changed (always, the first
-    /// time).
+    /// Rebuilds from the stores and publishes if the services or the policies changed
+    /// (always, the first time).
     fn publish(&mut self) {
         self.pending_since = None;
         let namespaces = self.stores.namespaces.state();
         let services = self.stores.services.state();
         let slices = self.stores.slices.state();
         let pods = self.stores.pods.state();
+        let policies = self.stores.policies.state();
         self.count(Kind::Namespace, namespaces.len());
         self.count(Kind::Service, services.len());
         self.count(Kind::EndpointSlice, slices.len());
         self.count(Kind::Pod, pods.len());
+        self.count(Kind::AuthorizationPolicy, policies.len());
         let converted = convert::objects(
             namespaces.iter().map(Arc::as_ref),
             services.iter().map(Arc::as_ref),
             slices.iter().map(Arc::as_ref),
             pods.iter().map(Arc::as_ref),
+            policies.iter().map(Arc::as_ref),
         );
         self.log_skips(converted.skipped);
+        self.invalid_policies.report(&converted.objects);
         let current = Arc::clone(&self.tx.borrow());
         let version = current.version.saturating_add(1);
         let next =
             trellis_controller::translate(&converted.objects, &self.settings.trust_domain, version);
-        if self.published && next.services == current.services {
+        if self.published
+            && next.services == current.services
+            && next.authorization == current.authorization
+        {
             tracing::debug!("cluster changed, snapshot did not");
             return;
         }
         let services = next.services.len();
+        let policies = next.authorization.len();
         self.tx.send_replace(Arc::new(next));
-        tracing::info!(version, services, "published mesh snapshot");
+        tracing::info!(version, services, policies, "published mesh snapshot");
         self.published = true;
         self.status.send_modify(|s| {
             s.synced = true;

@@ -1,7 +1,8 @@
 //! `trellis-addon run --kubernetes` against the Kubernetes API stand-in
 //! (`trellis_kube::stand_in`) served over HTTPS, found through `KUBECONFIG` as on a
 //! developer machine: the real control plane lists and watches Namespaces, Services,
-//! EndpointSlices, Pods and the `trellis-config` ConfigMap, holds the Lease, writes Events,
+//! EndpointSlices, Pods, AuthorizationPolicies and the `trellis-config` ConfigMap, holds
+//! the Lease, writes Events,
 //! serves real proxies, and serves the sidecar injector (`POST /inject`) over HTTPS with a
 //! certificate from its own mesh CA, which a client verifies against the trust bundle
 //! file the control plane writes.
@@ -596,6 +597,32 @@ control plane log:
     })
     .await?;
     assert_eq!(call_web(&c, "/added-back").await?.0, 200);
+
+    // An AuthorizationPolicy created in the cluster reaches the control plane's snapshot,
+    // its service account resolved. A dry run, so that no call here depends on whether
+    // these proxies enforce it.
+    c.api.apply_json(json!({
+        "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "web-readers", "namespace": "demo"},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "name": "web"}], "dryRun": true,
+            "rules": [{"from": [{"serviceAccounts": ["client"]}]}],
+        },
+    }))?;
+    let want_policies = json!([{
+        "namespace": "demo", "name": "web-readers", "target_services": ["web"],
+        "action": "ALLOW", "dry_run": true,
+        "rules": [{"from": [{"principals": [CLIENT_ID], "namespaces": []}], "to": []}],
+    }]);
+    until(&c.cp, "the policy in /debug/snapshot", || async {
+        let (_, _, body) = http_get(c.cp.admin, "localhost", "/debug/snapshot")
+            .await
+            .map_err(|e| e.to_string())?;
+        let doc: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        expect(doc["authorization"].clone(), &want_policies)
+    })
+    .await?;
+    assert_eq!(call_web(&c, "/with-a-policy").await?.0, 200);
 
     // The control plane leads (the only replica), and releases the Lease on SIGTERM before
     // it exits: a successor need not wait out the 15 s lease.

@@ -18,6 +18,7 @@ mod kubernetes;
 mod limits;
 mod metrics;
 mod mtls;
+mod policy;
 mod protocols;
 mod request_path;
 mod rotation;

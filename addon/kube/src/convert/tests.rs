@@ -395,7 +395,19 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
     let mut pending = pod_json(scheduled(), json!({"phase": "Pending"}));
     pending.metadata.name = Some("api-2".into());
     let pods = vec![pod_json(scheduled(), running()), pending];
-    let converted = objects(&namespaces, &services, &slices, &pods);
+    let policies: Vec<AuthorizationPolicy> = vec![
+        from(json!({
+            "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "readers", "namespace": "demo"},
+            "spec": {"rules": [{"from": [{"serviceAccounts": ["web"]}]}]},
+        })),
+        from(json!({
+            "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "nameless"},
+            "spec": {},
+        })),
+    ];
+    let converted = objects(&namespaces, &services, &slices, &pods, &policies);
     let objs = &converted.objects;
     assert_eq!(objs.endpoint_source, EndpointSource::EndpointSlices);
     assert_eq!(
@@ -408,6 +420,10 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
     assert_eq!(objs.services.len(), 1);
     assert_eq!(objs.endpoint_slices.len(), 1);
     assert_eq!(objs.workloads.len(), 1);
+    assert_eq!(
+        objs.policies.keys().collect::<Vec<_>>(),
+        [&ObjectKey::new("demo", "readers")]
+    );
     let skipped: Vec<(Kind, &str, &str)> = converted
         .skipped
         .iter()
@@ -423,6 +439,11 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
                 "type ExternalName: a DNS alias, not meshed"
             ),
             (Kind::Pod, "demo/api-2", "no pod IP yet"),
+            (
+                Kind::AuthorizationPolicy,
+                "nameless",
+                "metadata.name and metadata.namespace are required"
+            ),
         ]
     );
     let snap = trellis_controller::translate(objs, "cluster.local", 1);
@@ -439,6 +460,46 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
             "spiffe://cluster.local/ns/demo/sa/api"
         )]
     );
+}
+
+#[test]
+fn policies_are_converted_whole_and_never_skipped_for_their_spec() {
+    let mut p: AuthorizationPolicy = from(json!({
+        "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {
+            "name": "readers", "namespace": "demo", "labels": {"team": "a"},
+            "annotations": {
+                "note": "kept",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            },
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            "resourceVersion": "7", "uid": "u-1",
+        },
+        "spec": {
+            "targetRefs": [{"group": "", "kind": "Deployment", "name": "web"}],
+            "action": "DENY",
+            "rules": [{"from": [{"serviceAccounts": ["a/b/c"]}]}],
+        },
+    }));
+    strip_policy(&mut p);
+    assert_eq!(p.metadata.managed_fields, None);
+    let converted = policy(&p).unwrap();
+    assert_eq!(converted.metadata.key(), ObjectKey::new("demo", "readers"));
+    assert_eq!(converted.metadata.labels["team"], "a");
+    assert_eq!(
+        converted.metadata.annotations.keys().collect::<Vec<_>>(),
+        ["note"]
+    );
+    assert_eq!(converted.spec, p.spec);
+    // Invalid, yet converted: the translator enforces it fail-closed.
+    assert_eq!(converted.problems().len(), 2, "{:?}", converted.problems());
+    let mut objs = Objects::default();
+    objs.policies.insert(converted.metadata.key(), converted);
+    let snap = trellis_controller::translate(&objs, "cluster.local", 1);
+    let enforced = &snap.authorization[0];
+    assert_eq!(enforced.action, trellis_api::authz::Action::Deny);
+    assert!(enforced.target_services.is_empty(), "whole namespace");
+    assert_eq!(enforced.rules, [trellis_api::authz::Rule::default()]);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! code). It is not a Kubernetes API server: it speaks the documented list/watch/CRUD wire
 //! format of the Kubernetes API for the kinds Trellis uses (Namespaces, Services,
 //! `discovery.k8s.io/v1` EndpointSlices, Pods, ConfigMaps, `coordination.k8s.io/v1` Leases,
-//! `events.k8s.io/v1` Events), over an in-memory store, so the real kube-rs client (its
+//! `events.k8s.io/v1` Events, the `policy.trellis.dev/v1alpha1` AuthorizationPolicy custom
+//! resource), over an in-memory store, so the real kube-rs client (its
 //! watcher, the leader elector, the Event recorder) runs against it unchanged. There is no
 //! admission, no validation, no defaulting, no label selectors and no PATCH.
 //!
@@ -33,6 +34,11 @@
 //! - PUT `.../<resource>/<name>`: replaces the object; 409 Conflict when the body's
 //!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT
 //!   is recorded with its body and answer ([`ApiStandIn::writes`]).
+//!
+//! - Every request for a resource marked [`ApiStandIn::unserve`]: 404 with the plain-text
+//!   body `404 page not found`, as the API server answers for a custom resource whose CRD
+//!   is not installed. By default every resource is served (as if every CRD were
+//!   installed).
 //!
 //! Every write bumps one global resource version, as in etcd. Tests change the cluster
 //! with [`ApiStandIn::apply`] (k8s-openapi types) or [`ApiStandIn::apply_json`] (JSON with
@@ -122,6 +128,8 @@ struct State {
     requests: Vec<(String, bool, bool)>,
     /// Every POST and PUT, in order.
     writes: Vec<Write>,
+    /// Resources answered 404, as without their CRD ([`ApiStandIn::unserve`]).
+    unserved: std::collections::BTreeSet<String>,
 }
 
 struct Change {
@@ -153,7 +161,7 @@ struct Route {
 }
 
 /// The resource (URL plural) of each kind the stand-in serves.
-const KINDS: [(&str, &str); 12] = [
+const KINDS: [(&str, &str); 13] = [
     ("Namespace", "namespaces"),
     ("Service", "services"),
     ("EndpointSlice", "endpointslices"),
@@ -172,6 +180,7 @@ const KINDS: [(&str, &str); 12] = [
     ),
     ("CustomResourceDefinition", "customresourcedefinitions"),
     ("ServiceAccount", "serviceaccounts"),
+    ("AuthorizationPolicy", "authorizationpolicies"),
 ];
 
 /// The resource (URL plural) the stand-in stores objects of `kind` under, e.g. `pods` for
@@ -263,6 +272,19 @@ impl ApiStandIn {
             Some(code) => state.outages.insert(resource.to_owned(), code),
             None => state.outages.remove(resource),
         };
+    }
+
+    /// While `unserved`, every request for `resource` (URL plural) gets 404 with the
+    /// plain-text body `404 page not found`, as the API server answers for a custom
+    /// resource whose CRD is not installed; `false` serves it again (the CRD applied).
+    /// Stored objects are kept either way.
+    pub fn unserve(&self, resource: &str, unserved: bool) {
+        let mut state = self.lock();
+        if unserved {
+            state.unserved.insert(resource.to_owned());
+        } else {
+            state.unserved.remove(resource);
+        }
     }
 
     /// Just before the next POST or PUT of a `K` (after those already interposed), stores
@@ -415,6 +437,9 @@ impl ApiStandIn {
         state
             .requests
             .push((route.resource.clone(), collection_get, route.watch));
+        if state.unserved.contains(&route.resource) {
+            return text_response(404, "404 page not found\n".to_owned());
+        }
         let failure = state
             .failures
             .get_mut(&route.resource)

@@ -4,7 +4,8 @@
 //! scripts the ConfigMap's requests one by one over `tower_test::mock`. `leader` and
 //! `events` cover leader election and the config Events written by the leader; `publish`
 //! the trust bundle the leader keeps in every namespace and webhook configuration; `https`
-//! the stand-in's HTTPS front, reached through a kubeconfig as from another process.
+//! the stand-in's HTTPS front, reached through a kubeconfig as from another process;
+//! `policies` the AuthorizationPolicy custom resource, with and without its CRD.
 //!
 //! One binary, so the kube-rs stack is built and linked once.
 
@@ -15,6 +16,7 @@ mod events;
 mod https;
 mod leader;
 mod mock;
+mod policies;
 mod publish;
 mod scenarios;
 mod support;
