@@ -42,6 +42,29 @@ WATCH_RULES = [
     {"apiGroups": ["policy.trellis.dev"], "resources": ["authorizationpolicies"],
      "verbs": ["get", "list", "watch"]},
 ]
+# The exact entries of the ValidatingWebhookConfiguration trellis-config (templates/
+# webhooks.yaml), in order, as every profile renders them (caBundle is asserted absent
+# separately). Both reach the control plane's POST /validate (addon/app/src/webhook.rs).
+WEBHOOK_SERVICE = {"service": {"name": "trellis-webhook", "namespace": NAMESPACE, "port": 443,
+                               "path": "/validate"}}
+VALIDATING_WEBHOOKS = [
+    {"name": "config.trellis.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+     "failurePolicy": "Fail", "timeoutSeconds": 5, "clientConfig": WEBHOOK_SERVICE,
+     "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                "resources": ["configmaps"], "scope": "Namespaced"}],
+     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+     "matchConditions": [{"name": "trellis-config-only",
+                          "expression": "object.metadata.name == 'trellis-config'"}]},
+    # AuthorizationPolicies in every namespace but kube-system; always Fail (a policy edit
+    # is refused while the webhook is down, never admitted unchecked); deletes never sent.
+    {"name": "policy.trellis.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+     "failurePolicy": "Fail", "timeoutSeconds": 5, "clientConfig": WEBHOOK_SERVICE,
+     "rules": [{"apiGroups": ["policy.trellis.dev"], "apiVersions": ["v1alpha1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["authorizationpolicies"],
+                "scope": "Namespaced"}],
+     "namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name",
+                                                 "operator": "NotIn", "values": ["kube-system"]}]}},
+]
 
 
 def fail(msg):
@@ -143,6 +166,20 @@ def negatives(c):
                 fail(f"refused for another reason: {what}: {e}")
         else:
             fail(f"rendered although invalid: {what} ({json.dumps(values)})")
+    # Not the schema: the AuthorizationPolicy webhook stays Fail whatever the trellis-config
+    # entry's failurePolicy is, and follows validator.timeoutSeconds.
+    try:
+        out = render(c, {"webhook": {"validator": {"failurePolicy": "Ignore", "timeoutSeconds": 7}}})
+        rendered = [d for path, t in out.items() if not path.endswith("NOTES.txt")
+                    for d in yaml.safe_load_all(t) if d]
+        vwc = find(rendered, "ValidatingWebhookConfiguration", "trellis-config")
+        got = {w["name"]: (w["failurePolicy"], w["timeoutSeconds"]) for w in vwc["webhooks"]}
+        if got == {"config.trellis.dev": ("Ignore", 7), "policy.trellis.dev": ("Fail", 7)}:
+            ok("validator.failurePolicy Ignore leaves the AuthorizationPolicy webhook at Fail")
+        else:
+            fail(f"validator.failurePolicy Ignore: webhooks {got}")
+    except Exception as e:  # noqa: BLE001
+        fail(f"render with validator.failurePolicy Ignore: {e}")
     # Not the schema: the template refuses any namespace but trellis-system.
     try:
         render(c, {}, namespace="default")
@@ -256,6 +293,12 @@ def assertions(docs, podmonitor_schema):
                 for wh in d["webhooks"]:
                     if "caBundle" in wh["clientConfig"]:
                         fail(f"[{p}] {d['kind']} templates a caBundle")
+        # Exactly these validating entries: another resource, operation or namespace, a
+        # missing entry or an extra one fails.
+        vwc = find(ds, "ValidatingWebhookConfiguration", "trellis-config")
+        if vwc is None or vwc["webhooks"] != VALIDATING_WEBHOOKS:
+            fail(f"[{p}] ValidatingWebhookConfiguration trellis-config: "
+                 f"{vwc and json.dumps(vwc['webhooks'])}")
         # Every checkov skip carries a written reason.
         for d in ds:
             for k, v in (d["metadata"].get("annotations") or {}).items():

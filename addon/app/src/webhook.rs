@@ -1,14 +1,17 @@
 //! The control plane's admission webhooks, on one HTTPS listener (`--webhook-listen`,
 //! 9443 on a cluster): `POST /validate`, the validating webhook for the `trellis-config`
-//! ConfigMap, and `POST /inject`, the sidecar injector's mutating webhook
-//! (`crate::injector`, with `--kubernetes` only: it needs the cluster's Namespaces; in
-//! the local profile `/inject` answers 404 saying so).
+//! ConfigMap and for `policy.trellis.dev` AuthorizationPolicies, and `POST /inject`, the
+//! sidecar injector's mutating webhook (`crate::injector`, with `--kubernetes` only: it
+//! needs the cluster's Namespaces; in the local profile `/inject` answers 404 saying so).
 //!
 //! A bad trellis-config edit is refused by the API server with a message naming the
 //! field, instead of being applied and then rejected by the control plane. [`review`] is
 //! pure: an `admission.k8s.io/v1` AdmissionReview in, the AdmissionReview response out. It
 //! runs [`crate::mesh_config::parse_config_map_data`], the same function as the file
-//! poller, so the webhook and the control plane cannot disagree about what is valid.
+//! poller, so the webhook and the control plane cannot disagree about what is valid. An
+//! AuthorizationPolicy is reviewed the same way, by the control plane's own checks
+//! (`policy`): a policy the control plane would enforce fail-closed is refused at
+//! `kubectl apply` instead.
 //!
 //! The serving certificate comes in one of two modes:
 //!
@@ -66,7 +69,9 @@ use crate::cli::RunArgs;
 use crate::injector::Injector;
 use crate::mesh_config::{self, CONFIG_MAP_NAME, CONFIG_MAP_NAMESPACE, ConfigError};
 
-/// The trellis-config validating webhook's path.
+mod policy;
+
+/// The validating webhook's path (trellis-config and AuthorizationPolicies).
 pub(crate) const VALIDATE_PATH: &str = "/validate";
 /// The sidecar injector's path.
 pub(crate) const INJECT_PATH: &str = "/inject";
@@ -88,9 +93,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// What [`review`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Verdict {
-    /// Not our object, a DELETE, or a valid config.
+    /// Not our object, a DELETE, a valid config or a valid AuthorizationPolicy.
     Allowed,
-    /// A trellis-config with a bad field: refused with the field named (code 422).
+    /// A trellis-config or an AuthorizationPolicy with a bad field: refused with the field
+    /// named (code 422).
     Denied,
     /// Not a well-formed AdmissionReview: refused (code 400).
     Invalid,
@@ -110,6 +116,9 @@ pub(crate) struct Reviewed {
     pub(crate) uid: String,
     /// Why it was refused; empty when allowed.
     pub(crate) message: String,
+    /// What was reviewed, for logs (`ConfigMap trellis-system/trellis-config`,
+    /// `AuthorizationPolicy shop/orders`); empty for an object the webhook does not check.
+    pub(crate) subject: String,
 }
 
 /// The webhook's serving certificate in file mode: PEM files, and the names the API
@@ -161,8 +170,8 @@ pub(crate) struct Served {
     not_after_unix: i64,
 }
 
-/// `trellis_webhook_reviews_total{result}` (`/validate`), result one of `allowed`,
-/// `denied`, `invalid`; `trellis_webhook_injections_total{outcome}` (`/inject`);
+/// `trellis_webhook_reviews_total{result}` (`/validate`, both kinds), result one of
+/// `allowed`, `denied`, `invalid`; `trellis_webhook_injections_total{outcome}` (`/inject`);
 /// `trellis_webhook_certificate_expiration_timestamp_seconds`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct WebhookMetrics {
@@ -198,18 +207,21 @@ enum InjectOutcome {
 /// unreadable becomes a refusal that says what was wrong.
 ///
 /// Allowed: DELETE and CONNECT, any object other than the ConfigMap
-/// `trellis-system/trellis-config` (the webhook configuration should send only that one,
-/// but a broader selector must not block the cluster), and a valid config. Denied with code
-/// 422, `reason: Invalid`, one `details.causes` entry per bad field, and a message listing
-/// every problem (`invalid trellis-config: data.proxy: logLevel: unknown variant ...`).
-/// An UPDATE that changes `trustDomain` is allowed with a warning: the running control
-/// plane keeps its trust domain until it restarts.
+/// `trellis-system/trellis-config` and a `policy.trellis.dev/v1alpha1`
+/// AuthorizationPolicy (the webhook configuration should send only those, but a broader
+/// selector must not block the cluster), a valid config and a valid policy. Denied with
+/// code 422, `reason: Invalid`, one `details.causes` entry per bad field, and a message
+/// listing every problem (`invalid trellis-config: data.proxy: logLevel: unknown variant
+/// ...`, `invalid AuthorizationPolicy shop/orders: spec.rules[0].from[0].principals[0]:
+/// ...`). An UPDATE that changes `trustDomain` is allowed with a warning: the running
+/// control plane keeps its trust domain until it restarts. An UPDATE that leaves an
+/// invalid policy's `spec` unchanged is allowed with a warning (see `policy`).
 pub(crate) fn review(body: &[u8]) -> Reviewed {
     let (raw, request) = match trellis_webhook::admission_request(body) {
         Ok(parsed) => parsed,
         Err(trellis_webhook::MalformedReview { uid, message }) => return malformed(uid, message),
     };
-    let (verdict, response) = decide(&request, &raw);
+    let (verdict, response, subject) = decide(&request, &raw);
     let message = match verdict {
         Verdict::Allowed => String::new(),
         _ => response.result.message.clone(),
@@ -220,22 +232,30 @@ pub(crate) fn review(body: &[u8]) -> Reviewed {
         body: to_json(response),
         uid: request.uid,
         message,
+        subject,
     }
 }
 
-/// The decision for a well-formed request.
-fn decide(req: &AdmissionRequest<DynamicObject>, raw: &Value) -> (Verdict, AdmissionResponse) {
+/// The decision for a well-formed request, and what was reviewed ([`Reviewed::subject`]).
+fn decide(
+    req: &AdmissionRequest<DynamicObject>,
+    raw: &Value,
+) -> (Verdict, AdmissionResponse, String) {
     let allow = AdmissionResponse::from(req);
     if !matches!(req.operation, Operation::Create | Operation::Update) {
-        return (Verdict::Allowed, allow);
+        return (Verdict::Allowed, allow, String::new());
+    }
+    if policy::is_policy(&req.kind) {
+        return policy::decide(req, raw, allow);
     }
     if !is_config_map(&req.kind) {
-        return (Verdict::Allowed, allow);
+        return (Verdict::Allowed, allow, String::new());
     }
+    let subject = || format!("ConfigMap {CONFIG_MAP_NAMESPACE}/{CONFIG_MAP_NAME}");
     let invalid = |message: &str| {
         let mut r = invalid_response(Some(req.uid.clone()), message);
         r.types = allow.types.clone();
-        (Verdict::Invalid, r)
+        (Verdict::Invalid, r, subject())
     };
     let Some(object) = &req.object else {
         return invalid("request.object: missing for CREATE/UPDATE");
@@ -248,7 +268,7 @@ fn decide(req: &AdmissionRequest<DynamicObject>, raw: &Value) -> (Verdict, Admis
         .as_deref()
         .or(req.namespace.as_deref());
     if name != CONFIG_MAP_NAME || namespace != Some(CONFIG_MAP_NAMESPACE) {
-        return (Verdict::Allowed, allow);
+        return (Verdict::Allowed, allow, String::new());
     }
     // Typed from the raw JSON (kube's DynamicObject keeps `data` untyped).
     let config_map = |pointer: &str| -> Result<Option<ConfigMap>, String> {
@@ -267,7 +287,7 @@ fn decide(req: &AdmissionRequest<DynamicObject>, raw: &Value) -> (Verdict, Admis
     };
     let config = match parse(&new) {
         Ok(c) => c,
-        Err(e) => return (Verdict::Denied, deny(allow, &e)),
+        Err(e) => return (Verdict::Denied, deny(allow, &e), subject()),
     };
     let old_trust_domain = match config_map("/request/oldObject") {
         Ok(Some(old)) => parse(&old).ok().map(|c| c.trust_domain),
@@ -285,7 +305,7 @@ fn decide(req: &AdmissionRequest<DynamicObject>, raw: &Value) -> (Verdict, Admis
             shown(old.as_deref()),
         )]);
     }
-    (Verdict::Allowed, allow)
+    (Verdict::Allowed, allow, subject())
 }
 
 fn shown(trust_domain: Option<&str>) -> String {
@@ -360,6 +380,7 @@ fn malformed(uid: Option<String>, message: String) -> Reviewed {
         message: response.result.message.clone(),
         body: to_json(response),
         uid: uid.unwrap_or_default(),
+        subject: String::new(),
     }
 }
 
@@ -433,7 +454,8 @@ impl WebhookMetrics {
         let m = Self::default();
         registry.register(
             "trellis_webhook_reviews",
-            "trellis-config admission reviews, by result (allowed, denied, invalid)",
+            "Admission reviews of trellis-config and AuthorizationPolicies (POST /validate), \
+             by result (allowed, denied, invalid)",
             m.reviews.clone(),
         );
         registry.register(
@@ -959,22 +981,25 @@ async fn handle(
         _ => {
             let reviewed = review(&bytes);
             metrics.count(reviewed.verdict);
+            let object = &reviewed.subject;
             match reviewed.verdict {
                 Verdict::Allowed => {
-                    debug!(uid = %reviewed.uid, "trellis-config admission: allowed");
+                    debug!(uid = %reviewed.uid, %object, "validating admission: allowed");
                 }
                 Verdict::Denied => {
                     info!(
                         uid = %reviewed.uid,
+                        %object,
                         reason = %reviewed.message,
-                        "trellis-config admission: denied"
+                        "validating admission: denied"
                     );
                 }
                 Verdict::Invalid => {
                     warn!(
                         uid = %reviewed.uid,
+                        %object,
                         reason = %reviewed.message,
-                        "trellis-config admission: malformed review"
+                        "validating admission: malformed review"
                     );
                 }
             }
@@ -1596,6 +1621,42 @@ mod tests {
             )
         );
 
+        // An AuthorizationPolicy on the same path, denied and counted with the config's.
+        let policy = serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": UID,
+                "kind": {"group": "policy.trellis.dev", "version": "v1alpha1",
+                         "kind": "AuthorizationPolicy"},
+                "resource": {"group": "policy.trellis.dev", "version": "v1alpha1",
+                             "resource": "authorizationpolicies"},
+                "name": "orders",
+                "namespace": "shop",
+                "operation": "CREATE",
+                "userInfo": {"username": "alice"},
+                "object": {
+                    "apiVersion": "policy.trellis.dev/v1alpha1",
+                    "kind": "AuthorizationPolicy",
+                    "metadata": {"name": "orders", "namespace": "shop"},
+                    "spec": {"rules": [{"to": [{"paths": ["/orders?id=1"]}]}]},
+                },
+            }
+        }))
+        .unwrap();
+        let raw = exchange(addr, &ca, &post("/validate", "application/json", &policy))
+            .await
+            .unwrap();
+        let (head, got) = split(&raw);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(got, review(&policy).body);
+        let r: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(r["response"]["allowed"], false);
+        assert_eq!(
+            r["response"]["status"]["details"]["causes"][0]["field"],
+            "spec.rules[0].to[0].paths[0]"
+        );
+
         // Not JSON at all: 400 with the refusal as the body.
         let raw = exchange(addr, &ca, &post("/validate", "application/json", b"{"))
             .await
@@ -1658,7 +1719,7 @@ mod tests {
             not_after(&leaf).unwrap()
         );
         for line in [
-            "trellis_webhook_reviews_total{result=\"denied\"} 1",
+            "trellis_webhook_reviews_total{result=\"denied\"} 2",
             "trellis_webhook_reviews_total{result=\"allowed\"} 1",
             "trellis_webhook_reviews_total{result=\"invalid\"} 1",
             "trellis_webhook_injections_total{outcome=\"injected\"} 0",

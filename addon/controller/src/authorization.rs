@@ -26,21 +26,31 @@
 //! A policy with problems can still arrive from Kubernetes (the CRD schema cannot express
 //! every check, and the validating webhook can be bypassed). Leaving it out would open
 //! access (an ALLOW policy that restricted its targets, a DENY policy that refused), so it
-//! is translated **fail-closed** instead: an ALLOW policy keeps its targets and gets no
-//! rules (it allows nothing), a DENY policy keeps its targets and gets one empty rule (it
-//! refuses every request to them); when the targetRefs themselves are invalid, the policy
-//! targets its whole namespace (in the root namespace, `trellis-system`, the whole mesh).
+//! is translated **fail-closed** instead. So is one whose `spec` does not even parse
+//! (applied with `--validate=false` against an older CRD, written for a newer Trellis):
+//! [`Policy::from_json_spec`] keeps what it can read safely (targetRefs, an `ALLOW`
+//! action, `dryRun: true`), makes an unreadable or unknown action DENY, and records the
+//! serde error (with its field path) as the policy's first problem, so one such object is
+//! failed closed on its own. Fail-closed means: an ALLOW policy keeps its targets and gets
+//! no rules (it allows nothing), a DENY policy keeps its targets and gets one empty rule
+//! (it refuses every request to them); when the targetRefs themselves are invalid (or,
+//! for a spec that did not parse, unreadable), the policy targets its whole namespace (in
+//! the root namespace, `trellis-system`, the whole mesh).
 //! `dryRun` is kept: a dry-run policy is never enforced, invalid or not.
 //! [`InvalidPolicies`] logs each such policy once per change and counts them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde_json::Value;
 use trellis_api::authz::{self, Action, Operation, Pattern, ROOT_NAMESPACE, Rule, Source};
 use trellis_identity::SpiffeId;
 
 use crate::metrics::PolicyMetrics;
-use crate::objects::{ObjectKey, Objects, Policy};
-use crate::policy::{PolicyAction, PolicyOperation, PolicyRule, PolicySource};
+use crate::objects::{ObjectKey, ObjectMeta, Objects, Policy, SpecParseError};
+use crate::policy::{
+    AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
+    PolicyTargetRef,
+};
 use crate::validate::{FieldError, dns_label, dns_subdomain};
 
 /// Most entries accepted in any list of a policy: rules, targetRefs, each rule's `from`
@@ -57,6 +67,82 @@ const SPIFFE_SCHEME: &str = "spiffe://";
 /// How much of a bad value a message quotes: enough to recognise it, never a whole
 /// kilobyte.
 const SHOWN_CHARS: usize = 80;
+/// Longest parse error field path or message kept: serde quotes the offending key or
+/// value whole, and an object may be over a megabyte, so that is cut before it is logged
+/// with every change.
+const PARSE_ERROR_CHARS: usize = 300;
+
+/// See [`Policy::from_json_spec`].
+pub(crate) fn from_json_spec(metadata: ObjectMeta, spec: &Value) -> Policy {
+    let error = match serde_path_to_error::deserialize::<_, AuthorizationPolicySpec>(spec) {
+        Ok(parsed) => return Policy::new(metadata, parsed),
+        Err(e) => parse_error("spec", e),
+    };
+    let mut parse_errors = vec![error];
+    // Absent: the whole namespace, as written. Anything else must read whole: a target
+    // left out (or one with a field this version does not know, which could be a narrower
+    // or another namespace's Service) would aim the fail-closed policy at the wrong
+    // workloads, so then the policy covers its whole namespace instead.
+    let target_refs = match spec.get("targetRefs") {
+        None => Vec::new(),
+        Some(refs) => match serde_path_to_error::deserialize::<_, Vec<PolicyTargetRef>>(refs) {
+            Ok(refs) => refs,
+            Err(e) => {
+                let error = parse_error("spec.targetRefs", e);
+                // Already the first error when the spec failed there.
+                if !parse_errors.contains(&error) {
+                    parse_errors.push(error);
+                }
+                Vec::new()
+            }
+        },
+    };
+    // Only an ALLOW read as such stays ALLOW: a policy that allows nothing on its targets
+    // lets other ALLOW policies through, whereas an unknown action (a newer one, a typo)
+    // could have been meant to refuse.
+    let action = match spec.get("action").and_then(Value::as_str) {
+        Some("ALLOW") => PolicyAction::Allow,
+        _ => PolicyAction::Deny,
+    };
+    Policy {
+        metadata,
+        spec: AuthorizationPolicySpec {
+            target_refs,
+            action,
+            // A dry-run policy is never enforced, invalid or not (as for any invalid
+            // policy); anything but a plain `true` is enforced.
+            dry_run: spec.get("dryRun") == Some(&Value::Bool(true)),
+            rules: Vec::new(),
+        },
+        parse_errors,
+    }
+}
+
+/// A serde error at `field` (plus the path below it), both cut to [`PARSE_ERROR_CHARS`].
+fn parse_error(field: &str, e: serde_path_to_error::Error<serde_json::Error>) -> SpecParseError {
+    let path = e.path().to_string();
+    let field = if path == "." {
+        field.to_owned()
+    } else if path.starts_with('[') {
+        format!("{field}{path}")
+    } else {
+        format!("{field}.{path}")
+    };
+    SpecParseError {
+        field: cut(&field, PARSE_ERROR_CHARS),
+        message: cut(&e.into_inner().to_string(), PARSE_ERROR_CHARS),
+    }
+}
+
+/// `text`, cut to `max` characters with `...` when longer.
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max).collect();
+    cut.push_str("...");
+    cut
+}
 
 /// Every problem of `p`, in field order.
 pub(crate) fn problems(p: &Policy) -> Vec<FieldError> {
@@ -72,6 +158,10 @@ pub(crate) fn problems(p: &Policy) -> Vec<FieldError> {
             "metadata.namespace",
             format!("invalid namespace {}: {why}", shown(&p.metadata.namespace)),
         );
+    }
+    // The spec as written did not parse: say why; what follows checks the stand-in.
+    for e in &p.parse_errors {
+        c.push(e.field.clone(), e.message.clone());
     }
     let spec = &p.spec;
     c.count("spec.targetRefs", spec.target_refs.len());

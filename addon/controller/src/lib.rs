@@ -49,6 +49,6 @@ pub use authorization::{
 pub use error::{ConfigError, EXIT_CONFIG, Error, Position, Problem};
 pub use files::{MAX_DOCUMENTS, MAX_FILE_BYTES, MAX_FILES, load_dir};
 pub use metrics::{Metrics, PolicyMetrics};
-pub use objects::{EndpointSource, ObjectKey, Objects, Policy};
+pub use objects::{EndpointSource, ObjectKey, Objects, Policy, SpecParseError};
 pub use source::{FileSource, SourceStatus};
 pub use translate::translate;

@@ -76,7 +76,10 @@
 //!   `spec`. `metadata` is as for a Service. The Kubernetes source converts the custom
 //!   resource into the same type, and both sources check it with [`Policy::problems`]: the
 //!   file source refuses the directory, while a policy from Kubernetes with problems is
-//!   still translated, fail-closed (see [`crate::translate`]).
+//!   still translated, fail-closed (see [`crate::translate`]). From Kubernetes even a
+//!   `spec` that does not parse (a field of a newer Trellis, a port out of range) becomes
+//!   a [`Policy`] ([`Policy::from_json_spec`]): a fail-closed stand-in carrying its
+//!   [`SpecParseError`]s, which [`Policy::problems`] reports.
 //!
 //! ```yaml
 //! apiVersion: policy.trellis.dev/v1alpha1
@@ -324,8 +327,25 @@ pub struct WorkloadSpec {
 pub struct Policy {
     /// Name, namespace (where it applies), labels, annotations.
     pub metadata: ObjectMeta,
-    /// Targets, action and rules, as written.
+    /// Targets, action and rules, as written; when the written spec did not parse
+    /// (`parse_errors` is not empty), the fail-closed stand-in of
+    /// [`Policy::from_json_spec`] instead.
     pub spec: AuthorizationPolicySpec,
+    /// Why the object's `spec` did not parse as an [`AuthorizationPolicySpec`] (a field of
+    /// a newer Trellis, a port out of range, an unknown action); empty when it did. Only
+    /// [`Policy::from_json_spec`] fills it. [`Policy::problems`] reports these first, so
+    /// the policy counts as invalid and is translated fail-closed.
+    pub parse_errors: Vec<SpecParseError>,
+}
+
+/// Why a policy's `spec` did not deserialize, as serde said it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecParseError {
+    /// Path of the field that failed, e.g. `spec.rules[0].to[0].ports[1]`; `spec` when the
+    /// spec as a whole is wrong (not an object, absent).
+    pub field: String,
+    /// What is wrong, e.g. ``invalid value: integer `70000`, expected u16``.
+    pub message: String,
 }
 
 /// A whole `v1` Service document as written; converted into [`Service`].
@@ -476,6 +496,29 @@ impl Workload {
 // === impl Policy ===
 
 impl Policy {
+    /// A policy whose `spec` parsed: `parse_errors` empty.
+    pub fn new(metadata: ObjectMeta, spec: AuthorizationPolicySpec) -> Self {
+        Self {
+            metadata,
+            spec,
+            parse_errors: Vec::new(),
+        }
+    }
+
+    /// A policy from its `spec` as JSON (the Kubernetes source's form, which always
+    /// deserializes); never fails, so that one malformed object is handled on its own.
+    ///
+    /// A spec that parses is kept as is. One that does not gets `parse_errors` (the serde
+    /// error with its field path) and a fail-closed stand-in as `spec`: the targetRefs
+    /// when every entry reads as `{group, kind, name}` strings (else none: the whole
+    /// namespace); `action` ALLOW only when it reads `"ALLOW"` (else DENY: an unknown or
+    /// unreadable action refuses); `dryRun` only when it reads `true`; no rules. The
+    /// translator then enforces it as any invalid policy: an ALLOW that allows nothing, a
+    /// DENY that refuses everything, on those targets.
+    pub fn from_json_spec(metadata: ObjectMeta, spec: &serde_json::Value) -> Self {
+        crate::authorization::from_json_spec(metadata, spec)
+    }
+
     /// Every problem of this policy, one `field: message` line each (e.g.
     /// `spec.rules[0].from[1].serviceAccounts[0]: "a/b/c" is not <name> or
     /// <namespace>/<name>`); empty when it is acceptable. Both sources apply it: the file
@@ -566,10 +609,7 @@ impl From<ServiceDocument> for Service {
 
 impl From<PolicyDocument> for Policy {
     fn from(doc: PolicyDocument) -> Self {
-        Self {
-            metadata: doc.metadata,
-            spec: doc.spec,
-        }
+        Self::new(doc.metadata, doc.spec)
     }
 }
 

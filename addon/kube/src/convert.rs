@@ -16,11 +16,16 @@
 //! - **EndpointSlice**: [`EndpointSlice`], for slices with address type `IPv4` or `IPv6`
 //!   and a `kubernetes.io/service-name` label; `FQDN` slices and unlabelled ones are not
 //!   the mesh's.
-//! - **AuthorizationPolicy** (`policy.trellis.dev/v1alpha1`): a [`Policy`] with the
-//!   object's name, namespace, labels and annotations and its `spec` as is. It is never
-//!   skipped for what its spec says: leaving out a policy could open access, so one with
-//!   problems ([`Policy::problems`]) goes to the translator, which enforces it
-//!   fail-closed.
+//! - **AuthorizationPolicy** (`policy.trellis.dev/v1alpha1`): watched as a
+//!   [`RawPolicy`], whose `spec` is any JSON, so that one object the typed custom
+//!   resource cannot deserialize (applied with `--validate=false` against an older CRD,
+//!   written for a newer Trellis with an unknown field or action, a port out of range)
+//!   fails neither the list nor the watch of every policy. Each becomes a [`Policy`] on
+//!   its own ([`Policy::from_json_spec`]) with the object's name, namespace, labels and
+//!   annotations: its `spec` as is when it parses, else a fail-closed stand-in carrying
+//!   the parse error. It is never skipped for what its spec says: leaving out a policy
+//!   could open access, so one with problems ([`Policy::problems`], parse errors first)
+//!   goes to the translator, which enforces it fail-closed.
 //!
 //! Each conversion returns a [`Skip`] for an object it leaves out: [`Skip::Ignored`] for
 //! objects that are simply not part of the mesh (logged at debug), [`Skip::Invalid`] for
@@ -29,13 +34,17 @@
 //!
 //! The `strip_*` functions drop what none of this reads before an object is stored.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta as KubeMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString as KubeIntOrString;
+use kube::Resource;
+use serde::Deserialize;
 use trellis_controller::objects::{
     self, EndpointPort, EndpointSlice, IntOrString, ObjectMeta, SERVICE_NAME_LABEL, Service,
     ServicePort, ServiceSpec, SliceEndpoint, Workload, WorkloadSpec,
@@ -49,6 +58,50 @@ use crate::Kind;
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Annotations kept on Services: the mesh's own.
 const MESH_ANNOTATION_PREFIX: &str = "trellis.dev/";
+
+/// A `policy.trellis.dev/v1alpha1` AuthorizationPolicy as the API server sends it, its
+/// `spec` not yet parsed: what the source watches and stores, so that every object
+/// deserializes whatever its spec holds. [`policy`] parses each one on its own.
+///
+/// The resource (group, version, kind, plural, scope) is the custom resource type's,
+/// [`AuthorizationPolicy`], so both always name the same API.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct RawPolicy {
+    /// The object's metadata.
+    pub metadata: KubeMeta,
+    /// The object's `spec`, any JSON; `null` when absent.
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+impl Resource for RawPolicy {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        AuthorizationPolicy::kind(&())
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        AuthorizationPolicy::group(&())
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        AuthorizationPolicy::version(&())
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        AuthorizationPolicy::plural(&())
+    }
+
+    fn meta(&self) -> &KubeMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut KubeMeta {
+        &mut self.metadata
+    }
+}
 
 /// Why an object was left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +139,7 @@ pub fn objects<'a>(
     services: impl IntoIterator<Item = &'a core::Service>,
     slices: impl IntoIterator<Item = &'a discovery::EndpointSlice>,
     pods: impl IntoIterator<Item = &'a core::Pod>,
-    policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+    policies: impl IntoIterator<Item = &'a RawPolicy>,
 ) -> Converted {
     let mut out = Converted {
         objects: Objects {
@@ -138,18 +191,17 @@ pub fn objects<'a>(
     out
 }
 
-/// An AuthorizationPolicy as the controller's [`Policy`]; only an object without a name
-/// or namespace (which the API server never sends) is refused.
-pub fn policy(p: &AuthorizationPolicy) -> Result<Policy, Skip> {
+/// An AuthorizationPolicy as the controller's [`Policy`], fail-closed with its parse
+/// error when its spec does not parse ([`Policy::from_json_spec`]); only an object
+/// without a name or namespace (which the API server never sends) is refused.
+pub fn policy(p: &RawPolicy) -> Result<Policy, Skip> {
     let metadata = meta(&p.metadata)?;
-    Ok(Policy {
-        metadata: ObjectMeta {
-            labels: p.metadata.labels.clone().unwrap_or_default(),
-            annotations: p.metadata.annotations.clone().unwrap_or_default(),
-            ..metadata
-        },
-        spec: p.spec.clone(),
-    })
+    let metadata = ObjectMeta {
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        annotations: p.metadata.annotations.clone().unwrap_or_default(),
+        ..metadata
+    };
+    Ok(Policy::from_json_spec(metadata, &p.spec))
 }
 
 /// A Namespace: its name and labels.
@@ -431,7 +483,7 @@ pub(crate) fn strip_pod(pod: &mut core::Pod) {
 }
 
 /// Keeps a policy's name, namespace, labels, annotations (but kubectl's copy) and spec.
-pub(crate) fn strip_policy(p: &mut AuthorizationPolicy) {
+pub(crate) fn strip_policy(p: &mut RawPolicy) {
     strip_meta(&mut p.metadata);
 }
 

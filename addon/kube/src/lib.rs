@@ -17,11 +17,13 @@
 //!   then after each change (coalesced over a debounce interval) when the services or the
 //!   policies changed. The ConfigMap's `data` goes out raw on its own channel
 //!   ([`KubeHandle::config`]); parsing and keeping the last good config is the app's job.
-//! - [`convert`]: pure functions from the `k8s-openapi` types (and the controller's
-//!   AuthorizationPolicy custom resource) to the controller's objects. An object the
-//!   controller would refuse is skipped on its own (with a warning), never the whole
-//!   snapshot; an AuthorizationPolicy never is: the translator enforces an invalid one
-//!   fail-closed, and [`trellis_controller::InvalidPolicies`] warns about it.
+//! - [`convert`]: pure functions from the `k8s-openapi` types (and
+//!   [`convert::RawPolicy`], an AuthorizationPolicy whose `spec` is still JSON) to the
+//!   controller's objects. An object the controller would refuse is skipped on its own
+//!   (with a warning), never the whole snapshot; an AuthorizationPolicy never is: the
+//!   translator enforces an invalid one fail-closed, one whose spec does not even parse
+//!   included (on its own, without failing the watch of the others), and
+//!   [`trellis_controller::InvalidPolicies`] warns about it.
 //! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`,
 //!   and the controller's `trellis_controller_invalid_policies`.
 //! - [`leader`]: a Lease-based leader elector (client-go's semantics and timings: 15 s

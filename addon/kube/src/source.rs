@@ -15,6 +15,12 @@
 //!    snapshot. Policies with problems are reported (a warning per change, the
 //!    `trellis_controller_invalid_policies` gauge) and translated fail-closed.
 //!
+//! AuthorizationPolicies are watched with their `spec` as plain JSON
+//! ([`RawPolicy`](crate::convert::RawPolicy)): with the typed custom resource, one object
+//! that did not deserialize failed the whole list (no policy ever listed) or the watch
+//! (every later change ignored). Each spec is parsed at conversion, on its own, and one
+//! that does not parse is enforced fail-closed with the others untouched.
+//!
 //! AuthorizationPolicy is a custom resource: without its CRD, its list fails with 404.
 //! That must not hold the first snapshot back forever (a control plane upgraded before
 //! its CRDs were applied would never become ready), so a 404 counts as listed and empty,
@@ -43,10 +49,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use trellis_api::MeshSnapshot;
 use trellis_controller::InvalidPolicies;
-use trellis_controller::policy::AuthorizationPolicy;
 
 use crate::Kind;
-use crate::convert::{self, ConfigMapData, Skip, Skipped};
+use crate::convert::{self, ConfigMapData, RawPolicy, Skip, Skipped};
 use crate::metrics::Metrics;
 
 /// Default coalescing interval between a change and the snapshot it leads to.
@@ -163,7 +168,7 @@ struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
-    policies: Store<AuthorizationPolicy>,
+    policies: Store<RawPolicy>,
     config: Store<ConfigMap>,
 }
 
@@ -303,7 +308,9 @@ impl KubeSource {
             ),
             watch_kind(
                 Kind::AuthorizationPolicy,
-                Api::<AuthorizationPolicy>::all(client.clone()),
+                // Untyped specs: one malformed policy must not fail the whole list or
+                // watch (see `convert`); each is parsed, and failed closed, on its own.
+                Api::<RawPolicy>::all(client.clone()),
                 everything(),
                 policies_w,
                 convert::strip_policy,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
+use serde_json::json;
 use trellis_api::authz::{AuthorizationPolicy, Operation};
 
 use super::*;
@@ -13,17 +14,21 @@ use crate::policy::AuthorizationPolicySpec;
 
 const TD: &str = "mesh.example";
 
-fn policy(namespace: &str, name: &str, spec: &str) -> Policy {
-    Policy {
-        metadata: ObjectMeta {
-            name: name.into(),
-            namespace: namespace.into(),
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-        },
-        spec: serde_yaml::from_str::<AuthorizationPolicySpec>(spec)
-            .unwrap_or_else(|e| panic!("test spec {spec:?}: {e}")),
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: name.into(),
+        namespace: namespace.into(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
     }
+}
+
+fn policy(namespace: &str, name: &str, spec: &str) -> Policy {
+    Policy::new(
+        meta(namespace, name),
+        serde_yaml::from_str::<AuthorizationPolicySpec>(spec)
+            .unwrap_or_else(|e| panic!("test spec {spec:?}: {e}")),
+    )
 }
 
 fn lines(p: &Policy) -> Vec<String> {
@@ -521,5 +526,165 @@ fn the_fail_closed_effect_is_named() {
             "{dryRun: true, targetRefs: [{kind: Pod, name: x}]}"
         ),
         "allows nothing on every workload of the mesh (dry run: reported, not enforced)"
+    );
+}
+
+#[test]
+fn a_spec_that_parses_from_json_is_kept_as_is() {
+    let spec = json!({
+        "targetRefs": [{"kind": "Service", "name": "web"}],
+        "action": "DENY",
+        "rules": [{"to": [{"ports": [8080], "methods": ["POST"]}]}],
+    });
+    let p = Policy::from_json_spec(meta("demo", "p"), &spec);
+    assert_eq!(p, policy("demo", "p", &spec.to_string()));
+    assert_eq!(p.parse_errors, []);
+    assert_eq!(lines(&p), Vec::<String>::new());
+}
+
+#[test]
+fn a_spec_that_does_not_parse_becomes_a_fail_closed_stand_in() {
+    let web = json!([{"kind": "Service", "name": "web"}]);
+    let rules = json!([{"to": [{"ports": [70000]}]}]);
+    let port = "spec.rules[0].to[0].ports[0]: invalid value: integer `70000`, expected u16";
+    // Case, spec, problems, enforced (targets, action, dry run, rules).
+    let cases: Vec<(&str, serde_json::Value, Vec<String>, AuthorizationPolicy)> = vec![
+        (
+            "ALLOW read: its targets, allows nothing",
+            json!({"targetRefs": web, "action": "ALLOW", "rules": rules}),
+            vec![port.to_owned()],
+            want("demo", &["web"], Action::Allow, false, vec![]),
+        ),
+        (
+            "DENY: its targets, refuses everything",
+            json!({"targetRefs": web, "action": "DENY", "rules": rules}),
+            vec![port.to_owned()],
+            want("demo", &["web"], Action::Deny, false, vec![Rule::default()]),
+        ),
+        (
+            "no action (ALLOW were it valid): unreadable, so DENY",
+            json!({"targetRefs": web, "rules": rules}),
+            vec![port.to_owned()],
+            want("demo", &["web"], Action::Deny, false, vec![Rule::default()]),
+        ),
+        (
+            "an action that is not a string: DENY",
+            json!({"targetRefs": web, "action": 1}),
+            vec!["spec.action: invalid type: integer `1`, expected string or map".to_owned()],
+            want("demo", &["web"], Action::Deny, false, vec![Rule::default()]),
+        ),
+        (
+            "lower-case allow is not ALLOW: DENY",
+            json!({"action": "allow"}),
+            vec!["spec.action: unknown variant `allow`, expected `ALLOW` or `DENY`".to_owned()],
+            want("demo", &[], Action::Deny, false, vec![Rule::default()]),
+        ),
+        (
+            "dry run read as true: kept, never enforced",
+            json!({"action": "DENY", "dryRun": true, "rules": rules}),
+            vec![port.to_owned()],
+            want("demo", &[], Action::Deny, true, vec![Rule::default()]),
+        ),
+        (
+            "dry run not a boolean: enforced",
+            json!({"action": "ALLOW", "dryRun": "yes"}),
+            vec!["spec.dryRun: invalid type: string \"yes\", expected a boolean".to_owned()],
+            want("demo", &[], Action::Allow, false, vec![]),
+        ),
+        (
+            "a target with a field this version does not know: the whole namespace",
+            json!({"targetRefs": [{"kind": "Service", "name": "web"},
+                                  {"kind": "Service", "name": "api", "namespace": "other"}],
+                   "action": "DENY"}),
+            vec![
+                "spec.targetRefs[1].namespace: unknown field `namespace`, expected one of \
+                 `group`, `kind`, `name`"
+                    .to_owned(),
+            ],
+            want("demo", &[], Action::Deny, false, vec![Rule::default()]),
+        ),
+        (
+            "targetRefs unreadable besides another error: both named, the whole namespace",
+            json!({"targetRefs": [{"kind": "Service"}], "action": "ALLOW", "rules": rules}),
+            vec![
+                port.to_owned(),
+                "spec.targetRefs[0]: missing field `name`".to_owned(),
+            ],
+            want("demo", &[], Action::Allow, false, vec![]),
+        ),
+        (
+            "targetRefs null: the whole namespace",
+            json!({"targetRefs": null, "action": "ALLOW"}),
+            vec!["spec.targetRefs: invalid type: null, expected a sequence".to_owned()],
+            want("demo", &[], Action::Allow, false, vec![]),
+        ),
+        (
+            "a readable target that the checks refuse: the whole namespace",
+            json!({"targetRefs": [{"kind": "Deployment", "name": "web"}], "action": "ALLOW",
+                   "extra": 1}),
+            vec![
+                "spec.extra: unknown field `extra`, expected one of `targetRefs`, `action`, \
+                 `dryRun`, `rules`"
+                    .to_owned(),
+                "spec.targetRefs[0].kind: \"Deployment\" is not supported: only Service".to_owned(),
+            ],
+            want("demo", &[], Action::Allow, false, vec![]),
+        ),
+        (
+            "not an object: DENY on the whole namespace",
+            json!("ALLOW"),
+            vec![
+                "spec: invalid type: string \"ALLOW\", expected struct AuthorizationPolicySpec"
+                    .to_owned(),
+            ],
+            want("demo", &[], Action::Deny, false, vec![Rule::default()]),
+        ),
+    ];
+    for (case, spec, problems, expected) in cases {
+        let p = Policy::from_json_spec(meta("demo", "p"), &spec);
+        assert_eq!(lines(&p), problems, "{case}");
+        let mut objects = Objects::default();
+        objects.policies.insert(p.metadata.key(), p);
+        assert_eq!(translate_policies(&objects, TD), [expected], "{case}");
+    }
+}
+
+#[test]
+fn parse_errors_are_cut_to_a_loggable_length() {
+    let key = "k".repeat(5000);
+    let p = Policy::from_json_spec(meta("demo", "p"), &json!({ key: 1 }));
+    let [e] = p.parse_errors.as_slice() else {
+        panic!("{:?}", p.parse_errors)
+    };
+    let cut = format!("spec.{}...", "k".repeat(PARSE_ERROR_CHARS - "spec.".len()));
+    assert_eq!(e.field, cut);
+    assert_eq!(e.message.chars().count(), PARSE_ERROR_CHARS + 3);
+    assert!(e.message.starts_with("unknown field `kkk"), "{}", e.message);
+    assert!(e.message.ends_with("..."), "{}", e.message);
+}
+
+#[test]
+fn a_spec_that_does_not_parse_is_counted_and_its_effect_named() {
+    let mut registry = Registry::default();
+    let mut report = InvalidPolicies::new().with_metrics(PolicyMetrics::register(&mut registry));
+    let mut objects = Objects::default();
+    let bad = Policy::from_json_spec(
+        meta("demo", "newer"),
+        &json!({"targetRefs": [{"kind": "Service", "name": "web"}], "action": "AUDIT"}),
+    );
+    assert_eq!(
+        fail_closed_effect(&bad, &problems(&bad)),
+        "refuses every request to Services web"
+    );
+    objects.policies.insert(bad.metadata.key(), bad);
+    let good = policy("demo", "ok", "{}");
+    objects.policies.insert(good.metadata.key(), good);
+    assert_eq!(report.report(&objects), 1);
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "trellis_controller_invalid_policies 1"),
+        "{text}"
     );
 }

@@ -395,7 +395,7 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
     let mut pending = pod_json(scheduled(), json!({"phase": "Pending"}));
     pending.metadata.name = Some("api-2".into());
     let pods = vec![pod_json(scheduled(), running()), pending];
-    let policies: Vec<AuthorizationPolicy> = vec![
+    let policies: Vec<RawPolicy> = vec![
         from(json!({
             "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
             "metadata": {"name": "readers", "namespace": "demo"},
@@ -464,7 +464,7 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
 
 #[test]
 fn policies_are_converted_whole_and_never_skipped_for_their_spec() {
-    let mut p: AuthorizationPolicy = from(json!({
+    let mut p: RawPolicy = from(json!({
         "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
         "metadata": {
             "name": "readers", "namespace": "demo", "labels": {"team": "a"},
@@ -490,7 +490,8 @@ fn policies_are_converted_whole_and_never_skipped_for_their_spec() {
         converted.metadata.annotations.keys().collect::<Vec<_>>(),
         ["note"]
     );
-    assert_eq!(converted.spec, p.spec);
+    assert_eq!(converted.spec, from(p.spec.clone()));
+    assert_eq!(converted.parse_errors, []);
     // Invalid, yet converted: the translator enforces it fail-closed.
     assert_eq!(converted.problems().len(), 2, "{:?}", converted.problems());
     let mut objs = Objects::default();
@@ -500,6 +501,83 @@ fn policies_are_converted_whole_and_never_skipped_for_their_spec() {
     assert_eq!(enforced.action, trellis_api::authz::Action::Deny);
     assert!(enforced.target_services.is_empty(), "whole namespace");
     assert_eq!(enforced.rules, [trellis_api::authz::Rule::default()]);
+}
+
+#[test]
+fn a_policy_whose_spec_does_not_parse_is_converted_fail_closed() {
+    use trellis_api::authz::{Action, Rule};
+
+    let raw = |spec: Value| -> RawPolicy {
+        from(json!({
+            "apiVersion": "policy.trellis.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "demo", "labels": {"team": "a"}},
+            "spec": spec,
+        }))
+    };
+    // Case, spec, problems, (targets, action, rules) enforced.
+    type Case = (
+        &'static str,
+        Value,
+        Vec<&'static str>,
+        (Vec<&'static str>, Action, Vec<Rule>),
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a field of a newer Trellis, ALLOW: its target, allows nothing",
+            json!({"targetRefs": [{"kind": "Service", "name": "web"}], "action": "ALLOW",
+                   "rules": [{"when": [{"key": "k"}]}]}),
+            vec!["spec.rules[0].when: unknown field `when`, expected `from` or `to`"],
+            (vec!["web"], Action::Allow, vec![]),
+        ),
+        (
+            "a port out of range, DENY: its target, refuses everything",
+            json!({"targetRefs": [{"kind": "Service", "name": "api"}], "action": "DENY",
+                   "rules": [{"to": [{"ports": [8080, 70000]}]}]}),
+            vec!["spec.rules[0].to[0].ports[1]: invalid value: integer `70000`, expected u16"],
+            (vec!["api"], Action::Deny, vec![Rule::default()]),
+        ),
+        (
+            "an unknown action: DENY",
+            json!({"action": "AUDIT", "rules": [{}]}),
+            vec!["spec.action: unknown variant `AUDIT`, expected `ALLOW` or `DENY`"],
+            (vec![], Action::Deny, vec![Rule::default()]),
+        ),
+        (
+            "no spec at all: DENY on the whole namespace",
+            Value::Null,
+            vec!["spec: invalid type: null, expected struct AuthorizationPolicySpec"],
+            (vec![], Action::Deny, vec![Rule::default()]),
+        ),
+    ];
+    for (case, spec, problems, (targets, action, rules)) in cases {
+        let converted = policy(&raw(spec)).unwrap();
+        assert_eq!(
+            converted.metadata.key(),
+            ObjectKey::new("demo", "p"),
+            "{case}"
+        );
+        assert_eq!(converted.metadata.labels["team"], "a", "{case}");
+        assert_eq!(converted.problems(), problems, "{case}");
+        let mut objs = Objects::default();
+        objs.policies.insert(converted.metadata.key(), converted);
+        let snap = trellis_controller::translate(&objs, "cluster.local", 1);
+        let enforced = &snap.authorization[0];
+        assert_eq!(
+            (
+                &enforced.target_services,
+                enforced.action,
+                &enforced.rules,
+                enforced.dry_run
+            ),
+            (
+                &targets.iter().map(|t| (*t).to_owned()).collect(),
+                action,
+                &rules,
+                false
+            ),
+            "{case}"
+        );
+    }
 }
 
 #[test]
