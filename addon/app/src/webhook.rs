@@ -1075,6 +1075,40 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod inject_tests;
 
+/// An AdmissionReview (uid `uid`) for a `kind` of `group/version` (resource `resource`),
+/// as the API server sends it: the body the webhook tests post.
+#[cfg(test)]
+fn review_json(
+    uid: &str,
+    operation: &str,
+    (group, version, kind, resource): (&str, &str, &str, &str),
+    name: &str,
+    namespace: &str,
+    object: Value,
+    old: Value,
+) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": resource},
+            "requestKind": {"group": group, "version": version, "kind": kind},
+            "requestResource": {"group": group, "version": version, "resource": resource},
+            "name": name,
+            "namespace": namespace,
+            "operation": operation,
+            "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+            "object": object,
+            "oldObject": old,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
+        }
+    }))
+    .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -1120,26 +1154,15 @@ mod tests {
         } else {
             "secrets"
         };
-        serde_json::to_vec(&json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": UID,
-                "kind": {"group": "", "version": "v1", "kind": kind},
-                "resource": {"group": "", "version": "v1", "resource": resource},
-                "requestKind": {"group": "", "version": "v1", "kind": kind},
-                "requestResource": {"group": "", "version": "v1", "resource": resource},
-                "name": name,
-                "namespace": namespace,
-                "operation": operation,
-                "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
-                "object": object,
-                "oldObject": old,
-                "dryRun": false,
-                "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-            }
-        }))
-        .unwrap()
+        review_json(
+            UID,
+            operation,
+            ("", "v1", kind, resource),
+            name,
+            namespace,
+            object,
+            old,
+        )
     }
 
     fn update(data: Value) -> Vec<u8> {

@@ -14,32 +14,13 @@ const UID: &str = "0df28fbd-5f5f-11e8-b7cc-42010a800002";
 /// server sends it.
 fn review_of(
     operation: &str,
-    (group, version, kind, resource): (&str, &str, &str, &str),
+    kind: (&str, &str, &str, &str),
     name: &str,
     namespace: &str,
     object: Value,
     old: Value,
 ) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": UID,
-            "kind": {"group": group, "version": version, "kind": kind},
-            "resource": {"group": group, "version": version, "resource": resource},
-            "requestKind": {"group": group, "version": version, "kind": kind},
-            "requestResource": {"group": group, "version": version, "resource": resource},
-            "name": name,
-            "namespace": namespace,
-            "operation": operation,
-            "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
-            "object": object,
-            "oldObject": old,
-            "dryRun": false,
-            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-        }
-    }))
-    .unwrap()
+    crate::webhook::review_json(UID, operation, kind, name, namespace, object, old)
 }
 
 const TRELLIS: (&str, &str, &str, &str) = (
