@@ -21,6 +21,11 @@
 //!   view always carries that set (possibly empty), an increment carries it whole when
 //!   either namespace's set changed since the proxy's version, and a change of policies
 //!   alone is pushed only to the proxies it concerns.
+//! - HTTP routes are few and change rarely: they are kept as one set with the version it
+//!   last changed at. A proxy receives the producer routes (those in the namespace of a
+//!   Service they attach to) and the routes of its own namespace
+//!   ([`HttpRoute`] semantics are in `trellis_api::route`); a change of routes is pushed to
+//!   every proxy, each getting its own set whole.
 //!
 //! Each stream keeps only the version (and epoch) its proxy holds, never a copy.
 
@@ -33,6 +38,7 @@ use tokio::sync::watch;
 use trellis_api::authz::{AuthorizationPolicy, ROOT_NAMESPACE};
 use trellis_api::discovery::v1 as pb;
 use trellis_api::parts::DEFAULT_PART_BYTES;
+use trellis_api::route::HttpRoute;
 use trellis_api::{MeshSnapshot, ServiceKey, Trust};
 
 use crate::scope::Scope;
@@ -84,6 +90,8 @@ pub(crate) struct Published {
     settings_changed_at: u64,
     /// Authorization policies by namespace.
     policies: BTreeMap<String, NamespacePolicies>,
+    /// The version the routes last changed at.
+    routes_changed_at: u64,
     /// (version, service) for every upsert and removal, oldest first.
     log: VecDeque<(u64, ServiceKey)>,
     /// Deltas can be computed from versions at or after this one.
@@ -287,6 +295,7 @@ impl Published {
             trust_changed_at: version,
             settings_changed_at: version,
             policies,
+            routes_changed_at: version,
             log: VecDeque::new(),
             horizon: version,
         }
@@ -349,6 +358,9 @@ impl Published {
                     .insert((*ns).to_owned(), NamespacePolicies::new(&[], version));
             }
         }
+        if source.routes != self.source.routes {
+            next.routes_changed_at = version;
+        }
         // An emptied namespace is remembered only while a proxy may hold a version from
         // before it emptied; past the horizon such a proxy gets a full view anyway.
         let horizon = next.horizon;
@@ -408,6 +420,24 @@ impl Published {
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
             authorization: Some(self.authorization_wire(namespace)),
+            routes: Some(self.routes_wire(namespace)),
+        }
+    }
+
+    /// The routes a proxy in `namespace` may apply: every producer route, and the
+    /// consumer routes of its own namespace, sorted by namespace and name.
+    fn routes_wire(&self, namespace: &str) -> pb::HttpRoutes {
+        let concerns = |r: &HttpRoute| {
+            r.namespace == namespace || r.parents.iter().any(|p| p.service.namespace == r.namespace)
+        };
+        pb::HttpRoutes {
+            routes: self
+                .source
+                .routes
+                .iter()
+                .filter(|r| concerns(r))
+                .map(pb::HttpRoute::from)
+                .collect(),
         }
     }
 
@@ -473,7 +503,13 @@ impl Published {
         let settings_changed = self.settings_changed_at > base.version;
         // So are new policies, for the proxies that enforce them.
         let policies_changed = self.policies_changed_since(namespace, base.version);
-        if changed.is_empty() && !trust_changed && !settings_changed && !policies_changed {
+        let routes_changed = self.routes_changed_at > base.version;
+        if changed.is_empty()
+            && !trust_changed
+            && !settings_changed
+            && !policies_changed
+            && !routes_changed
+        {
             return Push::Nothing;
         }
         let mut upserts = Vec::new();
@@ -504,6 +540,7 @@ impl Published {
             access_log: self.access_log_wire(),
             tracing: self.source.tracing.to_wire(),
             authorization: policies_changed.then(|| self.authorization_wire(namespace)),
+            routes: routes_changed.then(|| self.routes_wire(namespace)),
         })
     }
 }
@@ -613,6 +650,87 @@ mod tests {
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect()
         })
+    }
+
+    /// A route `ns/name` attached to `parent` (`<ns>/<name>`), sending everything there.
+    fn route(ns: &str, name: &str, parent: &str) -> HttpRoute {
+        use trellis_api::route::{Backend, RouteParent, RouteRule};
+        let parent = ServiceKey::parse(parent).unwrap_or_else(|| ServiceKey::new("?", "?"));
+        HttpRoute {
+            namespace: ns.into(),
+            name: name.into(),
+            parents: vec![RouteParent {
+                service: parent.clone(),
+                port: None,
+            }],
+            rules: vec![RouteRule {
+                name: String::new(),
+                matches: Vec::new(),
+                backends: vec![Backend {
+                    service: parent,
+                    port: 80,
+                    weight: 1,
+                }],
+                timeout: None,
+            }],
+        }
+    }
+
+    /// Producer routes reach every proxy, consumer routes only their namespace's; a
+    /// change of routes is pushed whole, and an unrelated change leaves them out.
+    #[test]
+    fn proxies_get_producer_routes_and_their_own_namespace_routes() {
+        let scope = Arc::new(Scope::all());
+        let services = [service("a", "web", 1), service("b", "db", 2)];
+        let keys = |resp: &pb::DiscoveryResponse| {
+            resp.routes.as_ref().map(|set| {
+                set.routes
+                    .iter()
+                    .map(|r| format!("{}/{}", r.namespace, r.name))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let mut routes = vec![
+            route("a", "web-split", "a/web"),
+            route("b", "web-for-b", "a/web"),
+            route("c", "web-for-c", "a/web"),
+        ];
+        routes.sort();
+        let v1 = Arc::new(MeshSnapshot {
+            routes: routes.clone(),
+            ..(*snapshot(1, &services)).clone()
+        });
+        let first = Published::first(v1, scope.clone(), 0);
+        let some = |v: &[&str]| Some(v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(keys(&first.full("a")), some(&["a/web-split"]));
+        assert_eq!(
+            keys(&first.full("b")),
+            some(&["a/web-split", "b/web-for-b"])
+        );
+
+        // A service change alone carries no routes.
+        let v2 = Arc::new(MeshSnapshot {
+            routes: routes.clone(),
+            ..(*snapshot(2, &[service("a", "web", 5), service("b", "db", 2)])).clone()
+        });
+        let second = first.next(v2, scope.clone());
+        let resp = response(push(&second, first.base(), "b"));
+        assert_eq!(resp.as_ref().and_then(keys), None);
+
+        // A route change reaches every proxy, each with its own set.
+        routes.retain(|r| r.name != "web-for-b");
+        let v3 = Arc::new(MeshSnapshot {
+            routes,
+            ..(*snapshot(3, &[service("a", "web", 5), service("b", "db", 2)])).clone()
+        });
+        let third = second.next(v3, scope);
+        let resp = response(push(&third, second.base(), "b"));
+        assert_eq!(resp.as_ref().and_then(keys), some(&["a/web-split"]));
+        let resp = response(push(&third, second.base(), "c"));
+        assert_eq!(
+            resp.as_ref().and_then(keys),
+            some(&["a/web-split", "c/web-for-c"])
+        );
     }
 
     /// A proxy that applies every push lands exactly on its view of the newest snapshot,

@@ -84,6 +84,14 @@ pub enum ConvertError {
         /// What is wrong with it.
         error: crate::authz::PolicyError,
     },
+    /// An HTTP route the proxy cannot apply as sent.
+    #[error("HTTP route {route}: {error}")]
+    BadRoute {
+        /// `<namespace>/<name>` of the route.
+        route: String,
+        /// What is wrong with it.
+        error: crate::route::RouteError,
+    },
     /// A response whose version is not newer than the one held.
     #[error("stale version {version}: already at {current}")]
     Stale {

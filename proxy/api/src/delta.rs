@@ -68,6 +68,12 @@ pub fn apply(
         None if resp.full => Vec::new(),
         None => current.authorization.clone(),
     };
+    let routes = match &resp.routes {
+        Some(set) => crate::route::routes_from_wire(set)
+            .map_err(|(route, error)| ConvertError::BadRoute { route, error })?,
+        None if resp.full => Vec::new(),
+        None => current.routes.clone(),
+    };
     let trust = if resp.full || !resp.trust_roots_der.is_empty() {
         Trust {
             roots_der: resp.trust_roots_der.clone(),
@@ -86,6 +92,7 @@ pub fn apply(
         access_log: AccessLog::from_wire(resp.access_log),
         tracing: Tracing::from_wire(resp.tracing.as_ref()),
         authorization,
+        routes,
     })
 }
 
@@ -93,7 +100,7 @@ pub fn apply(
 ///
 /// Upserts carry every service that is new or changed in any way, whole; `removed` lists
 /// the keys only `old` has. The trust bundle and CA generation are included only when
-/// `old.trust != new.trust`, the authorization policies only when they changed. The
+/// `old.trust != new.trust`, the authorization policies and the routes only when they changed. The
 /// response has `new`'s version even when nothing changed; callers that want to skip such
 /// pushes check [`same_view`] first.
 ///
@@ -136,11 +143,12 @@ pub fn diff(old: &MeshSnapshot, new: &MeshSnapshot) -> pb::DiscoveryResponse {
         tracing: new.tracing.to_wire(),
         authorization: (old.authorization != new.authorization)
             .then(|| crate::authz::policies_to_wire(&new.authorization)),
+        routes: (old.routes != new.routes).then(|| crate::route::routes_to_wire(&new.routes)),
     }
 }
 
 /// The full response for `snapshot` (`full = true`): every service, the trust bundle with
-/// its CA generation and every authorization policy, replacing all state.
+/// its CA generation, every authorization policy and every route, replacing all state.
 pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
     pb::DiscoveryResponse {
         version: snapshot.version,
@@ -155,6 +163,7 @@ pub fn full(snapshot: &MeshSnapshot) -> pb::DiscoveryResponse {
         access_log: pb::AccessLog::from(snapshot.access_log).into(),
         tracing: snapshot.tracing.to_wire(),
         authorization: Some(crate::authz::policies_to_wire(&snapshot.authorization)),
+        routes: Some(crate::route::routes_to_wire(&snapshot.routes)),
     }
 }
 
@@ -169,6 +178,7 @@ pub fn same_view(old: &MeshSnapshot, new: &MeshSnapshot) -> bool {
         && old.access_log == new.access_log
         && old.tracing == new.tracing
         && old.authorization == new.authorization
+        && old.routes == new.routes
 }
 
 /// Converts upserts, refusing a service that appears twice: which copy should win is not

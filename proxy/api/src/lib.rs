@@ -14,6 +14,7 @@ pub mod convert;
 pub mod delta;
 pub mod lookup;
 pub mod parts;
+pub mod route;
 pub mod snapshot;
 
 pub use convert::ConvertError;

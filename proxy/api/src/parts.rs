@@ -190,6 +190,7 @@ mod tests {
             access_log: 2,
             tracing: None,
             authorization: None,
+            routes: None,
         }
     }
 

@@ -40,6 +40,10 @@ pub struct MeshSnapshot {
     /// holds every policy of the mesh; a proxy's view holds those of its namespace and of
     /// [`crate::authz::ROOT_NAMESPACE`].
     pub authorization: Vec<crate::authz::AuthorizationPolicy>,
+    /// HTTP routes, sorted by namespace and name. The control plane's snapshot holds every
+    /// route of the mesh; a proxy's view holds the producer routes (in their parent
+    /// Service's namespace) and the routes of its own namespace.
+    pub routes: Vec<crate::route::HttpRoute>,
 }
 
 /// trellis-config's `tracing`: how often proxies sample new traces and where they send

@@ -48,6 +48,7 @@ fn snapshot(version: u64, services: Vec<Service>) -> MeshSnapshot {
         access_log: AccessLog::Unset,
         tracing: Default::default(),
         authorization: Vec::new(),
+        routes: Vec::new(),
     }
 }
 
@@ -186,6 +187,7 @@ fn diff_carries_only_changes() {
             access_log: 0,
             tracing: None,
             authorization: None,
+            routes: None,
         }
     );
     assert!(trellis_api::same_view(
@@ -305,6 +307,7 @@ fn full_carries_the_bundle_and_generation() {
             access_log: 0,
             tracing: None,
             authorization: Some(pb::AuthorizationPolicies::default()),
+            routes: Some(pb::HttpRoutes::default()),
         }
     );
     let held = trusted(1, vec![], trust(&["root-older"], 1));
@@ -404,6 +407,7 @@ fn diff_carries_the_trust_only_when_it_changed() {
                 access_log: 0,
                 tracing: None,
                 authorization: None,
+                routes: None,
             },
             "{case}"
         );
@@ -610,6 +614,74 @@ fn policies_travel_whole_and_only_when_changed() -> Result<(), ConvertError> {
             "authorization policy demo/c: rules[0].from[0].principals[0] = \"a*b\" is not a \
              pattern (exact, \"*\", \"prefix*\" or \"*suffix\")"
         )
+    );
+    Ok(())
+}
+
+fn routes(names: &[&str]) -> Vec<trellis_api::route::HttpRoute> {
+    use trellis_api::route::{Backend, HttpRoute, RouteParent, RouteRule};
+    names
+        .iter()
+        .map(|name| HttpRoute {
+            namespace: "demo".into(),
+            name: (*name).into(),
+            parents: vec![RouteParent {
+                service: ServiceKey::new("demo", "web"),
+                port: None,
+            }],
+            rules: vec![RouteRule {
+                name: String::new(),
+                matches: Vec::new(),
+                backends: vec![Backend {
+                    service: ServiceKey::new("demo", "web-v2"),
+                    port: 80,
+                    weight: 1,
+                }],
+                timeout: None,
+            }],
+        })
+        .collect()
+}
+
+#[test]
+fn routes_travel_whole_and_only_when_changed() -> Result<(), ConvertError> {
+    let mut old = snapshot(1, vec![service("web", 80, &["10.0.0.1:8080"])]);
+    old.routes = routes(&["a", "b"]);
+    let held = apply(&MeshSnapshot::default(), &full(&old))?;
+    assert_eq!(held.routes, old.routes);
+
+    // Unchanged routes stay out of an increment, and the proxy keeps them.
+    let mut other = old.clone();
+    other.version = 2;
+    other.services.clear();
+    let resp = diff(&old, &other);
+    assert_eq!(resp.routes, None);
+    assert_eq!(apply(&held, &resp)?.routes, old.routes);
+
+    // A change sends the whole new set; removing all is an empty set, not an absent one.
+    let mut new = old.clone();
+    new.version = 3;
+    new.routes = routes(&["c"]);
+    assert!(!same_view(&old, &new));
+    let resp = diff(&old, &new);
+    assert_eq!(resp.routes.as_ref().map(|r| r.routes.len()), Some(1));
+    assert_eq!(apply(&held, &resp)?.routes, new.routes);
+    let mut none = old.clone();
+    none.version = 4;
+    none.routes.clear();
+    let resp = diff(&old, &none);
+    assert_eq!(resp.routes.as_ref().map(|r| r.routes.len()), Some(0));
+    assert!(apply(&held, &resp)?.routes.is_empty());
+
+    // A bad route refuses the whole response, naming the route and the field.
+    let mut bad = diff(&old, &new);
+    if let Some(set) = bad.routes.as_mut() {
+        set.routes[0].rules[0].backends[0].port = 0;
+    }
+    let err = apply(&held, &bad).err().map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("HTTP route demo/c: rules[0].backends[0].port = 0 is not a port (1..=65535)")
     );
     Ok(())
 }

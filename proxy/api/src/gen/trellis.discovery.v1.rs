@@ -103,6 +103,14 @@ pub struct DiscoveryResponse {
     /// an increment carries it only when it changed (absent there means "unchanged").
     #[prost(message, optional, tag = "8")]
     pub authorization: ::core::option::Option<AuthorizationPolicies>,
+    /// The HTTP routes (Gateway API HTTPRoutes attached to Services: the GAMMA pattern)
+    /// the receiving proxy applies to its outbound requests: every "producer" route (in the
+    /// namespace of the Service it attaches to) and the "consumer" routes of the proxy's own
+    /// namespace. Replaced whole, never merged, like `authorization`: a full response always
+    /// carries it (absent there means "no routes"); an increment carries it only when it
+    /// changed (absent there means "unchanged").
+    #[prost(message, optional, tag = "9")]
+    pub routes: ::core::option::Option<HttpRoutes>,
     /// true: this response is one part of a version, and the next response on the stream
     /// continues it (same version, full = false, more upserts and removals). The proxy
     /// applies nothing until the part with more = false arrives, then applies all parts of
@@ -192,6 +200,96 @@ pub struct Endpoint {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+}
+/// Every HTTP route a proxy applies; see DiscoveryResponse.routes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpRoutes {
+    #[prost(message, repeated, tag = "1")]
+    pub routes: ::prost::alloc::vec::Vec<HttpRoute>,
+}
+/// A gateway.networking.k8s.io HTTPRoute whose parents are Services, as the control plane
+/// validated and resolved it. For a request to a parent Service, the proxy considers the
+/// consumer routes of its own namespace for that Service when there are any, else the
+/// producer routes; among their rules it picks the most specific match (Gateway API
+/// precedence: exact path, longest prefix, method, most headers, most query parameters,
+/// then routes by namespace/name and rules in order). No matching rule: 404. A picked rule
+/// sends the request to one of its backends, chosen by weight.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpRoute {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// The Services this route attaches to; at least one.
+    #[prost(message, repeated, tag = "3")]
+    pub parents: ::prost::alloc::vec::Vec<RouteParent>,
+    /// At least one.
+    #[prost(message, repeated, tag = "4")]
+    pub rules: ::prost::alloc::vec::Vec<RouteRule>,
+}
+/// A Service a route attaches to, on one port or (port 0) on all of its HTTP ports.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteParent {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteRule {
+    /// The rule's name, or empty.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Any of them (OR). Empty: every request (a "/" path prefix).
+    #[prost(message, repeated, tag = "2")]
+    pub matches: ::prost::alloc::vec::Vec<RouteMatch>,
+    /// Where matching requests go. Empty, or every weight 0: the request is answered 500.
+    #[prost(message, repeated, tag = "3")]
+    pub backends: ::prost::alloc::vec::Vec<RouteBackend>,
+    /// timeouts.request in milliseconds: the whole request, response body included. 0: the
+    /// proxy's own request timeout.
+    #[prost(uint64, tag = "4")]
+    pub request_timeout_ms: u64,
+}
+/// Every field that is set must match (AND).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteMatch {
+    #[prost(enumeration = "RoutePathMatch", tag = "1")]
+    pub path_kind: i32,
+    /// The path, starting with "/".
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
+    /// An upper-case HTTP method, or empty for any.
+    #[prost(string, tag = "3")]
+    pub method: ::prost::alloc::string::String,
+    /// Header names (lower case) and exact values.
+    #[prost(message, repeated, tag = "4")]
+    pub headers: ::prost::alloc::vec::Vec<RouteValueMatch>,
+    /// Query parameter names and exact values (as sent, not percent-decoded).
+    #[prost(message, repeated, tag = "5")]
+    pub query_params: ::prost::alloc::vec::Vec<RouteValueMatch>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteValueMatch {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+}
+/// A Service port that receives a share of a rule's requests.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteBackend {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    /// The share is weight / (sum of the rule's weights). 0: never picked.
+    #[prost(uint32, tag = "4")]
+    pub weight: u32,
 }
 /// Every authorization policy a proxy enforces; see DiscoveryResponse.authorization.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -322,6 +420,39 @@ impl OutboundTrafficPolicy {
         match value {
             "ALLOW_ANY" => Some(Self::AllowAny),
             "REGISTRY_ONLY" => Some(Self::RegistryOnly),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RoutePathMatch {
+    /// Never sent; a proxy refuses (nacks) a match without a path kind.
+    Unspecified = 0,
+    /// The whole path equals `path`.
+    Exact = 1,
+    /// `path` is a prefix of the path, by whole segments ("/a" matches "/a" and "/a/b", not
+    /// "/ab").
+    Prefix = 2,
+}
+impl RoutePathMatch {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROUTE_PATH_MATCH_UNSPECIFIED",
+            Self::Exact => "ROUTE_PATH_MATCH_EXACT",
+            Self::Prefix => "ROUTE_PATH_MATCH_PREFIX",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROUTE_PATH_MATCH_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROUTE_PATH_MATCH_EXACT" => Some(Self::Exact),
+            "ROUTE_PATH_MATCH_PREFIX" => Some(Self::Prefix),
             _ => None,
         }
     }
