@@ -6,8 +6,11 @@
 //! `metrics_address`) or named with `--proxy`. Each is scraped twice, `--window` apart;
 //! the figures are the difference. Only the request families are read
 //! (`http_{server,client}_request_duration_seconds`, see docs/metrics.md): `--by workload`
-//! reads the serving side (what each workload answered), `--by service` and `--by edge`
-//! the calling side (what callers got, including the proxy's own error answers).
+//! reads the serving side (what each workload answered), `--by service`, `--by edge` and
+//! `--by route` the calling side (what callers got, including the proxy's own error
+//! answers). Routes are applied by the caller's proxy, so only that side knows them;
+//! requests no HTTPRoute applied to show as `[default] <service>`, like Linkerd's
+//! `[DEFAULT]` route.
 //!
 //! A request succeeded when its status is below 500 and, for gRPC, its `grpc-status` is
 //! 0 (OK), as Linkerd counts it. Percentiles are interpolated within histogram buckets,
@@ -56,6 +59,9 @@ pub(crate) enum By {
     Service,
     /// Per caller -> serving workload pair.
     Edge,
+    /// Per HTTPRoute (its callers' requests), and `[default] <service>` for requests
+    /// no route applied to.
+    Route,
 }
 
 /// One sample line of a Prometheus text exposition.
@@ -233,7 +239,7 @@ fn accumulate<K: Ord>(
 pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Vec<Row> {
     let family = match by {
         By::Workload => "http_server_request_duration_seconds",
-        By::Service | By::Edge => "http_client_request_duration_seconds",
+        By::Service | By::Edge | By::Route => "http_client_request_duration_seconds",
     };
     let groups = accumulate(before, after, family, |s| match by {
         By::Workload => (
@@ -243,6 +249,14 @@ pub(crate) fn rows(before: &[Sample], after: &[Sample], by: By, secs: f64) -> Ve
         By::Service => (
             s.label("destination_service_namespace").to_owned(),
             s.label("destination_service_name").to_owned(),
+        ),
+        By::Route if s.label("route_name").is_empty() => (
+            s.label("destination_service_namespace").to_owned(),
+            format!("[default] {}", s.label("destination_service_name")),
+        ),
+        By::Route => (
+            s.label("route_namespace").to_owned(),
+            s.label("route_name").to_owned(),
         ),
         By::Edge => (
             s.label("source_namespace").to_owned(),
@@ -351,6 +365,7 @@ pub(crate) fn table(rows: &[Row], by: By) -> String {
         By::Workload => "WORKLOAD",
         By::Service => "SERVICE",
         By::Edge => "EDGE",
+        By::Route => "ROUTE",
     };
     let mut lines = vec![vec![
         "NAMESPACE".to_owned(),
@@ -707,6 +722,36 @@ mod tests {
         let text = table(&rows, By::Workload);
         assert!(text.starts_with("NAMESPACE  WORKLOAD  SUCCESS"), "{text}");
         assert!(text.contains("web       75.00%   4.00"), "{text}");
+    }
+
+    #[test]
+    fn routes_group_what_callers_sent_through_each_route() {
+        let routed = |dst: &str, count: f64| {
+            series("client", dst, 200, "", count, &[("+Inf", count)]).replace(
+                "connection_security_policy",
+                "route_namespace=\"demo\",route_name=\"web-canary\",connection_security_policy",
+            )
+        };
+        let after = parse(
+            &(routed("web", 90.0)
+                + &routed("web-v2", 10.0)
+                + &series("client", "api", 500, "", 4.0, &[("+Inf", 4.0)])
+                + &series("server", "web", 200, "", 77.0, &[("+Inf", 77.0)])),
+        )
+        .unwrap();
+        let rows = rows(&[], &after, By::Route, 0.0);
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.namespace.as_str(), r.name.as_str(), r.requests, r.success))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("demo", "[default] api", 4.0, Some(0.0)),
+                ("demo", "web-canary", 100.0, Some(1.0)),
+            ]
+        );
+        assert!(table(&rows, By::Route).starts_with("NAMESPACE  ROUTE"));
     }
 
     #[test]

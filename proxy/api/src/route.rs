@@ -56,7 +56,9 @@ pub struct RouteRule {
     pub matches: Vec<RouteMatch>,
     /// Where matching requests go.
     pub backends: Vec<Backend>,
-    /// `timeouts.request`: how long the whole request may take; `None`: the proxy's own.
+    /// `timeouts.request`: how long the backend may take to start its response; `None`:
+    /// the proxy's own request timeout. Shown as `timeout_ms`.
+    #[serde(rename = "timeout_ms", serialize_with = "millis")]
     pub timeout: Option<Duration>,
 }
 
@@ -358,6 +360,14 @@ impl RouteRule {
             point -= w;
         }
         None
+    }
+}
+
+/// A timeout as whole milliseconds (`null` when unset), for debug output.
+fn millis<S: serde::Serializer>(t: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_u128(t.as_millis()),
+        None => s.serialize_none(),
     }
 }
 

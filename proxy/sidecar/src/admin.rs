@@ -1,6 +1,6 @@
 //! The admin endpoints, on loopback only (enforced by the config): `/live`, `/ready`,
 //! `/metrics` (Prometheus text) and `/config` (identity, certificate, trust bundle and
-//! CA generation, discovery view and authorization policies in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
+//! CA generation, discovery view, authorization policies and routes in JSON) are read-only and GET-only. The one action, `POST /shutdown` (drain and exit,
 //! for Jobs without native sidecars), exists only when a token file is configured and
 //! needs `Authorization: Bearer <token>`; so does `GET /tap`, the live request stream
 //! (`trellis tap`, `trellis top`), which exists only with `--tap-token-file`.
@@ -325,6 +325,9 @@ impl Admin {
                     "policies": view.snapshot.authorization,
                     "applied": applied,
                 },
+                // Every route pushed; which ones this proxy applies to which Service is
+                // decided per request (consumer routes of its namespace first).
+                "routes": view.snapshot.routes,
             },
         });
         serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))

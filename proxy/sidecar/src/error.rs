@@ -26,6 +26,17 @@ pub enum Error {
     /// No mesh service answers to this host and port.
     #[error("no mesh service for {0}")]
     NoRoute(String),
+    /// HTTPRoutes attach to the service port, and none of their rules matches.
+    #[error("no rule of the HTTPRoutes attached to {0} matches the request")]
+    NoRouteMatch(String),
+    /// The rule that matched has no backend that can serve the request.
+    #[error("HTTPRoute {route}: {why}")]
+    NoBackend {
+        /// `<namespace>/<name>` of the route.
+        route: String,
+        /// Why no backend can be used.
+        why: String,
+    },
     /// The service exists but has no endpoints.
     #[error("service {0} has no endpoints")]
     NoEndpoints(String),
@@ -74,9 +85,11 @@ impl Error {
             Error::NoHost
             | Error::BadHost(_)
             | Error::NoRoute(_)
+            | Error::NoRouteMatch(_)
             | Error::OutsideMesh(_)
             | Error::Denied(_) => Side::Downstream,
-            Error::NotReady(_) => Side::Internal,
+            // A route whose backends cannot be used is the mesh's configuration.
+            Error::NotReady(_) | Error::NoBackend { .. } => Side::Internal,
             Error::NoEndpoints(_)
             | Error::BadEndpointIdentity { .. }
             | Error::Connect { .. }
@@ -91,7 +104,9 @@ impl Error {
             Error::NoHost | Error::BadHost(_) => StatusCode::BAD_REQUEST,
             Error::Denied(trellis_api::authz::Denial::BadPath(_)) => StatusCode::BAD_REQUEST,
             Error::Denied(_) => StatusCode::FORBIDDEN,
-            Error::NoRoute(_) => StatusCode::NOT_FOUND,
+            Error::NoRoute(_) | Error::NoRouteMatch(_) => StatusCode::NOT_FOUND,
+            // The Gateway API's answer for a rule without a usable backend.
+            Error::NoBackend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // Istio's BlackHoleCluster answers 502 for HTTP under REGISTRY_ONLY.
             Error::OutsideMesh(_) => StatusCode::BAD_GATEWAY,
             Error::NoEndpoints(_) | Error::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,

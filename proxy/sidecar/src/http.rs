@@ -88,6 +88,9 @@ struct JsonAccess<'a> {
     src: &'a str,
     dst: &'a str,
     service: &'a str,
+    /// `<namespace>/<name>` of the HTTPRoute the request followed; `null` when none did
+    /// and for connections.
+    route: Option<&'a str>,
     endpoint: &'a str,
     orig_dst: Option<&'a str>,
     method: Option<&'a str>,
@@ -116,6 +119,8 @@ pub struct Access<'a> {
     pub dst: &'a str,
     /// Destination service, or `-`.
     pub service: String,
+    /// The HTTPRoute followed (`<namespace>/<name>`), or `-`.
+    pub route: String,
     /// Endpoint or app address, or `-`.
     pub endpoint: String,
     /// Request method.
@@ -149,6 +154,7 @@ impl Access<'_> {
             src: self.src.to_owned(),
             dst: self.dst.to_owned(),
             service: self.service,
+            route: self.route,
             endpoint: self.endpoint,
             method: self.method.clone(),
             authority: self.authority,
@@ -169,6 +175,7 @@ pub struct AccessLine {
     src: String,
     dst: String,
     service: String,
+    route: String,
     endpoint: String,
     method: http::Method,
     authority: String,
@@ -195,6 +202,7 @@ impl AccessLine {
                 src: &self.src,
                 dst: &self.dst,
                 service: &self.service,
+                route: (self.route != "-").then_some(self.route.as_str()),
                 endpoint: &self.endpoint,
                 orig_dst: None,
                 method: Some(self.method.as_str()),
@@ -218,7 +226,7 @@ impl AccessLine {
             use std::io::Write as _;
             write!(
                 line,
-                "request direction={:?} protocol={:?} src={:?} dst={:?} service={} endpoint={} \
+                "request direction={:?} protocol={:?} src={:?} dst={:?} service={} route={} endpoint={} \
                  method={} authority={} path={:?} status={} duration_ms={:?} bytes_sent={} \
                  bytes_received={} mtls=true trace_id={} error={}",
                 self.direction,
@@ -226,6 +234,7 @@ impl AccessLine {
                 self.src,
                 self.dst,
                 self.service,
+                self.route,
                 self.endpoint,
                 self.method,
                 self.authority,
@@ -248,6 +257,7 @@ impl AccessLine {
             src = self.src,
             dst = self.dst,
             service = %self.service,
+            route = %self.route,
             endpoint = %self.endpoint,
             method = %self.method,
             authority = %self.authority,
@@ -338,6 +348,7 @@ impl TunnelAccess {
                 src: &self.src,
                 dst: &self.dst,
                 service: &self.service,
+                route: None,
                 endpoint: &self.endpoint,
                 orig_dst: Some(&self.orig_dst),
                 method: None,

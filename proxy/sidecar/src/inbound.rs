@@ -274,6 +274,8 @@ impl Inbound {
             destination_principal: m.local.principal.clone(),
             destination_service_name: service_name,
             destination_service_namespace: service_namespace,
+            route_namespace: crate::telemetry::none(),
+            route_name: crate::telemetry::none(),
             connection_security_policy: "mutual_tls",
         };
         let h2 = req
@@ -322,6 +324,7 @@ impl Inbound {
             src: peer.as_str(),
             dst: self.me.as_str(),
             service: "-".into(),
+            route: "-".into(),
             endpoint: app.to_string(),
             method: &method,
             authority: req

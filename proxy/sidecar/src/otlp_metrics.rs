@@ -196,8 +196,9 @@ fn attribute(key: &str, value: &str) -> Option<KeyValue> {
     match key {
         "http_request_method" => Some(attr("http.request.method", value)),
         "http_response_status_code" => int("http.response.status_code"),
-        "rpc_grpc_status_code" if value.is_empty() => None,
         "rpc_grpc_status_code" => int("rpc.grpc.status_code"),
+        // An empty Prometheus label is an absent one (no gRPC status, no route).
+        _ if value.is_empty() => None,
         _ => Some(attr(key, value)),
     }
 }

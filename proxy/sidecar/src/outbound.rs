@@ -42,7 +42,7 @@ use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, 
 use crate::identity::Certified;
 use crate::metrics::Metrics;
 use crate::telemetry::{
-    DST_SERVICE, DST_WORKLOAD, HttpLabels, Pending, SRC_WORKLOAD, method_label, unknown,
+    DST_SERVICE, DST_WORKLOAD, HttpLabels, Pending, SRC_WORKLOAD, method_label, none, unknown,
 };
 use crate::trace::{attr, int_attr};
 use balance::Balancer;
@@ -304,6 +304,8 @@ impl Outbound {
             destination_principal: unknown(),
             destination_service_name: unknown(),
             destination_service_namespace: unknown(),
+            route_namespace: none(),
+            route_name: none(),
             connection_security_policy: "mutual_tls",
         };
         let authority = authority_of(&req);
@@ -342,6 +344,7 @@ impl Outbound {
             src: self.me.as_str(),
             dst: "-",
             service: "-".into(),
+            route: "-".into(),
             endpoint: "-".into(),
             method: &method,
             authority: authority
@@ -385,21 +388,33 @@ impl Outbound {
                 "CONNECT tunnelling through the proxy is not supported".into(),
             ));
         }
+        let view = self.view.borrow().clone();
         // Transparent connections route every request to the same target: borrow it
         // rather than cloning its endpoint list per request.
-        let target: std::borrow::Cow<'_, Target> = match routing {
+        let mut target: std::borrow::Cow<'_, Target> = match routing {
             Routing::Fixed(t) => std::borrow::Cow::Borrowed(&**t),
             Routing::ByHost => {
                 let authority = authority
                     .as_ref()
                     .map_err(|e| Error::BadHost(e.to_string()))?;
-                let view = self.view.borrow().clone();
                 if view.snapshot.version == 0 {
                     return Err(Error::NotReady("no discovery view yet"));
                 }
                 std::borrow::Cow::Owned(view.route(authority)?)
             }
         };
+        let mut timeout = self.settings.request_timeout;
+        if let Some(routed) = route_request(&view, &target, &req)? {
+            let known = &self.metrics.known;
+            pending.labels.route_namespace = known.known(&routed.route_namespace);
+            pending.labels.route_name = known.known(&routed.route_name);
+            access.route = format!("{}/{}", routed.route_namespace, routed.route_name);
+            if let Some(span) = pending.span.as_mut() {
+                span.push(attr("trellis.route", access.route.clone()));
+            }
+            timeout = routed.timeout.unwrap_or(timeout);
+            target = std::borrow::Cow::Owned(routed.target?);
+        }
         // Transparent mode keeps whatever authority the app used (or the original
         // destination): the peer's app sees the request as it was sent.
         let authority = match authority {
@@ -460,7 +475,6 @@ impl Outbound {
         let upstream = Request::from_parts(parts, pending.count(body).boxed_unsync());
 
         let in_flight = self.balancer.start(endpoint);
-        let timeout = self.settings.request_timeout;
         let resp = tokio::time::timeout(timeout, sender.send_request(upstream))
             .await
             .map_err(|_| Error::Timeout(timeout))?
@@ -577,6 +591,33 @@ fn protocol_label(p: &Protocol) -> &'static str {
 
 /// An authority for a request that named none (HTTP/1.0 without Host): the service's
 /// `<name>.<namespace>:<port>`.
+/// The HTTPRoute rule and backend `req` follows, when routes attach to `target`.
+///
+/// Paths are matched in their normalized form (as authorization policies see them), so
+/// `/./api` follows the `/api` rule; a path that cannot be normalized is matched as sent.
+fn route_request<B>(
+    view: &View,
+    target: &Target,
+    req: &Request<B>,
+) -> Result<Option<route::Routed>, Error> {
+    let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let path = trellis_api::authz::normalize_path(raw)
+        .unwrap_or(std::borrow::Cow::Borrowed(req.uri().path()));
+    let has_header = |name: &str, value: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .any(|v| v.as_bytes() == value.as_bytes())
+    };
+    let request = trellis_api::route::RouteRequest {
+        method: req.method().as_str(),
+        path: &path,
+        query: req.uri().query().unwrap_or(""),
+        has_header: &has_header,
+    };
+    view.apply_routes(target, &request, rand::random())
+}
+
 fn target_authority(t: &Target) -> http::uri::Authority {
     let host = format!("{}.{}", t.service.name, t.service.namespace);
     format!("{host}:{}", t.port.port)

@@ -77,6 +77,11 @@ pub struct HttpLabels {
     pub destination_service_name: Name,
     /// That service's namespace.
     pub destination_service_namespace: Name,
+    /// Namespace of the HTTPRoute the request followed; empty when no route applied, and
+    /// always on the serving side (routes are applied by the caller's proxy).
+    pub route_namespace: Name,
+    /// Name of that HTTPRoute; empty likewise.
+    pub route_name: Name,
     /// `mutual_tls`: proxy-to-proxy HTTP is always mTLS.
     pub connection_security_policy: &'static str,
 }
@@ -244,7 +249,13 @@ pub fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// The `unknown` label value.
+/// The empty label value: nothing to say (no route applied).
+pub fn none() -> Name {
+    static NONE: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
+    NONE.get_or_init(|| "".into()).clone()
+}
+
+/// The shared `unknown` label value.
 pub fn unknown() -> Name {
     // One shared allocation; cloning it is a reference count.
     static UNKNOWN_NAME: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
@@ -615,6 +626,8 @@ impl HttpLabels {
             destination_principal: "spiffe://cluster.local/ns/demo/sa/web".into(),
             destination_service_name: "web".into(),
             destination_service_namespace: "demo".into(),
+            route_namespace: none(),
+            route_name: none(),
             connection_security_policy: "mutual_tls",
         }
     }

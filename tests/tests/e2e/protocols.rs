@@ -547,6 +547,7 @@ async fn access_log_format_and_switch_come_from_the_mesh_config() {
             "orig_dst",
             "path",
             "protocol",
+            "route",
             "service",
             "src",
             "status",

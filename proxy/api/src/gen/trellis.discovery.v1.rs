@@ -248,8 +248,8 @@ pub struct RouteRule {
     /// Where matching requests go. Empty, or every weight 0: the request is answered 500.
     #[prost(message, repeated, tag = "3")]
     pub backends: ::prost::alloc::vec::Vec<RouteBackend>,
-    /// timeouts.request in milliseconds: the whole request, response body included. 0: the
-    /// proxy's own request timeout.
+    /// timeouts.request in milliseconds: how long the backend may take to start its response
+    /// (its headers; a streamed body is not cut). 0: the proxy's own request timeout.
     #[prost(uint64, tag = "4")]
     pub request_timeout_ms: u64,
 }

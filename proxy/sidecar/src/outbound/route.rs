@@ -1,11 +1,14 @@
-//! Outbound routing: which service and endpoints a request's authority names. Pure over
-//! the discovery view, so it is table-tested without sockets. The view also carries the
-//! inbound side's [`Authorizer`], built here once per view rather than per request.
+//! Outbound routing: which service and endpoints a request's authority names, then which
+//! HTTPRoute rule and backend it follows ([`View::apply_routes`]). Pure over the discovery
+//! view, so it is table-tested without sockets. The view also carries the inbound side's
+//! [`Authorizer`] and the [`RouteTable`] of this proxy's namespace, both built here once
+//! per view rather than per request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use trellis_api::authz::{Authorizer, EndpointPorts, Workload};
+use trellis_api::route::{RouteRequest, RouteTable, Selection};
 use trellis_api::{
     AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey, ServicePort,
 };
@@ -25,6 +28,8 @@ pub struct View {
     pub snapshot: MeshSnapshot,
     /// The snapshot's authorization policies that apply to this workload, ready to decide.
     pub authz: Authorizer,
+    /// The snapshot's routes as they apply to this proxy's requests.
+    routes: RouteTable,
     /// host name (lowercase, no port) -> service.
     hosts: HashMap<String, ServiceKey>,
     /// service and endpoint addresses -> what they are.
@@ -40,6 +45,20 @@ pub struct Target {
     pub port: ServicePort,
     /// An endpoint the client chose itself (it dialled a pod address); no balancing.
     pub pinned: Option<Endpoint>,
+}
+
+/// Where a route sends a request.
+#[derive(Debug)]
+pub struct Routed {
+    /// The backend's service port, or why the rule has none to offer (answered 500, and
+    /// still counted under the route).
+    pub target: Result<Target, Error>,
+    /// Namespace of the route that matched.
+    pub route_namespace: String,
+    /// Name of the route that matched.
+    pub route_name: String,
+    /// The rule's request timeout, replacing the proxy's own.
+    pub timeout: Option<std::time::Duration>,
 }
 
 // === impl View ===
@@ -79,12 +98,79 @@ impl View {
                 },
             },
         );
+        let routes = RouteTable::new(&snapshot.routes, me.namespace());
         Self {
             snapshot,
             authz,
+            routes,
             hosts,
             index,
         }
+    }
+
+    /// Applies the routes attached to `target`'s service port to a request: `Ok(None)`
+    /// when none attaches (or the client dialled an endpoint itself), else the rule's
+    /// choice. `roll` is a uniformly random number that picks the backend by weight.
+    pub fn apply_routes(
+        &self,
+        target: &Target,
+        req: &RouteRequest<'_>,
+        roll: u64,
+    ) -> Result<Option<Routed>, Error> {
+        if self.routes.is_empty() || target.pinned.is_some() {
+            return Ok(None);
+        }
+        let (route, rule) = match self.routes.select(&target.service, target.port.port, req) {
+            Selection::Unrouted => return Ok(None),
+            Selection::NoMatch => {
+                return Err(Error::NoRouteMatch(format!(
+                    "{}:{}",
+                    target.service, target.port.port
+                )));
+            }
+            Selection::Rule { route, rule } => (route, rule),
+        };
+        let unusable = |why: String| Error::NoBackend {
+            route: route.key(),
+            why,
+        };
+        let target = rule
+            .pick(roll)
+            .ok_or_else(|| {
+                unusable(if rule.backends.is_empty() {
+                    "the matching rule has no backendRefs".into()
+                } else {
+                    "every backendRef of the matching rule has weight 0".into()
+                })
+            })
+            .and_then(|backend| {
+                let port = self
+                    .snapshot
+                    .services
+                    .get(&backend.service)
+                    .and_then(|svc| {
+                        svc.ports
+                            .iter()
+                            .find(|p| p.port == backend.port && p.protocol == Protocol::Http)
+                    })
+                    .ok_or_else(|| {
+                        unusable(format!(
+                            "backend {}:{} is not an HTTP port of a mesh service",
+                            backend.service, backend.port
+                        ))
+                    })?;
+                Ok(Target {
+                    service: backend.service.clone(),
+                    port: port.clone(),
+                    pinned: None,
+                })
+            });
+        Ok(Some(Routed {
+            target,
+            route_namespace: route.namespace.clone(),
+            route_name: route.name.clone(),
+            timeout: rule.timeout,
+        }))
     }
 
     /// Routes an authority (`host[:port]`, port 80 when absent) to an HTTP service port.
@@ -332,5 +418,107 @@ mod tests {
         );
         assert!(v.lookup_sni("web.demo", 443).is_none());
         assert!(v.lookup_sni("example.com", 443).is_none());
+    }
+
+    /// The demo's view with one route on web: `/api` to api.other (no: cross-namespace
+    /// backends are the control plane's to refuse; the proxy only needs an HTTP port),
+    /// `/split` 1:0 to empty, `/none` to nothing, `/db` to a TCP port.
+    fn routed_view() -> View {
+        use trellis_api::route::{
+            Backend, HttpRoute, PathMatch, RouteMatch, RouteParent, RouteRule,
+        };
+        let v = view();
+        let rule = |path: &str, backends: Vec<(&str, &str, u16, u32)>| RouteRule {
+            name: path.trim_start_matches('/').into(),
+            matches: vec![RouteMatch {
+                path: PathMatch::Prefix(path.into()),
+                method: None,
+                headers: vec![],
+                query: vec![],
+            }],
+            backends: backends
+                .into_iter()
+                .map(|(ns, name, port, weight)| Backend {
+                    service: ServiceKey::new(ns, name),
+                    port,
+                    weight,
+                })
+                .collect(),
+            timeout: (path == "/api").then(|| std::time::Duration::from_millis(250)),
+        };
+        let mut snap = v.snapshot;
+        snap.routes = vec![HttpRoute {
+            namespace: "demo".into(),
+            name: "web-routes".into(),
+            parents: vec![RouteParent {
+                service: ServiceKey::new("demo", "web"),
+                port: Some(80),
+            }],
+            rules: vec![
+                rule("/api", vec![("other", "api", 8080, 1)]),
+                rule(
+                    "/split",
+                    vec![("demo", "empty", 80, 1), ("demo", "web", 80, 0)],
+                ),
+                rule("/none", vec![]),
+                rule("/db", vec![("demo", "db", 5432, 1)]),
+            ],
+        }];
+        View::new(
+            snap,
+            &SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/client").unwrap(),
+            "client-0",
+            Mode::Explicit,
+        )
+    }
+
+    fn apply(v: &View, target: &Target, path: &str) -> Result<Option<Routed>, Error> {
+        let req = RouteRequest {
+            method: "GET",
+            path,
+            query: "",
+            has_header: &|_, _| false,
+        };
+        v.apply_routes(target, &req, 12345)
+    }
+
+    #[test]
+    fn routes_pick_backends_and_refuse_what_cannot_be_served() {
+        let v = routed_view();
+        let web = route(&v, "web").unwrap();
+        let r = apply(&v, &web, "/api/x").unwrap().unwrap();
+        let t = r.target.as_ref().unwrap();
+        assert_eq!(t.service, ServiceKey::new("other", "api"));
+        assert_eq!(t.port.port, 8080);
+        assert_eq!(
+            (r.route_namespace.as_str(), r.route_name.as_str()),
+            ("demo", "web-routes")
+        );
+        assert_eq!(r.timeout, Some(std::time::Duration::from_millis(250)));
+        let r = apply(&v, &web, "/split").unwrap().unwrap();
+        assert_eq!(
+            r.target.unwrap().service.name,
+            "empty",
+            "weight 0 is never picked"
+        );
+        assert!(matches!(apply(&v, &web, "/"), Err(Error::NoRouteMatch(_))));
+        let r = apply(&v, &web, "/none").unwrap().unwrap();
+        assert_eq!(r.route_name, "web-routes", "counted under its route");
+        let e = r.target.unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            e.to_string(),
+            "HTTPRoute demo/web-routes: the matching rule has no backendRefs"
+        );
+        let e = apply(&v, &web, "/db").unwrap().unwrap().target.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "HTTPRoute demo/web-routes: backend demo/db:5432 is not an HTTP port of a mesh service"
+        );
+        // Other services, and a client that dialled an endpoint itself, are not routed.
+        let api = route(&v, "api.other:8080").unwrap();
+        assert!(apply(&v, &api, "/api").unwrap().is_none());
+        let pinned = v.lookup("127.0.0.1:2".parse().unwrap()).unwrap();
+        assert!(apply(&v, &pinned, "/api").unwrap().is_none());
     }
 }

@@ -7,8 +7,6 @@
 //! driven directly), or an app going through a real outbound side. The app records every
 //! request and connection it gets, so "the app never saw it" is asserted, not assumed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,7 +41,7 @@ use trellis_proxy::transport::Limits;
 const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
 const GOOD: &str = "spiffe://cluster.local/ns/demo/sa/good";
 const BAD: &str = "spiffe://cluster.local/ns/other/sa/bad";
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
 // === policies ===
 
@@ -91,14 +89,14 @@ fn to(methods: &[&str], paths: &[&str]) -> Rule {
 /// A local app on loopback speaking HTTP/1.1 and HTTP/2 (prior knowledge), recording
 /// every connection and every request (`METHOD path?query`).
 #[derive(Clone)]
-struct App {
-    addr: SocketAddr,
+pub(super) struct App {
+    pub(super) addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
     connections: Arc<AtomicUsize>,
 }
 
 impl App {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let app = Self {
             addr: listener.local_addr().unwrap(),
@@ -115,6 +113,10 @@ impl App {
                         let seen = seen.clone();
                         async move {
                             let target = req.uri().path_and_query().unwrap().to_string();
+                            // For timeouts: answer late.
+                            if target.starts_with("/slow") {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
                             seen.lock()
                                 .unwrap()
                                 .push(format!("{} {target}", req.method()));
@@ -150,7 +152,7 @@ impl App {
         app
     }
 
-    fn seen(&self) -> Vec<String> {
+    pub(super) fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
 
@@ -204,7 +206,7 @@ fn snapshot(inbound: SocketAddr, policies: Vec<AuthorizationPolicy>) -> MeshSnap
     }
 }
 
-fn metrics_for(id: &SpiffeId, registry: &mut Registry) -> Metrics {
+pub(super) fn metrics_for(id: &SpiffeId, registry: &mut Registry) -> Metrics {
     let (tracer, _spans) = trellis_proxy::trace::Tracer::new(registry);
     Metrics::new(
         registry,
@@ -492,7 +494,7 @@ async fn access_line(needle: &str) -> String {
 
 /// Sends `GET path` as an HTTP/1.1 app through the outbound at `outbound`, with a header
 /// the app (and its log) can be recognized by.
-async fn http1_via(outbound: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
+pub(super) async fn http1_via(outbound: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
     let tcp = TcpStream::connect(outbound).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
