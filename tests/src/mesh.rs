@@ -431,7 +431,7 @@ pub fn mesh_yaml(
 /// requests, `client` for its outbound ones) for a call from service account `src` to
 /// service account `dst` (each proxy's `--service-name` defaults to its service
 /// account) behind the service `dst.<ns>`, all in namespace `ns` and trust domain
-/// `cluster.local`.
+/// `cluster.local`, with no HTTPRoute applied.
 pub fn request_series(kind: &str, src: &str, dst: &str, ns: &str, status: u16) -> String {
     let id = |sa: &str| format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
     format!(
@@ -440,7 +440,8 @@ pub fn request_series(kind: &str, src: &str, dst: &str, ns: &str, status: u16) -
          source_workload=\"{src}\",source_namespace=\"{ns}\",source_principal=\"{}\",\
          destination_workload=\"{dst}\",destination_namespace=\"{ns}\",\
          destination_principal=\"{}\",destination_service_name=\"{dst}\",\
-         destination_service_namespace=\"{ns}\",connection_security_policy=\"mutual_tls\"}}",
+         destination_service_namespace=\"{ns}\",route_namespace=\"\",route_name=\"\",\
+         connection_security_policy=\"mutual_tls\"}}",
         id(src),
         id(dst)
     )

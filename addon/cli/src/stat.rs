@@ -613,7 +613,7 @@ mod tests {
         buckets: &[(&str, f64)],
     ) -> String {
         let labels = format!(
-            "http_request_method=\"GET\",http_response_status_code=\"{status}\",rpc_grpc_status_code=\"{grpc}\",source_workload=\"client\",source_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",destination_workload=\"{dst}\",destination_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/{dst}\",destination_service_name=\"{dst}\",destination_service_namespace=\"demo\",connection_security_policy=\"mutual_tls\""
+            "http_request_method=\"GET\",http_response_status_code=\"{status}\",rpc_grpc_status_code=\"{grpc}\",source_workload=\"client\",source_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",destination_workload=\"{dst}\",destination_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/{dst}\",destination_service_name=\"{dst}\",destination_service_namespace=\"demo\",route_namespace=\"\",route_name=\"\",connection_security_policy=\"mutual_tls\""
         );
         let mut out = String::new();
         for (le, c) in buckets {
