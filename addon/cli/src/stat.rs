@@ -728,8 +728,8 @@ mod tests {
     fn routes_group_what_callers_sent_through_each_route() {
         let routed = |dst: &str, count: f64| {
             series("client", dst, 200, "", count, &[("+Inf", count)]).replace(
-                "connection_security_policy",
-                "route_namespace=\"demo\",route_name=\"web-canary\",connection_security_policy",
+                "route_namespace=\"\",route_name=\"\"",
+                "route_namespace=\"demo\",route_name=\"web-canary\"",
             )
         };
         let after = parse(
