@@ -12,7 +12,7 @@
 //!   `group_left`/`group_right` and `label_replace`/`label_join` only labels documented for
 //!   those metrics (`le` on `_bucket` series), for every value its parameters can take;
 //! - it shows what it is for: golden signals by service and by workload, failing edges,
-//!   certificate expiry, the trace view, the place kept for routes.
+//!   certificate expiry, the trace view, the signals per route.
 //!
 //! Pure: the files are compiled in, nothing is started or fetched.
 
@@ -1225,7 +1225,7 @@ fn workbook_shows_golden_signals_edges_certificates_and_traces() {
         }
     }
 
-    // Grouped by destination service, by workload, and by edge.
+    // Grouped by destination service, by workload, by route, and by edge.
     let groupings: Vec<&BTreeSet<String>> = analyses
         .iter()
         .flat_map(|(_, _, a)| a.groupings.iter())
@@ -1233,6 +1233,7 @@ fn workbook_shows_golden_signals_edges_certificates_and_traces() {
     for want in [
         &["destination_service_namespace", "destination_service_name"][..],
         &["destination_namespace", "destination_workload"],
+        &["route_namespace", "route_name"],
         &[
             "source_namespace",
             "source_workload",
@@ -1294,7 +1295,7 @@ fn workbook_shows_golden_signals_edges_certificates_and_traces() {
         );
     }
 
-    // Parameters, and the place kept for routes.
+    // Parameters, and the route group: RPS, success rate and p50/p95/p99 per route.
     let kinds: BTreeMap<&str, u64> = parameters(&wb)
         .into_iter()
         .filter_map(|p| Some((p.get("name")?.as_str()?, p.get("type")?.as_u64()?)))
@@ -1304,6 +1305,25 @@ fn workbook_shows_golden_signals_edges_certificates_and_traces() {
     let route = all_items(&wb)
         .into_iter()
         .find(|i| item_name(i) == "by-route")
-        .expect("no by-route group kept for route-level signals");
+        .expect("no by-route group for route-level signals");
     assert_eq!(route.get("type").and_then(Value::as_u64), Some(12));
+    let route_queries: Vec<&str> = route
+        .pointer("/content/items")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.pointer("/content/query").and_then(Value::as_str))
+        .collect();
+    assert_eq!(route_queries.len(), 5, "{route_queries:?}");
+    for q in &route_queries {
+        assert!(
+            q.contains("sum by (route_namespace, route_name)")
+                || q.contains("sum by (le, route_namespace, route_name)"),
+            "not grouped by route: {q}"
+        );
+        assert!(
+            q.contains(r#"route_name!=\"\""#),
+            "unrouted requests not left out: {q}"
+        );
+    }
 }
