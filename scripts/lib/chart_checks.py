@@ -41,6 +41,8 @@ WATCH_RULES = [
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["policy.trellis.dev"], "resources": ["authorizationpolicies"],
      "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+     "verbs": ["get", "list", "watch"]},
 ]
 # The exact entries of the ValidatingWebhookConfiguration trellis-config (templates/
 # webhooks.yaml), in order, as every profile renders them (caBundle is asserted absent

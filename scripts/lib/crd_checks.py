@@ -1,7 +1,7 @@
 """CRD checks for scripts/validate-chart: the chart's CustomResourceDefinitions against
 custom resources. Runs in target/venv-chart (helm-python-sdk, PyYAML, jsonschema).
 
-Usage: crd_checks.py CHART EXAMPLES_DIR INVALID_DIR
+Usage: crd_checks.py CHART EXAMPLES_DIR INVALID_DIR [--upstream CRD_FILE EXAMPLES_DIR]...
 
 - Helm sees every file of CHART/crds/ as a CRD (it installs them before the templates);
   each is an apiextensions.k8s.io/v1 CustomResourceDefinition whose every served version
@@ -13,12 +13,19 @@ Usage: crd_checks.py CHART EXAMPLES_DIR INVALID_DIR
   the message at that field); a `# why:` line says why in words. A file that fails for
   another reason, or passes, is a failure.
 
+- With `--upstream CRD_FILE EXAMPLES_DIR` (repeatable): every file of EXAMPLES_DIR
+  validates against a CRD Trellis reads but does not ship, e.g. the Gateway API's
+  HTTPRoute (docs/examples/routes/ against
+  ../shared/crds/gateway-api-v1.6.1/config/crd/standard/...httproutes.yaml).
+
 Validation is the API server's, as far as a JSON Schema validator reaches: the CRD's
 schema (types, enums, bounds, lengths, patterns, required fields), plus strict field
 validation (kubectl's default, `--validate=strict`): a field the schema does not
 declare is an error instead of being pruned. CEL rules (`x-kubernetes-validations`)
-cannot be checked here, so a schema that has any is refused until this script learns
-them.
+cannot be checked here, so a schema of the chart that has any is refused until this
+script learns them. An upstream CRD has many (the Gateway API's path rules, for one):
+they are left out and counted, and the Rust tests load the same examples through the
+control plane's own checks, which cover the ones Trellis relies on.
 
 Exits 1 with every failure listed. A missing or empty directory, a file that does not
 parse, a CRD that cannot be loaded and an example no CRD serves are failures too: a run
@@ -71,18 +78,21 @@ def documents(path):
     return docs
 
 
-def strict(schema):
+def strict(schema, cel=None):
     """`schema` with strict field validation: every object that declares `properties`
     refuses others, unless it says `x-kubernetes-preserve-unknown-fields`. (A CRD itself
     may not say `additionalProperties: false`: the API server prunes, or with strict
-    field validation refuses, what is undeclared.)"""
+    field validation refuses, what is undeclared.) CEL rules are refused, unless `cel` is
+    a list: then they are removed and appended to it."""
     out = copy.deepcopy(schema)
 
     def walk(node):
         if not isinstance(node, dict):
             return
         if "x-kubernetes-validations" in node:
-            raise ValueError("x-kubernetes-validations (CEL) cannot be checked by this script")
+            if cel is None:
+                raise ValueError("x-kubernetes-validations (CEL) cannot be checked by this script")
+            cel.extend(node.pop("x-kubernetes-validations"))
         if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
             node.setdefault("additionalProperties", False)
         for child in (node.get("properties") or {}).values():
@@ -114,47 +124,57 @@ def load_crds(chart):
         ok(f"Helm installs {len(helm_sees)} CRD file(s) from crds/: {', '.join(helm_sees)}")
     served = {}
     for path in files:
-        for crd in documents(path) or []:
-            name = (crd.get("metadata") or {}).get("name", "?")
-            if crd.get("apiVersion") != "apiextensions.k8s.io/v1" or crd.get("kind") != "CustomResourceDefinition":
-                fail(f"{path}: {name} is {crd.get('apiVersion')} {crd.get('kind')}, not an apiextensions.k8s.io/v1 CustomResourceDefinition")
-                continue
-            spec = crd.get("spec") or {}
-            group, kind = spec.get("group"), (spec.get("names") or {}).get("kind")
-            versions = [v for v in spec.get("versions") or [] if v.get("served")]
-            if not (group and kind and versions):
-                fail(f"{path}: {name} has no group, kind or served version")
-                continue
-            for v in versions:
-                schema = ((v.get("schema") or {}).get("openAPIV3Schema"))
-                if not isinstance(schema, dict):
-                    fail(f"{path}: {name} {v.get('name')}: no openAPIV3Schema")
-                    continue
-                try:
-                    top = strict(schema)
-                    # What every object has beside the CRD's own fields.
-                    top.setdefault("properties", {}).update({
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {
-                            "type": "object",
-                            "required": ["name"],
-                            "properties": {
-                                "name": {"type": "string", "minLength": 1, "maxLength": 253},
-                                "namespace": {"type": "string", "minLength": 1, "maxLength": 63},
-                            },
-                        },
-                    })
-                    top.setdefault("required", []).extend(["apiVersion", "kind", "metadata"])
-                    jsonschema.Draft4Validator.check_schema(top)
-                    validator = jsonschema.Draft4Validator(top)
-                except (ValueError, jsonschema.SchemaError) as e:
-                    fail(f"{path}: {name} {v.get('name')}: cannot load the schema: {e}")
-                    continue
-                served[(f"{group}/{v['name']}", kind)] = (name, validator)
-                ok(f"{name}: {group}/{v['name']} {kind} (schema loaded)")
+        served.update(crd_validators(path))
     if not served:
         fail(f"{crd_dir}: no CRD schema loaded")
+    return served
+
+
+def crd_validators(path, upstream=False):
+    """{(apiVersion, kind): (crd name, validator)} for every served version of every CRD
+    of the file `path`; CEL rules are refused, or with `upstream` left out and counted."""
+    served = {}
+    for crd in documents(path) or []:
+        name = (crd.get("metadata") or {}).get("name", "?")
+        if crd.get("apiVersion") != "apiextensions.k8s.io/v1" or crd.get("kind") != "CustomResourceDefinition":
+            fail(f"{path}: {name} is {crd.get('apiVersion')} {crd.get('kind')}, not an apiextensions.k8s.io/v1 CustomResourceDefinition")
+            continue
+        spec = crd.get("spec") or {}
+        group, kind = spec.get("group"), (spec.get("names") or {}).get("kind")
+        versions = [v for v in spec.get("versions") or [] if v.get("served")]
+        if not (group and kind and versions):
+            fail(f"{path}: {name} has no group, kind or served version")
+            continue
+        for v in versions:
+            schema = ((v.get("schema") or {}).get("openAPIV3Schema"))
+            if not isinstance(schema, dict):
+                fail(f"{path}: {name} {v.get('name')}: no openAPIV3Schema")
+                continue
+            cel = [] if upstream else None
+            try:
+                top = strict(schema, cel)
+                # What every object has beside the CRD's own fields.
+                top.setdefault("properties", {}).update({
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "metadata": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                            "namespace": {"type": "string", "minLength": 1, "maxLength": 63},
+                        },
+                    },
+                })
+                top.setdefault("required", []).extend(["apiVersion", "kind", "metadata"])
+                jsonschema.Draft4Validator.check_schema(top)
+                validator = jsonschema.Draft4Validator(top)
+            except (ValueError, jsonschema.SchemaError) as e:
+                fail(f"{path}: {name} {v.get('name')}: cannot load the schema: {e}")
+                continue
+            served[(f"{group}/{v['name']}", kind)] = (name, validator)
+            unchecked = f", {len(cel)} CEL rules not checked here" if cel else ""
+            ok(f"{name}: {group}/{v['name']} {kind} (schema loaded{unchecked})")
     return served
 
 
@@ -178,7 +198,7 @@ def errors(served, obj):
 
 
 def examples(served, directory):
-    print(f"== {directory}: every policy validates")
+    print(f"== {directory}: every object validates")
     for path in yaml_files(directory):
         for obj in documents(path) or []:
             found = errors(served, obj)
@@ -230,14 +250,29 @@ def invalid(served, directory):
 
 
 def main():
-    if len(sys.argv) != 4:
+    args = sys.argv[1:]
+    upstream = []
+    while len(args) > 3 and args[-3] == "--upstream":
+        upstream.insert(0, (args[-2], args[-1]))
+        args = args[:-3]
+    if len(args) != 3:
         print(__doc__.split("\n\n")[1])
         sys.exit(2)
-    chart, examples_dir, invalid_dir = sys.argv[1:]
+    chart, examples_dir, invalid_dir = args
     served = load_crds(chart)
     if served:
         examples(served, examples_dir)
         invalid(served, invalid_dir)
+    for crd_file, directory in upstream:
+        print(f"== upstream CRD {crd_file}")
+        if not os.path.isfile(crd_file):
+            fail(f"{crd_file}: no such file")
+            continue
+        theirs = crd_validators(crd_file, upstream=True)
+        if not theirs:
+            fail(f"{crd_file}: no CRD schema loaded")
+            continue
+        examples(theirs, directory)
     if failures:
         print(f"CRD checks: {len(failures)} failure(s)")
         sys.exit(1)

@@ -22,6 +22,8 @@ use crate::tap;
 const MESH_YAML: &str = include_str!("demo/mesh.yaml");
 /// The authorization policies the demo applies to the running mesh.
 const POLICY_YAML: &str = include_str!("demo/policy.yaml");
+/// The canary HTTPRoute the demo applies to the running mesh.
+const ROUTE_YAML: &str = include_str!("demo/route.yaml");
 /// The demo app that answers slower, to show latency-aware (peak-EWMA) balancing.
 const SLOW_WORKLOAD: &str = "web-2";
 /// How much slower it answers.
@@ -301,6 +303,9 @@ async fn run_in(
         if n == POLICY_AT {
             apply_policies(&http, &config, workloads).await?;
         }
+        if n == ROUTE_AT {
+            apply_route(&http, &config, workloads).await?;
+        }
         if n == CA_SWITCH_AT {
             start_ca_switch(state, &mesh_config)?;
             switch = Some((ok, failed));
@@ -410,7 +415,11 @@ async fn run_in(
     // Golden metrics, as `trellis stat` computes them, over the whole run.
     let samples = stat::scrape_all(&http, &admins).await;
     let secs = started.elapsed().as_secs_f64();
-    for (by, what) in [(stat::By::Workload, "workload"), (stat::By::Edge, "edge")] {
+    for (by, what) in [
+        (stat::By::Workload, "workload"),
+        (stat::By::Edge, "edge"),
+        (stat::By::Route, "route"),
+    ] {
         say(&format!(
             "golden metrics by {what} (trellis stat --by {what}):"
         ));
@@ -453,6 +462,9 @@ const TAP_SHOWN: usize = 3;
 
 /// Every this many requests the demo prints the workloads' golden metrics since the last.
 const LIVE_EVERY: u64 = 10;
+
+/// The request before which the demo applies its canary route.
+const ROUTE_AT: u64 = 6;
 
 /// The request before which the demo switches the mesh to a plug-in CA.
 const CA_SWITCH_AT: u64 = 4;
@@ -553,6 +565,53 @@ async fn apply_policies(
     say(&format!(
         "policy: the web proxies refused them before the app saw anything (trellis_proxy_authorization_decisions_total{{decision=\"deny\"}}: {})",
         counted.join(", ")
+    ));
+    Ok(())
+}
+
+/// Adds the demo's canary HTTPRoute to the running mesh (a file in the config directory,
+/// as `kubectl apply` would on a cluster), waits until the client's proxy has it, then
+/// shows a request that opts into the canary.
+async fn apply_route(
+    http: &HttpClient,
+    config: &Path,
+    workloads: &[Workload],
+) -> anyhow::Result<()> {
+    let file = config.join("route.yaml");
+    std::fs::write(&file, ROUTE_YAML)?;
+    let client = &workloads[0];
+    let deadline = Instant::now() + POLICY_WAIT;
+    let version = loop {
+        let doc: serde_json::Value = get_json(http, client.admin, "/config").await?;
+        if doc["discovery"]["routes"]
+            .as_array()
+            .is_some_and(|r| r.len() == 1)
+        {
+            break doc["discovery"]["version"].as_u64().unwrap_or(0);
+        }
+        if Instant::now() > deadline {
+            bail!("client-1's proxy did not get the demo's route within {POLICY_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    say(&format!(
+        "HTTPRoute applied ({}): demo/web-canary sends 20% of web.demo's requests to Service web-canary (web-2) and 80% to web-stable (web-1), and every request with x-canary: true to the canary; client-1's proxy routes by it from view v{version}",
+        file.display()
+    ));
+    let r = http
+        .request_with(
+            http::Method::GET,
+            client.outbound,
+            "web.demo",
+            "/hello?opt-in",
+            &[("x-canary", "true")],
+        )
+        .await?;
+    let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+    say(&format!(
+        "route: client-1 GET web.demo/hello with x-canary: true -> {} from {}",
+        r.status,
+        doc["workload"].as_str().unwrap_or("?")
     ));
     Ok(())
 }

@@ -48,11 +48,26 @@ impl HttpClient {
         host: &str,
         path: &str,
     ) -> anyhow::Result<Reply> {
-        let req = http::Request::builder()
+        self.request_with(method, addr, host, path, &[]).await
+    }
+
+    /// [`Self::request`] with extra `headers`.
+    pub(crate) async fn request_with(
+        &self,
+        method: http::Method,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
+        let mut req = http::Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"))
-            .header(http::header::HOST, host)
-            .body(Empty::new())?;
+            .header(http::header::HOST, host);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Empty::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await??;
         let (parts, body) = resp.into_parts();
         let body = tokio::time::timeout(Duration::from_secs(5), body.collect())

@@ -119,7 +119,10 @@ pub(crate) fn from_json_spec(metadata: ObjectMeta, spec: &Value) -> Policy {
 }
 
 /// A serde error at `field` (plus the path below it), both cut to [`PARSE_ERROR_CHARS`].
-fn parse_error(field: &str, e: serde_path_to_error::Error<serde_json::Error>) -> SpecParseError {
+pub(crate) fn parse_error(
+    field: &str,
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> SpecParseError {
     let path = e.path().to_string();
     let field = if path == "." {
         field.to_owned()
@@ -317,7 +320,7 @@ impl Checker {
 }
 
 /// `value` quoted, cut to [`SHOWN_CHARS`] characters.
-fn shown(value: &str) -> String {
+pub(crate) fn shown(value: &str) -> String {
     if value.chars().count() <= SHOWN_CHARS {
         return format!("{value:?}");
     }

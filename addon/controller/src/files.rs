@@ -21,10 +21,11 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::error::{ConfigError, Position, Problem};
+use crate::httproute::HTTP_ROUTE_KIND;
 use crate::objects::{
-    IntOrString, ObjectKey, Objects, POLICY_API_VERSION, Policy, PolicyDocument,
-    SERVICE_API_VERSION, Service, ServiceDocument, WORKLOAD_API_VERSION, Workload,
-    WorkloadDocument,
+    HTTP_ROUTE_API_VERSION, IntOrString, ObjectKey, Objects, POLICY_API_VERSION, Policy,
+    PolicyDocument, Route, RouteDocument, SERVICE_API_VERSION, Service, ServiceDocument,
+    WORKLOAD_API_VERSION, Workload, WorkloadDocument,
 };
 use crate::translate::selects;
 use crate::validate::{self, FieldError};
@@ -292,6 +293,19 @@ impl Loader {
                     }
                 }
             }
+            (HTTP_ROUTE_API_VERSION, HTTP_ROUTE_KIND) => {
+                doc.object = Some(format!("{HTTP_ROUTE_KIND} {namespace}/{name}"));
+                if let Some(r) = self.typed::<RouteDocument>(doc, value) {
+                    let r = Route::from(r);
+                    // A Gateway's route is not the mesh's: ignored, whatever it holds.
+                    if r.is_mesh() {
+                        self.field_errors(doc, crate::routes::problems(&r));
+                        if self.first_definition(HTTP_ROUTE_KIND, r.metadata.key(), doc) {
+                            self.objects.routes.insert(r.metadata.key(), r);
+                        }
+                    }
+                }
+            }
             _ => {
                 let what = if kind.is_empty() || api_version.is_empty() {
                     "missing kind or apiVersion".to_owned()
@@ -300,7 +314,8 @@ impl Loader {
                 };
                 let message = format!(
                     "{what}: supported kinds are Service ({SERVICE_API_VERSION}), Workload \
-                     ({WORKLOAD_API_VERSION}) and AuthorizationPolicy ({POLICY_API_VERSION})"
+                     ({WORKLOAD_API_VERSION}), AuthorizationPolicy ({POLICY_API_VERSION}) and \
+                     {HTTP_ROUTE_KIND} ({HTTP_ROUTE_API_VERSION})"
                 );
                 self.problems.push(doc.problem(None, message));
             }
@@ -527,8 +542,9 @@ spec: {serviceAccount: web, meshAddress: 127.0.0.1:16011}
         assert_eq!(
             err[3],
             "a.yaml (document 2): unsupported kind \"Deployment\" (apiVersion \"apps/v1\"): \
-             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1) and \
-             AuthorizationPolicy (policy.trellis.dev/v1alpha1)"
+             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1), \
+             AuthorizationPolicy (policy.trellis.dev/v1alpha1) and HTTPRoute \
+             (gateway.networking.k8s.io/v1)"
         );
         assert!(
             err[4].starts_with("b.yaml:2:1 (document 1): invalid YAML: "),
@@ -543,8 +559,8 @@ spec: {serviceAccount: web, meshAddress: 127.0.0.1:16011}
             err,
             [
                 "x.yaml (document 1): missing kind or apiVersion: supported kinds are \
-                 Service (v1), Workload (local.trellis.dev/v1alpha1) and AuthorizationPolicy \
-                 (policy.trellis.dev/v1alpha1)",
+                 Service (v1), Workload (local.trellis.dev/v1alpha1), AuthorizationPolicy \
+                 (policy.trellis.dev/v1alpha1) and HTTPRoute (gateway.networking.k8s.io/v1)",
                 "x.yaml (document 2): expected a mapping with apiVersion, kind and metadata",
             ]
         );

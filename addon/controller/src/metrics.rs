@@ -8,6 +8,8 @@
 //! - `trellis_controller_invalid_policies` ([`PolicyMetrics`], registered by the source
 //!   that can hold invalid policies, Kubernetes): AuthorizationPolicies with problems,
 //!   translated fail-closed. The file source refuses such a directory instead.
+//! - `trellis_controller_invalid_routes` ([`RouteMetrics`], registered likewise by the
+//!   Kubernetes source): the mesh's HTTPRoutes with problems, left out of the snapshot.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +29,12 @@ pub struct Metrics {
 /// to clone.
 #[derive(Debug, Clone)]
 pub struct PolicyMetrics {
+    invalid: Gauge,
+}
+
+/// The HTTPRoute gauge, for [`InvalidRoutes`](crate::InvalidRoutes); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
     invalid: Gauge,
 }
 
@@ -80,6 +88,27 @@ impl PolicyMetrics {
         registry.register(
             "trellis_controller_invalid_policies",
             "AuthorizationPolicies with problems, enforced fail-closed (ALLOW: allows nothing; DENY: refuses everything) until fixed",
+            metrics.invalid.clone(),
+        );
+        metrics
+    }
+
+    pub(crate) fn set_invalid(&self, count: usize) {
+        self.invalid.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+// === impl RouteMetrics ===
+
+impl RouteMetrics {
+    /// Registers `trellis_controller_invalid_routes` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            invalid: Gauge::default(),
+        };
+        registry.register(
+            "trellis_controller_invalid_routes",
+            "HTTPRoutes with a Service parent and problems, left out of the snapshot (their Services are served unrouted) until fixed",
             metrics.invalid.clone(),
         );
         metrics

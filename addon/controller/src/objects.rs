@@ -8,15 +8,18 @@
 //! - **The Kubernetes source** (crate `trellis-kube`): Namespaces, Services,
 //!   `discovery.k8s.io/v1` EndpointSlices (as [`EndpointSlice`]), Pods (as [`Workload`]s
 //!   with `address` = the pod IP and the pod's service account) and
-//!   `policy.trellis.dev/v1alpha1` AuthorizationPolicies (as [`Policy`]s). Endpoints come
+//!   `policy.trellis.dev/v1alpha1` AuthorizationPolicies (as [`Policy`]s) and
+//!   `gateway.networking.k8s.io/v1` HTTPRoutes (as [`Route`]s). Endpoints come
 //!   from the slices ([`EndpointSource::EndpointSlices`]); a Workload only gives an
 //!   endpoint its identity and labels. It converts its objects into these types and checks
 //!   Services and Workloads with [`Service::problems`] and [`Workload::problems`], the file
 //!   source's rules, so an object one source refuses the other refuses too. Policies are
 //!   checked with [`Policy::problems`] by both too, but a policy is never left out: one
-//!   with problems is translated fail-closed (leaving it out could open access).
+//!   with problems is translated fail-closed (leaving it out could open access). Routes
+//!   are checked with [`Route::problems`] by both; one with problems is left out (the
+//!   Kubernetes source) or refuses the directory (the file source).
 //!
-//! The file source accepts three kinds, written exactly as they would be applied to
+//! The file source accepts four kinds, written exactly as they would be applied to
 //! Kubernetes:
 //!
 //! - `v1` **Service**: the subset of the Kubernetes Service the mesh uses. `metadata` takes
@@ -94,6 +97,26 @@
 //!       to: [{methods: [GET]}]
 //! ```
 //!
+//! - `gateway.networking.k8s.io/v1` **HTTPRoute** (as [`Route`]): the Gateway API's
+//!   route; the mesh's when a parentRef is a Service (`group: ""`, `kind: Service`: the
+//!   GAMMA pattern), else ignored (a Gateway's). The `spec` is upstream's, with its
+//!   defaults ([`crate::httproute`]); `metadata` is as for a Service and a top-level
+//!   `status` is ignored. What the mesh honours is checked by [`Route::problems`].
+//!
+//! ```yaml
+//! apiVersion: gateway.networking.k8s.io/v1
+//! kind: HTTPRoute
+//! metadata:
+//!   name: web-canary
+//!   namespace: demo
+//! spec:
+//!   parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+//!   rules:
+//!     - backendRefs:
+//!         - {name: web-v1, port: 80, weight: 90}
+//!         - {name: web-v2, port: 80, weight: 10}
+//! ```
+//!
 //! The types deserialize with `deny_unknown_fields`; checks that serde cannot express
 //! (ranges, name syntax, duplicates) live in `validate` and `files`. The Kubernetes-only
 //! types ([`Namespace`], [`EndpointSlice`]) are built by that source's conversion, never
@@ -106,12 +129,15 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 
+use crate::httproute::{HttpRouteSpec, ParentReference};
 use crate::policy::AuthorizationPolicySpec;
 
 /// `apiVersion` of the Service kind.
 pub const SERVICE_API_VERSION: &str = "v1";
 /// `apiVersion` of the Workload kind.
 pub const WORKLOAD_API_VERSION: &str = "local.trellis.dev/v1alpha1";
+/// `apiVersion` of the HTTPRoute kind.
+pub use crate::httproute::HTTP_ROUTE_API_VERSION;
 /// `apiVersion` of the AuthorizationPolicy kind.
 pub use crate::policy::POLICY_API_VERSION;
 /// Service annotation listing extra host names, comma-separated.
@@ -135,6 +161,9 @@ pub struct Objects {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// AuthorizationPolicies by namespace and name.
     pub policies: BTreeMap<ObjectKey, Policy>,
+    /// HTTPRoutes by namespace and name: the mesh's (with a Service parent) and, from
+    /// Kubernetes, never a Gateway's only (the source leaves those out).
+    pub routes: BTreeMap<ObjectKey, Route>,
     /// Where Services' endpoints come from.
     pub endpoint_source: EndpointSource,
 }
@@ -338,7 +367,21 @@ pub struct Policy {
     pub parse_errors: Vec<SpecParseError>,
 }
 
-/// Why a policy's `spec` did not deserialize, as serde said it.
+/// A `gateway.networking.k8s.io/v1` HTTPRoute: its metadata and its `spec`, upstream's
+/// type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Name, namespace, labels, annotations.
+    pub metadata: ObjectMeta,
+    /// Parents and rules, as written (with upstream's defaults); when the written spec did
+    /// not parse (`parse_errors` is not empty), only its parents, read leniently.
+    pub spec: HttpRouteSpec,
+    /// Why the object's `spec` did not parse as an [`HttpRouteSpec`]; empty when it did.
+    /// Only [`Route::from_json_spec`] fills it; [`Route::problems`] reports it.
+    pub parse_errors: Vec<SpecParseError>,
+}
+
+/// Why a policy's or route's `spec` did not deserialize, as serde said it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecParseError {
     /// Path of the field that failed, e.g. `spec.rules[0].to[0].ports[1]`; `spec` when the
@@ -374,6 +417,23 @@ pub(crate) struct WorkloadDocument {
     _kind: IgnoredAny,
     metadata: ObjectMeta,
     spec: WorkloadSpec,
+}
+
+/// A whole HTTPRoute document as written; its `spec` is parsed on its own
+/// ([`Route::from_json_spec`]) so that a Gateway's route this version cannot parse is
+/// ignored rather than refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RouteDocument {
+    #[serde(rename = "apiVersion")]
+    _api_version: IgnoredAny,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    metadata: ObjectMeta,
+    spec: serde_json::Value,
+    // Ignored so that objects exported from a cluster load unchanged.
+    #[serde(default, rename = "status")]
+    _status: Option<IgnoredAny>,
 }
 
 /// A whole AuthorizationPolicy document as written; converted into [`Policy`].
@@ -529,6 +589,57 @@ impl Policy {
             .into_iter()
             .map(|e| format!("{}: {}", e.field, e.message))
             .collect()
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    /// A route whose `spec` parsed: `parse_errors` empty.
+    pub fn new(metadata: ObjectMeta, spec: HttpRouteSpec) -> Self {
+        Self {
+            metadata,
+            spec,
+            parse_errors: Vec::new(),
+        }
+    }
+
+    /// A route from its `spec` as JSON (the Kubernetes source's form, and the file
+    /// source's after YAML); never fails, so that one malformed object is handled on its
+    /// own. A spec that does not parse keeps only its parentRefs (read leniently, with
+    /// upstream's defaults), to tell whose route it is, and the serde error with its field
+    /// path in `parse_errors`.
+    pub fn from_json_spec(metadata: ObjectMeta, spec: &serde_json::Value) -> Self {
+        crate::routes::from_json_spec(metadata, spec)
+    }
+
+    /// Whether the route is the mesh's: one of its parentRefs is a Service (group `""` or
+    /// `core`, kind `Service`). Routes of Gateways only are ignored.
+    pub fn is_mesh(&self) -> bool {
+        self.spec
+            .parent_refs
+            .iter()
+            .any(ParentReference::is_service)
+    }
+
+    /// Every problem of this route, one `field: message` line each (e.g.
+    /// `spec.rules[0].matches[1].path.type: RegularExpression is not supported; use Exact
+    /// or PathPrefix`); empty when it is acceptable, and for a route that is not the
+    /// mesh's ([`is_mesh`](Self::is_mesh)). The file source refuses a directory holding a
+    /// route with problems; the Kubernetes source leaves the route out.
+    pub fn problems(&self) -> Vec<String> {
+        crate::routes::problems(self)
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+}
+
+// === impl RouteDocument ===
+
+impl From<RouteDocument> for Route {
+    fn from(doc: RouteDocument) -> Self {
+        Route::from_json_spec(doc.metadata, &doc.spec)
     }
 }
 

@@ -117,6 +117,7 @@ impl FileSource {
             dir = %self.dir.display(),
             services = snapshot.services.len(),
             policies = snapshot.authorization.len(),
+            routes = snapshot.routes.len(),
             "loaded mesh snapshot version 1"
         );
         Ok(snapshot)
@@ -191,6 +192,7 @@ impl FileSource {
             Ok(next) => {
                 let changed = next.services != current.services
                     || next.authorization != current.authorization
+                    || next.routes != current.routes
                     || next.trust_domain != current.trust_domain;
                 let version = if changed {
                     tx.send_replace(Arc::new(next));

@@ -40,6 +40,9 @@
 //! - AuthorizationPolicies become `MeshSnapshot::authorization`, sorted by namespace and
 //!   name, service accounts resolved to SPIFFE IDs; one with problems is translated
 //!   fail-closed, never left out (see `crate::authorization`).
+//! - HTTPRoutes with a Service parent (GAMMA) become `MeshSnapshot::routes`, sorted by
+//!   namespace and name; one with problems is left out, as are routes of Gateways only
+//!   (see `crate::routes`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -57,7 +60,8 @@ use crate::validate::split_hostnames;
 ///
 /// Objects are expected to be validated (as [`crate::load_dir`] does); an
 /// AuthorizationPolicy with problems is translated fail-closed (report it with
-/// [`crate::InvalidPolicies`]), and anything else that still cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
+/// [`crate::InvalidPolicies`]), an HTTPRoute with problems is left out (report it with
+/// [`crate::InvalidRoutes`]), and anything else that still cannot be represented (a port outside 1..=65535, an identity that does not parse, e.g.
 /// under an invalid trust domain, a pod address with a named targetPort, a slice endpoint
 /// whose Pod is unknown) is left out with a warning rather than failing.
 pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSnapshot {
@@ -95,6 +99,7 @@ pub fn translate(objects: &Objects, trust_domain: &str, version: u64) -> MeshSna
         trust_domain: trust_domain.to_owned(),
         services,
         authorization: crate::authorization::translate_policies(objects, trust_domain),
+        routes: crate::routes::translate_routes(objects),
         ..Default::default()
     }
 }

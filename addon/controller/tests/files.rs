@@ -45,7 +45,25 @@ fn policy(name: &str, spec: &str) -> String {
     )
 }
 
-/// Writes atomically (temp file, then rename), so a poll never sees a half-written file.
+/// An HTTPRoute in `demo` with `spec` (flow YAML).
+fn http_route(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
+    )
+}
+
+/// A route of Service `web` sending everything to `backend`:80.
+fn web_route(name: &str, backend: &str) -> String {
+    http_route(
+        name,
+        &format!(
+            "{{parentRefs: [{{group: '', kind: Service, name: web}}], \
+             rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]}}"
+        ),
+    )
+}
+
 /// A Workload with a pod `address` (transparent capture) instead of a meshAddress.
 fn pod_workload(name: &str, ip: &str) -> String {
     format!(
@@ -55,6 +73,7 @@ fn pod_workload(name: &str, ip: &str) -> String {
     )
 }
 
+/// Writes atomically (temp file, then rename), so a poll never sees a half-written file.
 fn write(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, text).unwrap();
@@ -251,8 +270,9 @@ fn validation_errors_name_file_document_object_and_field() {
                 ),
             )],
             "x.yaml (document 2): unsupported kind \"Deployment\" (apiVersion \"apps/v1\"): \
-             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1) and \
-             AuthorizationPolicy (policy.trellis.dev/v1alpha1)",
+             supported kinds are Service (v1), Workload (local.trellis.dev/v1alpha1), \
+             AuthorizationPolicy (policy.trellis.dev/v1alpha1) and HTTPRoute \
+             (gateway.networking.k8s.io/v1)",
         ),
         (
             "policy: unknown field",
@@ -316,6 +336,50 @@ fn validation_errors_name_file_document_object_and_field() {
                     .to_owned(),
             )],
             "p.yaml (document 1): AuthorizationPolicy demo/readers: missing field `spec`",
+        ),
+        (
+            "route: a path match the mesh cannot honour",
+            vec![(
+                "r.yaml",
+                http_route(
+                    "web",
+                    "{parentRefs: [{group: '', kind: Service, name: web}], rules: [{matches: \
+                     [{path: {value: /a}}, {path: {type: RegularExpression, value: '/a.*'}}]}]}",
+                ),
+            )],
+            "r.yaml (document 1): HTTPRoute demo/web: spec.rules[0].matches[1].path.type: \
+             RegularExpression is not supported; use Exact or PathPrefix",
+        ),
+        (
+            "route: unknown field",
+            vec![(
+                "r.yaml",
+                http_route(
+                    "web",
+                    "{parentRefs: [{group: '', kind: Service, name: web}], rulez: []}",
+                ),
+            )],
+            "r.yaml (document 1): HTTPRoute demo/web: spec.rulez: unknown field `rulez`, \
+             expected one of `parentRefs`, `hostnames`, `rules`",
+        ),
+        (
+            "route defined twice",
+            vec![
+                ("a.yaml", web_route("web", "web-v1")),
+                ("b.yaml", web_route("web", "web-v2")),
+            ],
+            "b.yaml (document 1): HTTPRoute demo/web: defined twice: in a.yaml (document 1) \
+             and in b.yaml (document 1)",
+        ),
+        (
+            "route without a spec",
+            vec![(
+                "r.yaml",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {name: web, namespace: demo}\n"
+                    .to_owned(),
+            )],
+            "r.yaml (document 1): HTTPRoute demo/web: missing field `spec`",
         ),
         (
             "yaml syntax",
@@ -701,4 +765,152 @@ async fn watcher_stops_when_no_one_receives_snapshots() {
     } = w;
     drop(snapshots);
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+/// `(backend, weight)` of each backend of each rule of a route.
+type RuleBackends = Vec<Vec<(String, u32)>>;
+
+/// `(key, backends of each rule)` of every route of a snapshot.
+fn routes(snapshot: &MeshSnapshot) -> Vec<(String, RuleBackends)> {
+    snapshot
+        .routes
+        .iter()
+        .map(|r| {
+            let rules = r
+                .rules
+                .iter()
+                .map(|rule| {
+                    (rule.backends.iter())
+                        .map(|b| (b.service.name.clone(), b.weight))
+                        .collect()
+                })
+                .collect();
+            (r.key(), rules)
+        })
+        .collect()
+}
+
+/// What `trellis demo` writes: an HTTPRoute with a Service parent loads into the
+/// snapshot; a Gateway's route in the same directory is ignored, even one the mesh could
+/// not honour.
+#[test]
+fn http_routes_with_service_parents_load_and_gateway_routes_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", WEB_SERVICE);
+    write(
+        dir.path(),
+        "routes.yaml",
+        &format!(
+            "{}---\n{}",
+            http_route(
+                "web-split",
+                "{parentRefs: [{group: '', kind: Service, name: web, port: 80}], rules: \
+                 [{backendRefs: [{name: web-v1, port: 80, weight: 90}, \
+                 {name: web-v2, port: 80, weight: 10}]}]}",
+            ),
+            http_route(
+                "ingress",
+                "{parentRefs: [{name: public-gateway}], hostnames: [shop.example], rules: \
+                 [{matches: [{path: {type: RegularExpression, value: '/.*'}}], \
+                 filters: [{type: URLRewrite, urlRewrite: {hostname: web}}]}]}",
+            ),
+        ),
+    );
+    let objects = load_dir(dir.path()).unwrap();
+    assert_eq!(objects.routes.len(), 1, "only the mesh's route is kept");
+    let snapshot = FileSource::new(dir.path(), "cluster.local", POLL)
+        .load_initial()
+        .unwrap();
+    assert_eq!(
+        routes(&snapshot),
+        [(
+            "demo/web-split".to_owned(),
+            vec![vec![("web-v1".to_owned(), 90), ("web-v2".to_owned(), 10)]]
+        )]
+    );
+    assert_eq!(snapshot.routes[0].parents[0].port, Some(80));
+}
+
+/// A route change alone is a new snapshot; a bad route edit is refused naming the field,
+/// and the last good snapshot (with the route as it was) stays.
+#[tokio::test]
+async fn watcher_publishes_route_changes_and_refuses_a_bad_route_edit() {
+    let mut w = Watcher::start(&[("svc.yaml", WEB_SERVICE)]);
+    assert!(w.snapshots.borrow().routes.is_empty());
+    w.write("route.yaml", &web_route("web", "web-v1"));
+    let v2 = w.next_snapshot().await;
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        routes(&v2),
+        [("demo/web".to_owned(), vec![vec![("web-v1".to_owned(), 1)]])]
+    );
+
+    w.write(
+        "route.yaml",
+        &http_route(
+            "web",
+            "{parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs: \
+             [{name: web-v2, port: 80, weight: 10}, {name: web-v3, namespace: other, port: 80}]}]}",
+        ),
+    );
+    let status = w.status_when(|s| s.reloads_failed == 1).await;
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains(
+            "route.yaml (document 1): HTTPRoute demo/web: spec.rules[0].backendRefs[1].namespace: \
+             \"other\" is not the route's namespace \"demo\""
+        ),
+        "{error}"
+    );
+    assert_eq!(status.last_good_version, 2);
+    assert_eq!(w.snapshots.borrow().version, 2);
+    assert_eq!(
+        routes(&w.snapshots.borrow()),
+        routes(&v2),
+        "the last good route stays"
+    );
+
+    // Fixed: version 3 with the new route.
+    w.write("route.yaml", &web_route("web", "web-v2"));
+    let v3 = w.next_snapshot().await;
+    assert_eq!(v3.version, 3);
+    assert_eq!(
+        routes(&v3),
+        [("demo/web".to_owned(), vec![vec![("web-v2".to_owned(), 1)]])]
+    );
+}
+
+/// The examples `docs/examples/routes/` holds (also validated against the upstream CRD's
+/// schema by `scripts/validate-chart`) load through the file source, each as the mesh
+/// route it shows.
+#[test]
+fn route_examples_load_through_the_file_source() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/routes");
+    let snapshot = FileSource::new(&dir, "cluster.local", POLL)
+        .load_initial()
+        .unwrap();
+    let keys: Vec<String> = snapshot.routes.iter().map(|r| r.key()).collect();
+    assert_eq!(
+        keys,
+        [
+            "shop/checkout-canary",
+            "shop/reviews-by-header",
+            "shop/storefront-paths"
+        ]
+    );
+    let canary = &snapshot.routes[0];
+    let weights: Vec<u32> = canary.rules[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [90, 10]);
+    let by_header = &snapshot.routes[1];
+    assert_eq!(
+        by_header.rules[0].matches[0].headers,
+        [("x-canary".to_owned(), "true".to_owned())]
+    );
+    let paths = &snapshot.routes[2];
+    assert_eq!(
+        paths.rules[0].timeout,
+        Some(Duration::from_secs(10)),
+        "{paths:?}"
+    );
+    assert_eq!(paths.rules[1].timeout, None);
 }

@@ -26,6 +26,13 @@
 //!   the parse error. It is never skipped for what its spec says: leaving out a policy
 //!   could open access, so one with problems ([`Policy::problems`], parse errors first)
 //!   goes to the translator, which enforces it fail-closed.
+//! - **HTTPRoute** (`gateway.networking.k8s.io/v1`, the Gateway API's): watched as a
+//!   [`RawRoute`] for the same reason (a field of a newer Gateway API, or of its
+//!   experimental channel, must not fail every route), and each becomes a [`Route`] on
+//!   its own ([`Route::from_json_spec`]). A route without a Service parent is a Gateway's,
+//!   not the mesh's: [`Skip::Ignored`]. A mesh route with problems is kept here and left
+//!   out by the translator ([`trellis_controller::InvalidRoutes`] reports it), so its
+//!   Services are served as if it did not exist.
 //!
 //! Each conversion returns a [`Skip`] for an object it leaves out: [`Skip::Ignored`] for
 //! objects that are simply not part of the mesh (logged at debug), [`Skip::Invalid`] for
@@ -45,12 +52,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta as KubeMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString as KubeIntOrString;
 use kube::Resource;
 use serde::Deserialize;
+use trellis_controller::httproute::{
+    GATEWAY_GROUP, HTTP_ROUTE_KIND, HTTP_ROUTE_PLURAL, HTTP_ROUTE_VERSION,
+};
 use trellis_controller::objects::{
     self, EndpointPort, EndpointSlice, IntOrString, ObjectMeta, SERVICE_NAME_LABEL, Service,
     ServicePort, ServiceSpec, SliceEndpoint, Workload, WorkloadSpec,
 };
 use trellis_controller::policy::AuthorizationPolicy;
-use trellis_controller::{EndpointSource, ObjectKey, Objects, Policy};
+use trellis_controller::{EndpointSource, ObjectKey, Objects, Policy, Route};
 
 use crate::Kind;
 
@@ -103,6 +113,47 @@ impl Resource for RawPolicy {
     }
 }
 
+/// A `gateway.networking.k8s.io/v1` HTTPRoute as the API server sends it, its `spec` not
+/// yet parsed (and its `status`, the Gateway controllers', not read at all): what the
+/// source watches and stores. [`route`] parses each one on its own.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct RawRoute {
+    /// The object's metadata.
+    pub metadata: KubeMeta,
+    /// The object's `spec`, any JSON; `null` when absent.
+    #[serde(default)]
+    pub spec: serde_json::Value,
+}
+
+impl Resource for RawRoute {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        Cow::Borrowed(HTTP_ROUTE_KIND)
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        Cow::Borrowed(GATEWAY_GROUP)
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        Cow::Borrowed(HTTP_ROUTE_VERSION)
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        Cow::Borrowed(HTTP_ROUTE_PLURAL)
+    }
+
+    fn meta(&self) -> &KubeMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut KubeMeta {
+        &mut self.metadata
+    }
+}
+
 /// Why an object was left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
@@ -140,6 +191,7 @@ pub fn objects<'a>(
     slices: impl IntoIterator<Item = &'a discovery::EndpointSlice>,
     pods: impl IntoIterator<Item = &'a core::Pod>,
     policies: impl IntoIterator<Item = &'a RawPolicy>,
+    routes: impl IntoIterator<Item = &'a RawRoute>,
 ) -> Converted {
     let mut out = Converted {
         objects: Objects {
@@ -188,7 +240,40 @@ pub fn objects<'a>(
             Err(skip) => out.skip(Kind::AuthorizationPolicy, &p.metadata, skip),
         }
     }
+    for r in routes {
+        match route(r) {
+            Ok(r) => {
+                out.objects.routes.insert(r.metadata.key(), r);
+            }
+            Err(skip) => out.skip(Kind::HttpRoute, &r.metadata, skip),
+        }
+    }
     out
+}
+
+/// An HTTPRoute as the controller's [`Route`] when it is the mesh's (a Service parent);
+/// kept with its problems, if any, for the translator to leave out and report. A
+/// Gateway's route is [`Skip::Ignored`]; an object without a name or namespace (which the
+/// API server never sends) is refused.
+pub fn route(r: &RawRoute) -> Result<Route, Skip> {
+    let metadata = ObjectMeta {
+        labels: r.metadata.labels.clone().unwrap_or_default(),
+        ..meta(&r.metadata)?
+    };
+    let route = Route::from_json_spec(metadata, &r.spec);
+    if !route.is_mesh() {
+        // The classic slip: `kind: Service` without `group: ""` names a Gateway API kind.
+        let hint = if route.spec.parent_refs.iter().any(|p| p.kind == "Service") {
+            " (a parentRef of kind Service needs group \"\": without it the group is \
+             gateway.networking.k8s.io)"
+        } else {
+            ""
+        };
+        return Err(Skip::Ignored(format!(
+            "no Service parent: a Gateway's route, not the mesh's{hint}"
+        )));
+    }
+    Ok(route)
 }
 
 /// An AuthorizationPolicy as the controller's [`Policy`], fail-closed with its parse
@@ -485,6 +570,12 @@ pub(crate) fn strip_pod(pod: &mut core::Pod) {
 /// Keeps a policy's name, namespace, labels, annotations (but kubectl's copy) and spec.
 pub(crate) fn strip_policy(p: &mut RawPolicy) {
     strip_meta(&mut p.metadata);
+}
+
+/// Keeps a route's name, namespace, labels and spec.
+pub(crate) fn strip_route(r: &mut RawRoute) {
+    strip_meta(&mut r.metadata);
+    r.metadata.annotations = None;
 }
 
 /// Keeps a ConfigMap's `data`.

@@ -11,11 +11,13 @@
 //!
 //! - [`KubeSource`]: one watcher and reflector (in-memory store) per kind: Namespaces,
 //!   Services, `discovery.k8s.io/v1` EndpointSlices, Pods, `policy.trellis.dev/v1alpha1`
-//!   AuthorizationPolicies, and the mesh ConfigMap (`trellis-system/trellis-config` by
-//!   default). It publishes a [`MeshSnapshot`] once every kind has been listed (a missing
-//!   AuthorizationPolicy CRD counts as listed and empty, with a warning, and is retried),
-//!   then after each change (coalesced over a debounce interval) when the services or the
-//!   policies changed. The ConfigMap's `data` goes out raw on its own channel
+//!   AuthorizationPolicies, `gateway.networking.k8s.io/v1` HTTPRoutes, and the mesh
+//!   ConfigMap (`trellis-system/trellis-config` by default). It publishes a
+//!   [`MeshSnapshot`] once every kind has been listed (a missing CRD, the
+//!   AuthorizationPolicy's or the Gateway API's HTTPRoute, counts as listed and empty,
+//!   with one warning saying how to install it, and is retried), then after each change
+//!   (coalesced over a debounce interval) when the services, the policies or the routes
+//!   changed. The ConfigMap's `data` goes out raw on its own channel
 //!   ([`KubeHandle::config`]); parsing and keeping the last good config is the app's job.
 //! - [`convert`]: pure functions from the `k8s-openapi` types (and
 //!   [`convert::RawPolicy`], an AuthorizationPolicy whose `spec` is still JSON) to the
@@ -23,9 +25,14 @@
 //!   (with a warning), never the whole snapshot; an AuthorizationPolicy never is: the
 //!   translator enforces an invalid one fail-closed, one whose spec does not even parse
 //!   included (on its own, without failing the watch of the others), and
-//!   [`trellis_controller::InvalidPolicies`] warns about it.
+//!   [`trellis_controller::InvalidPolicies`] warns about it. HTTPRoutes are watched the
+//!   same way ([`convert::RawRoute`]); a Gateway's route (no Service parent) is not the
+//!   mesh's and left out quietly, and a mesh route with problems is left out of the
+//!   snapshot by the translator (routing falls back to the plain Service) and reported by
+//!   [`trellis_controller::InvalidRoutes`].
 //! - [`Metrics`]: `trellis_kube_watch_errors_total{kind}`, `trellis_kube_objects{kind}`,
-//!   and the controller's `trellis_controller_invalid_policies`.
+//!   and the controller's `trellis_controller_invalid_policies` and
+//!   `trellis_controller_invalid_routes`.
 //! - [`leader`]: a Lease-based leader elector (client-go's semantics and timings: 15 s
 //!   lease, 10 s renew deadline, 2 s retry), publishing leadership on a `watch` channel;
 //!   `trellis_kube_leader`, `trellis_kube_leader_transitions_total`.
@@ -49,6 +56,8 @@
 //! [`MeshSnapshot`]: trellis_api::MeshSnapshot
 
 use std::fmt;
+
+pub use trellis_controller::httproute::GATEWAY_API_INSTALL;
 
 pub mod convert;
 pub mod events;
@@ -81,19 +90,23 @@ pub enum Kind {
     /// `policy.trellis.dev/v1alpha1` AuthorizationPolicy (a custom resource: its CRD may
     /// not be installed, which counts as none).
     AuthorizationPolicy,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute (a custom resource of the Gateway API:
+    /// its CRD may not be installed, which counts as none).
+    HttpRoute,
 }
 
 // === impl Kind ===
 
 impl Kind {
     /// Every kind, in the order they are reported.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ConfigMap,
         Kind::AuthorizationPolicy,
+        Kind::HttpRoute,
     ];
 
     /// The Kubernetes kind name, e.g. `EndpointSlice`.
@@ -105,6 +118,17 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::ConfigMap => "ConfigMap",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::HttpRoute => "HTTPRoute",
+        }
+    }
+
+    /// How to install the CRD of a custom resource kind, `None` for a built-in kind: a
+    /// missing CRD (the list answers 404) counts as "none of this kind", with this hint.
+    pub fn crd_install_hint(self) -> Option<&'static str> {
+        match self {
+            Kind::AuthorizationPolicy => Some("kubectl apply -f charts/trellis/crds/"),
+            Kind::HttpRoute => Some(GATEWAY_API_INSTALL),
+            _ => None,
         }
     }
 }

@@ -6,14 +6,16 @@
 //! - `trellis_kube_objects{kind}`: objects of each kind held in memory (skipped ones
 //!   included; the ConfigMap is 0 or 1).
 //! - `trellis_controller_invalid_policies`: the controller's gauge of AuthorizationPolicies
-//!   enforced fail-closed ([`trellis_controller::PolicyMetrics`]), registered here because
-//!   only this source can hold invalid ones.
+//!   enforced fail-closed ([`trellis_controller::PolicyMetrics`]), and
+//!   `trellis_controller_invalid_routes`, the HTTPRoutes left out for their problems
+//!   ([`trellis_controller::RouteMetrics`]), registered here because only this source can
+//!   hold invalid ones.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use trellis_controller::PolicyMetrics;
+use trellis_controller::{PolicyMetrics, RouteMetrics};
 
 use crate::Kind;
 
@@ -25,6 +27,7 @@ pub struct Metrics {
     watch_errors: Family<KindLabel, Counter>,
     objects: Family<KindLabel, Gauge>,
     pub(crate) policies: PolicyMetrics,
+    pub(crate) routes: RouteMetrics,
 }
 
 // === impl Metrics ===
@@ -37,6 +40,7 @@ impl Metrics {
             watch_errors: Family::default(),
             objects: Family::default(),
             policies: PolicyMetrics::register(registry),
+            routes: RouteMetrics::register(registry),
         };
         registry.register(
             "trellis_kube_watch_errors",

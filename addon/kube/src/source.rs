@@ -1,4 +1,4 @@
-//! The watch loop: six reflectors in, versioned snapshots and the raw mesh config out.
+//! The watch loop: seven reflectors in, versioned snapshots and the raw mesh config out.
 //!
 //! Each kind runs a kube-rs `watcher` (list, then watch from the list's resource version;
 //! on an error it resumes or re-lists) with the default backoff, feeding a reflector
@@ -11,9 +11,11 @@
 //! 2. after that, on any change, waits the debounce interval (measured from the first
 //!    change, so a steady stream of changes still publishes once per interval), rebuilds
 //!    [`Objects`](trellis_controller::Objects) from the stores, translates, and publishes
-//!    only when the services or the authorization policies differ from the last published
-//!    snapshot. Policies with problems are reported (a warning per change, the
-//!    `trellis_controller_invalid_policies` gauge) and translated fail-closed.
+//!    only when the services, the authorization policies or the routes differ from the
+//!    last published snapshot. Policies with problems are reported (a warning per change,
+//!    the `trellis_controller_invalid_policies` gauge) and translated fail-closed; the
+//!    mesh's HTTPRoutes with problems are reported likewise
+//!    (`trellis_controller_invalid_routes`) and left out.
 //!
 //! AuthorizationPolicies are watched with their `spec` as plain JSON
 //! ([`RawPolicy`](crate::convert::RawPolicy)): with the typed custom resource, one object
@@ -21,11 +23,17 @@
 //! (every later change ignored). Each spec is parsed at conversion, on its own, and one
 //! that does not parse is enforced fail-closed with the others untouched.
 //!
-//! AuthorizationPolicy is a custom resource: without its CRD, its list fails with 404.
-//! That must not hold the first snapshot back forever (a control plane upgraded before
-//! its CRDs were applied would never become ready), so a 404 counts as listed and empty,
-//! with one warning naming the fix; the watcher keeps retrying with its backoff, and the
-//! policies appear once the CRD is installed.
+//! HTTPRoutes (`gateway.networking.k8s.io/v1`) are watched the same way
+//! ([`RawRoute`](crate::convert::RawRoute)), for the same reason; a Gateway's route is not
+//! the mesh's and is left out at conversion.
+//!
+//! AuthorizationPolicy and HTTPRoute are custom resources: without its CRD, a kind's list
+//! fails with 404. That must not hold the first snapshot back forever (a control plane
+//! upgraded before its CRDs were applied, or a cluster without the Gateway API, would
+//! never become ready), so a 404 counts as listed and empty, with one warning naming the
+//! fix (`kubectl apply -f charts/trellis/crds/`, or installing the Gateway API's standard
+//! CRDs); the watcher keeps retrying with its backoff, and the objects appear once the
+//! CRD is installed.
 //!
 //! The ConfigMap does not feed the snapshot; its `data` is sent as soon as it changes.
 
@@ -48,10 +56,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use trellis_api::MeshSnapshot;
-use trellis_controller::InvalidPolicies;
+use trellis_controller::{InvalidPolicies, InvalidRoutes};
 
 use crate::Kind;
-use crate::convert::{self, ConfigMapData, RawPolicy, Skip, Skipped};
+use crate::convert::{self, ConfigMapData, RawPolicy, RawRoute, Skip, Skipped};
 use crate::metrics::Metrics;
 
 /// Default coalescing interval between a change and the snapshot it leads to.
@@ -60,8 +68,6 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_CONFIG_NAMESPACE: &str = "trellis-system";
 /// Default name of the mesh ConfigMap.
 pub const DEFAULT_CONFIG_NAME: &str = "trellis-config";
-/// What to do when the AuthorizationPolicy CRD is missing.
-const INSTALL_CRDS: &str = "kubectl apply -f charts/trellis/crds/";
 
 /// What the source watches and how it publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,8 +142,8 @@ pub struct KindStatus {
     pub errors: u64,
     /// The latest of those errors. It stays after the watch recovers (a resumed watch
     /// says nothing until something changes); compare `errors` over time to see whether
-    /// it is still failing. The one exception: a missing AuthorizationPolicy CRD is
-    /// cleared when the kind lists, since then the CRD is there.
+    /// it is still failing. The one exception: a missing CRD (AuthorizationPolicy,
+    /// HTTPRoute) is cleared when the kind lists, since then the CRD is there.
     pub last_error: Option<String>,
 }
 
@@ -169,6 +175,7 @@ struct Stores {
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
     policies: Store<RawPolicy>,
+    routes: Store<RawRoute>,
     config: Store<ConfigMap>,
 }
 
@@ -188,8 +195,11 @@ struct Publisher {
     logged_skips: HashMap<(Kind, String), Skip>,
     /// Reports policies enforced fail-closed, once per change.
     invalid_policies: InvalidPolicies,
-    /// The missing-CRD warning was logged since the AuthorizationPolicy kind last listed.
-    crd_missing_warned: bool,
+    /// Reports the mesh's routes left out for their problems, once per change.
+    invalid_routes: InvalidRoutes,
+    /// The custom resource kinds whose missing-CRD warning was logged since they last
+    /// listed.
+    crd_missing_warned: BTreeSet<Kind>,
 }
 
 // === impl KubeSettings ===
@@ -274,6 +284,7 @@ impl KubeSource {
         let (slices, slices_w) = reflector::store();
         let (pods, pods_w) = reflector::store();
         let (policies, policies_w) = reflector::store();
+        let (routes, routes_w) = reflector::store();
         let (config_store, config_w) = reflector::store();
         let everything = watcher::Config::default;
         let config_only = everything().fields(&format!("metadata.name={}", settings.config_name));
@@ -316,6 +327,15 @@ impl KubeSource {
                 convert::strip_policy,
             ),
             watch_kind(
+                Kind::HttpRoute,
+                // Untyped specs too: a field of a newer or experimental Gateway API must
+                // fail only its own route.
+                Api::<RawRoute>::all(client.clone()),
+                everything(),
+                routes_w,
+                convert::strip_route,
+            ),
+            watch_kind(
                 Kind::ConfigMap,
                 Api::namespaced(client, &settings.config_namespace),
                 config_only,
@@ -326,6 +346,10 @@ impl KubeSource {
         let invalid_policies = match &metrics {
             Some(m) => InvalidPolicies::new().with_metrics(m.policies.clone()),
             None => InvalidPolicies::new(),
+        };
+        let invalid_routes = match &metrics {
+            Some(m) => InvalidRoutes::new().with_metrics(m.routes.clone()),
+            None => InvalidRoutes::new(),
         };
         let mut publisher = Publisher {
             settings,
@@ -339,6 +363,7 @@ impl KubeSource {
                 slices,
                 pods,
                 policies,
+                routes,
                 config: config_store,
             },
             listed: BTreeSet::new(),
@@ -346,7 +371,8 @@ impl KubeSource {
             published: false,
             logged_skips: HashMap::new(),
             invalid_policies,
-            crd_missing_warned: false,
+            invalid_routes,
+            crd_missing_warned: BTreeSet::new(),
         };
         tokio::pin!(shutdown);
         loop {
@@ -468,10 +494,9 @@ impl Publisher {
                     tracing::debug!(%kind, "listed");
                 }
                 // A missing CRD is not an error that a later list could leave in doubt.
-                let crd_installed = kind == Kind::AuthorizationPolicy && self.crd_missing_warned;
+                let crd_installed = self.crd_missing_warned.remove(&kind);
                 if crd_installed {
                     tracing::info!(%kind, "listed: the CRD is installed now");
-                    self.crd_missing_warned = false;
                 }
                 self.status.send_modify(|s| {
                     let k = s.kinds.entry(kind).or_default();
@@ -485,7 +510,7 @@ impl Publisher {
             Update::Failed {
                 error,
                 not_found: true,
-            } if kind == Kind::AuthorizationPolicy => {
+            } if kind.crd_install_hint().is_some() => {
                 return self.crd_missing(kind, error);
             }
             Update::Failed { error, .. } => {
@@ -511,22 +536,32 @@ impl Publisher {
         }
     }
 
-    /// The AuthorizationPolicy CRD is not installed: the kind counts as listed and empty
+    /// A custom resource kind's CRD is not installed: the kind counts as listed and empty
     /// (so the first snapshot is not held back), one warning says how to install it, and
     /// the watcher keeps retrying with its backoff. The error is still counted, so the
     /// watch error rate shows that it is missing.
     fn crd_missing(&mut self, kind: Kind, error: String) {
-        let error = format!("{error} (the CRD is not installed: {INSTALL_CRDS})");
-        if self.crd_missing_warned {
+        let install = kind.crd_install_hint().unwrap_or_default();
+        let error = format!("{error} (the CRD is not installed: {install})");
+        if self.crd_missing_warned.contains(&kind) {
             tracing::debug!(%kind, %error, "still no CRD; retrying with backoff");
         } else {
-            tracing::warn!(
-                %kind,
-                %error,
-                "the AuthorizationPolicy CRD is not installed, so there are no authorization \
-                 policies; install it with `{INSTALL_CRDS}` (retrying with backoff meanwhile)"
-            );
-            self.crd_missing_warned = true;
+            match kind {
+                Kind::HttpRoute => tracing::warn!(
+                    %kind,
+                    %error,
+                    "the Gateway API CRDs are not installed, so there are no HTTPRoutes and \
+                     no routing; install them with `{install}` (retrying with backoff \
+                     meanwhile)"
+                ),
+                _ => tracing::warn!(
+                    %kind,
+                    %error,
+                    "the {kind} CRD is not installed, so there are no {kind}s; install it \
+                     with `{install}` (retrying with backoff meanwhile)"
+                ),
+            }
+            self.crd_missing_warned.insert(kind);
         }
         if let Some(metrics) = &self.metrics {
             metrics.watch_error(kind);
@@ -579,8 +614,8 @@ impl Publisher {
         });
     }
 
-    /// Rebuilds from the stores and publishes if the services or the policies changed
-    /// (always, the first time).
+    /// Rebuilds from the stores and publishes if the services, the policies or the routes
+    /// changed (always, the first time).
     fn publish(&mut self) {
         self.pending_since = None;
         let namespaces = self.stores.namespaces.state();
@@ -588,20 +623,24 @@ impl Publisher {
         let slices = self.stores.slices.state();
         let pods = self.stores.pods.state();
         let policies = self.stores.policies.state();
+        let routes = self.stores.routes.state();
         self.count(Kind::Namespace, namespaces.len());
         self.count(Kind::Service, services.len());
         self.count(Kind::EndpointSlice, slices.len());
         self.count(Kind::Pod, pods.len());
         self.count(Kind::AuthorizationPolicy, policies.len());
+        self.count(Kind::HttpRoute, routes.len());
         let converted = convert::objects(
             namespaces.iter().map(Arc::as_ref),
             services.iter().map(Arc::as_ref),
             slices.iter().map(Arc::as_ref),
             pods.iter().map(Arc::as_ref),
             policies.iter().map(Arc::as_ref),
+            routes.iter().map(Arc::as_ref),
         );
         self.log_skips(converted.skipped);
         self.invalid_policies.report(&converted.objects);
+        self.invalid_routes.report(&converted.objects);
         let current = Arc::clone(&self.tx.borrow());
         let version = current.version.saturating_add(1);
         let next =
@@ -609,14 +648,22 @@ impl Publisher {
         if self.published
             && next.services == current.services
             && next.authorization == current.authorization
+            && next.routes == current.routes
         {
             tracing::debug!("cluster changed, snapshot did not");
             return;
         }
         let services = next.services.len();
         let policies = next.authorization.len();
+        let routes = next.routes.len();
         self.tx.send_replace(Arc::new(next));
-        tracing::info!(version, services, policies, "published mesh snapshot");
+        tracing::info!(
+            version,
+            services,
+            policies,
+            routes,
+            "published mesh snapshot"
+        );
         self.published = true;
         self.status.send_modify(|s| {
             s.synced = true;

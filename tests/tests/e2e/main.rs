@@ -22,6 +22,7 @@ mod policy;
 mod protocols;
 mod request_path;
 mod rotation;
+mod routes;
 mod tap;
 mod telemetry;
 mod tracing;

@@ -27,6 +27,9 @@
 //!   every version this build knows (✖ otherwise, with `kubectl apply -f
 //!   charts/trellis/crds/`); ‼ when its schema differs from this build's: Helm installs
 //!   `crds/` on the first install only and never upgrades them.
+//! - `routes`: the Gateway API's HTTPRoute CRD (`httproutes.gateway.networking.k8s.io`,
+//!   which Trellis reads but does not ship) is installed and serves `v1`; ‼ otherwise,
+//!   with the install command: the mesh runs without it, but no route applies.
 //! - `webhook`: `MutatingWebhookConfiguration trellis-sidecar-injector` and
 //!   `ValidatingWebhookConfiguration trellis-config` exist, and each webhook's `caBundle`
 //!   holds PEM certificates, none expired, equal to the trust bundle (the control plane keeps
@@ -80,6 +83,7 @@ use kube::api::{Api, ListParams, PostParams};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use trellis_azure::CertSummary;
+use trellis_controller::httproute::{GATEWAY_API_INSTALL, HTTP_ROUTE_CRD, HTTP_ROUTE_VERSION};
 use trellis_webhook::{ANNOTATION_INJECT, ANNOTATION_INJECTED, KubeVersion, LABEL_PROXY};
 
 use super::{CONTROL_PLANE, Check, DATA_PLANE, TRUST, Verdict, expiry, unix};
@@ -137,6 +141,7 @@ const API: &str = "kubernetes-api";
 const VERSION: &str = "kubernetes-version";
 const PRE_INSTALL: &str = "pre-install";
 const CRDS: &str = "crds";
+const ROUTES: &str = "routes";
 const WEBHOOK: &str = "webhook";
 /// How to install (or upgrade) the CRDs: Helm installs the chart's `crds/` on the first
 /// install only, never on `helm upgrade`.
@@ -678,6 +683,16 @@ pub(crate) async fn post_install(client: &kube::Client, options: &Options) -> Ve
         });
     }
 
+    // routes
+    checks.push(match crds.get_opt(HTTP_ROUTE_CRD).await {
+        Ok(found) => routes_check(found.as_ref()),
+        Err(e) => read_failed(
+            ROUTES,
+            &format!("customresourcedefinition {HTTP_ROUTE_CRD}"),
+            &error_text(&e),
+        ),
+    });
+
     // webhook (the trust bundle is read first: the caBundles must equal it)
     let bundle = match Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(TRUST_BUNDLE)
@@ -867,6 +882,49 @@ pub(crate) fn crd_check(
         format!(
             "CustomResourceDefinition {name} is established and serves {}",
             wanted.join(", ")
+        ),
+    )
+}
+
+/// The Gateway API's HTTPRoute CRD (`found`): ‼ when it is missing or does not serve
+/// `v1` (Trellis reads `gateway.networking.k8s.io/v1`): the mesh works without it, but no
+/// HTTPRoute can be created, so nothing is routed.
+pub(crate) fn routes_check(found: Option<&CustomResourceDefinition>) -> Check {
+    let Some(found) = found else {
+        return Check::new(
+            ROUTES,
+            Verdict::Warn,
+            format!("Gateway API CRDs not installed ({HTTP_ROUTE_CRD} not found)"),
+            format!(
+                "{GATEWAY_API_INSTALL} to route, split and time out requests with HTTPRoutes \
+                 (until then Services are served unrouted)"
+            ),
+        );
+    };
+    let serves: Vec<&str> = (found.spec.versions.iter())
+        .filter(|v| v.served)
+        .map(|v| v.name.as_str())
+        .collect();
+    if !serves.contains(&HTTP_ROUTE_VERSION) {
+        return Check::new(
+            ROUTES,
+            Verdict::Warn,
+            format!(
+                "CustomResourceDefinition {HTTP_ROUTE_CRD} does not serve {HTTP_ROUTE_VERSION} \
+                 (serves: {})",
+                if serves.is_empty() {
+                    "none".to_owned()
+                } else {
+                    serves.join(", ")
+                }
+            ),
+            format!("upgrade the Gateway API CRDs: {GATEWAY_API_INSTALL}"),
+        );
+    }
+    Check::ok(
+        ROUTES,
+        format!(
+            "Gateway API CustomResourceDefinition {HTTP_ROUTE_CRD} serves {HTTP_ROUTE_VERSION}"
         ),
     )
 }

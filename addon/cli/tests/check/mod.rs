@@ -111,6 +111,11 @@ crds
 ✖ CustomResourceDefinition authorizationpolicies.policy.trellis.dev not found
     hint: kubectl apply -f charts/trellis/crds/ (Helm installs them on the first install only); until then no AuthorizationPolicy can be created
 
+routes
+------
+‼ Gateway API CRDs not installed (httproutes.gateway.networking.k8s.io not found)
+    hint: kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.6.1/standard-install.yaml to route, split and time out requests with HTTPRoutes (until then Services are served unrouted)
+
 webhook
 -------
 ✖ MutatingWebhookConfiguration trellis-sidecar-injector not found
@@ -132,7 +137,7 @@ data-plane
 ✖ no running control plane pod to read metrics from
     hint: see the control-plane checks above
 
-✖ 7 checks failed, 1 warning
+✖ 7 checks failed, 2 warnings
 "
     );
     assert_eq!(out.status.code(), Some(1));

@@ -407,7 +407,22 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
             "spec": {},
         })),
     ];
-    let converted = objects(&namespaces, &services, &slices, &pods, &policies);
+    let routes: Vec<RawRoute> = vec![
+        route_json(
+            "demo",
+            "api-split",
+            json!({
+                "parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
+                "rules": [{"backendRefs": [{"name": "api", "port": 80}]}],
+            }),
+        ),
+        route_json(
+            "demo",
+            "ingress",
+            json!({"parentRefs": [{"name": "public"}]}),
+        ),
+    ];
+    let converted = objects(&namespaces, &services, &slices, &pods, &policies, &routes);
     let objs = &converted.objects;
     assert_eq!(objs.endpoint_source, EndpointSource::EndpointSlices);
     assert_eq!(
@@ -423,6 +438,10 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
     assert_eq!(
         objs.policies.keys().collect::<Vec<_>>(),
         [&ObjectKey::new("demo", "readers")]
+    );
+    assert_eq!(
+        objs.routes.keys().collect::<Vec<_>>(),
+        [&ObjectKey::new("demo", "api-split")]
     );
     let skipped: Vec<(Kind, &str, &str)> = converted
         .skipped
@@ -443,6 +462,11 @@ fn cluster_objects_translate_with_skips_reported_per_object() {
                 Kind::AuthorizationPolicy,
                 "nameless",
                 "metadata.name and metadata.namespace are required"
+            ),
+            (
+                Kind::HttpRoute,
+                "demo/ingress",
+                "no Service parent: a Gateway's route, not the mesh's"
             ),
         ]
     );
@@ -580,6 +604,79 @@ fn a_policy_whose_spec_does_not_parse_is_converted_fail_closed() {
     }
 }
 
+fn route_json(ns: &str, name: &str, spec: Value) -> RawRoute {
+    from(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": ns, "labels": {"team": "a"}},
+        "spec": spec,
+        "status": {"parents": [{"controllerName": "example.com/gateway", "conditions": []}]},
+    }))
+}
+
+#[test]
+fn routes_of_the_mesh_are_kept_with_their_problems_and_gateway_routes_ignored() {
+    let service_parent = json!({"group": "", "kind": "Service", "name": "web"});
+    // Case, spec, the route's problems or why it is skipped.
+    type RouteCase = (&'static str, Value, Result<Vec<String>, Skip>);
+    let cases: Vec<RouteCase> = vec![
+        (
+            "a valid mesh route",
+            json!({"parentRefs": [service_parent], "rules": [{}]}),
+            Ok(vec![]),
+        ),
+        (
+            "core group spelled out",
+            json!({"parentRefs": [{"group": "core", "kind": "Service", "name": "web"}]}),
+            Ok(vec![]),
+        ),
+        (
+            "a mesh route with problems is kept, for the translator to leave out",
+            json!({"parentRefs": [service_parent],
+                   "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/.*"}}]}]}),
+            Ok(vec![
+                "spec.rules[0].matches[0].path.type: RegularExpression is not supported; use \
+                 Exact or PathPrefix"
+                    .to_owned(),
+            ]),
+        ),
+        (
+            "a mesh route this version cannot parse is kept with its parse error",
+            json!({"parentRefs": [service_parent], "rules": [{"retry": {"attempts": 2}}]}),
+            Ok(vec![
+                "spec.rules[0].retry: unknown field `retry`, expected one of `name`, \
+                 `matches`, `filters`, `backendRefs`, `timeouts`"
+                    .to_owned(),
+            ]),
+        ),
+        (
+            "a Gateway's route",
+            json!({"parentRefs": [{"name": "public"}], "rules": [{"retry": {}}]}),
+            Err(Skip::Ignored(
+                "no Service parent: a Gateway's route, not the mesh's".to_owned(),
+            )),
+        ),
+        (
+            "kind Service without group \"\" is a Gateway API kind",
+            json!({"parentRefs": [{"kind": "Service", "name": "web"}]}),
+            Err(Skip::Ignored(
+                "no Service parent: a Gateway's route, not the mesh's (a parentRef of kind \
+                 Service needs group \"\": without it the group is gateway.networking.k8s.io)"
+                    .to_owned(),
+            )),
+        ),
+    ];
+    for (case, spec, want) in cases {
+        let got = route(&route_json("demo", "r", spec)).map(|r| {
+            assert_eq!(r.metadata.labels.get("team").map(String::as_str), Some("a"));
+            r.problems()
+        });
+        assert_eq!(got, want, "{case}");
+    }
+    let mut nameless = route_json("demo", "r", json!({"parentRefs": [service_parent]}));
+    nameless.metadata.namespace = None;
+    assert!(matches!(route(&nameless), Err(Skip::Invalid(_))));
+}
+
 #[test]
 fn stripping_keeps_everything_the_conversion_reads() {
     let mut p: core::Pod = from(json!({
@@ -645,6 +742,22 @@ fn stripping_keeps_everything_the_conversion_reads() {
     strip_endpoint_slice(&mut slice);
     assert_eq!(endpoint_slice(&slice), before);
     assert_eq!(slice.endpoints[0].hints, None);
+
+    let mut r = route_json(
+        "demo",
+        "web",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}),
+    );
+    r.metadata.managed_fields = Some(vec![Default::default()]);
+    r.metadata.annotations =
+        Some([(LAST_APPLIED_ANNOTATION.to_owned(), "{...}".to_owned())].into());
+    let before = route(&r);
+    strip_route(&mut r);
+    assert_eq!(route(&r), before);
+    assert_eq!(
+        (r.metadata.managed_fields, r.metadata.annotations),
+        (None, None)
+    );
 
     let mut ns: core::Namespace = from(json!({
         "metadata": {"name": "demo", "labels": {"a": "b"}, "annotations": {"c": "d"}},

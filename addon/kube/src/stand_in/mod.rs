@@ -3,7 +3,8 @@
 //! format of the Kubernetes API for the kinds Trellis uses (Namespaces, Services,
 //! `discovery.k8s.io/v1` EndpointSlices, Pods, ConfigMaps, `coordination.k8s.io/v1` Leases,
 //! `events.k8s.io/v1` Events, the `policy.trellis.dev/v1alpha1` AuthorizationPolicy custom
-//! resource), over an in-memory store, so the real kube-rs client (its
+//! resource, the Gateway API's `gateway.networking.k8s.io/v1` HTTPRoute), over an
+//! in-memory store, so the real kube-rs client (its
 //! watcher, the leader elector, the Event recorder) runs against it unchanged. There is no
 //! admission, no validation, no defaulting, no label selectors and no PATCH.
 //!
@@ -161,7 +162,7 @@ struct Route {
 }
 
 /// The resource (URL plural) of each kind the stand-in serves.
-const KINDS: [(&str, &str); 13] = [
+const KINDS: [(&str, &str); 14] = [
     ("Namespace", "namespaces"),
     ("Service", "services"),
     ("EndpointSlice", "endpointslices"),
@@ -181,6 +182,7 @@ const KINDS: [(&str, &str); 13] = [
     ("CustomResourceDefinition", "customresourcedefinitions"),
     ("ServiceAccount", "serviceaccounts"),
     ("AuthorizationPolicy", "authorizationpolicies"),
+    ("HTTPRoute", "httproutes"),
 ];
 
 /// The resource (URL plural) the stand-in stores objects of `kind` under, e.g. `pods` for

@@ -5,7 +5,8 @@
 //! `events` cover leader election and the config Events written by the leader; `publish`
 //! the trust bundle the leader keeps in every namespace and webhook configuration; `https`
 //! the stand-in's HTTPS front, reached through a kubeconfig as from another process;
-//! `policies` the AuthorizationPolicy custom resource, with and without its CRD.
+//! `policies` the AuthorizationPolicy custom resource, with and without its CRD; `routes`
+//! the Gateway API's HTTPRoute, with and without its CRD.
 //!
 //! One binary, so the kube-rs stack is built and linked once.
 
@@ -18,5 +19,6 @@ mod leader;
 mod mock;
 mod policies;
 mod publish;
+mod routes;
 mod scenarios;
 mod support;

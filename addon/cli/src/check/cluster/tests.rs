@@ -216,7 +216,28 @@ impl Cluster {
         cluster.inject_in("shop", true);
         cluster.publish_bundle("shop", &cluster.root);
         cluster.install_crds(|_| {});
+        cluster.install_gateway_api();
         cluster
+    }
+
+    /// Applies the Gateway API's HTTPRoute CRD (as upstream's standard install would),
+    /// serving v1 and v1beta1.
+    fn install_gateway_api(&self) {
+        self.api
+            .apply_json(json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "httproutes.gateway.networking.k8s.io"},
+                "spec": {
+                    "group": "gateway.networking.k8s.io", "scope": "Namespaced",
+                    "names": {"kind": "HTTPRoute", "plural": "httproutes",
+                              "listKind": "HTTPRouteList", "singular": "httproute"},
+                    "versions": [
+                        {"name": "v1", "served": true, "storage": true},
+                        {"name": "v1beta1", "served": true, "storage": false},
+                    ],
+                },
+            }))
+            .unwrap();
     }
 
     /// Applies the chart's CRD files (charts/trellis/crds/, as `kubectl apply` would),
@@ -430,6 +451,10 @@ control-plane
 crds
 ----
 ✔ CustomResourceDefinition authorizationpolicies.policy.trellis.dev is established and serves v1alpha1
+
+routes
+------
+✔ Gateway API CustomResourceDefinition httproutes.gateway.networking.k8s.io serves v1
 
 webhook
 -------
@@ -903,6 +928,41 @@ fn the_crd_as_the_chart_ships_it_is_the_one_generated() {
             "CustomResourceDefinition authorizationpolicies.policy.trellis.dev is established \
              and serves v1alpha1"
         )
+    );
+}
+
+// === routes ===
+
+#[tokio::test]
+async fn missing_gateway_api_crds_warn_with_the_install_command() {
+    let cluster = Cluster::healthy();
+    let route_crd = "httproutes.gateway.networking.k8s.io";
+    let mut crd = cluster
+        .api
+        .remove("customresourcedefinitions", "", route_crd)
+        .unwrap();
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Warn,
+        "Gateway API CRDs not installed (httproutes.gateway.networking.k8s.io not found)",
+        "kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/\
+         v1.6.1/standard-install.yaml",
+    );
+    assert!(failed(&checks).is_empty(), "{:?}", failed(&checks));
+    assert_eq!(exit_code(&checks), ExitCode::SUCCESS, "a warning only");
+
+    // An old Gateway API that does not serve v1 yet.
+    crd["spec"]["versions"] = json!([{"name": "v1beta1", "served": true, "storage": true}]);
+    crd["metadata"]["resourceVersion"] = Value::Null;
+    cluster.api.apply_json(crd).unwrap();
+    let checks = cluster.post().await;
+    find_hinted(
+        &checks,
+        Verdict::Warn,
+        "CustomResourceDefinition httproutes.gateway.networking.k8s.io does not serve v1 \
+         (serves: v1beta1)",
+        "upgrade the Gateway API CRDs",
     );
 }
 
