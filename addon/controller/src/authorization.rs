@@ -45,8 +45,9 @@ use serde_json::Value;
 use trellis_api::authz::{self, Action, Operation, Pattern, ROOT_NAMESPACE, Rule, Source};
 use trellis_identity::SpiffeId;
 
-use crate::metrics::PolicyMetrics;
-use crate::objects::{ObjectKey, ObjectMeta, Objects, Policy, SpecParseError};
+use crate::invalid::Ledger;
+use crate::metrics::InvalidCount;
+use crate::objects::{ObjectMeta, Objects, Policy, SpecParseError};
 use crate::policy::{
     AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
     PolicyTargetRef,
@@ -595,9 +596,7 @@ fn spiffe_principal(pattern: Pattern) -> Pattern {
 /// `trellis_controller_invalid_policies`.
 #[derive(Debug, Default)]
 pub struct InvalidPolicies {
-    /// The problems last logged, per policy.
-    logged: BTreeMap<ObjectKey, Vec<String>>,
-    metrics: Option<PolicyMetrics>,
+    ledger: Ledger,
 }
 
 impl InvalidPolicies {
@@ -606,45 +605,30 @@ impl InvalidPolicies {
         Self::default()
     }
 
-    /// Also keeps the count in `metrics`.
+    /// Also keeps the count in `metrics` ([`InvalidCount::policies`]).
     #[must_use]
-    pub fn with_metrics(mut self, metrics: PolicyMetrics) -> Self {
-        metrics.set_invalid(0);
-        self.metrics = Some(metrics);
-        self
+    pub fn with_metrics(self, metrics: InvalidCount) -> Self {
+        Self {
+            ledger: self.ledger.with_metrics(metrics),
+        }
     }
 
     /// Checks every policy of `objects` (call it with the objects given to
     /// [`translate`](crate::translate)) and returns how many have problems.
     pub fn report(&mut self, objects: &Objects) -> usize {
-        let mut now: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
-        for (key, p) in &objects.policies {
-            let found = problems(p);
-            if found.is_empty() {
-                continue;
-            }
-            let lines: Vec<String> = found
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect();
-            if self.logged.get(key) != Some(&lines) {
+        self.ledger.update(
+            &objects.policies,
+            problems,
+            |key, p, found, lines| {
                 tracing::warn!(
                     policy = %key,
-                    enforced = %fail_closed_effect(p, &found),
-                    problems = %lines.join("; "),
+                    enforced = %fail_closed_effect(p, found),
+                    problems = %lines,
                     "invalid AuthorizationPolicy: enforced fail-closed until it is fixed"
                 );
-            }
-            now.insert(key.clone(), lines);
-        }
-        for key in self.logged.keys().filter(|k| !now.contains_key(*k)) {
-            tracing::info!(policy = %key, "AuthorizationPolicy no longer invalid (fixed or deleted)");
-        }
-        self.logged = now;
-        if let Some(metrics) = &self.metrics {
-            metrics.set_invalid(self.logged.len());
-        }
-        self.logged.len()
+            },
+            |key| tracing::info!(policy = %key, "AuthorizationPolicy no longer invalid (fixed or deleted)"),
+        )
     }
 }
 

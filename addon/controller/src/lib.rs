@@ -44,6 +44,7 @@ pub mod crd;
 mod error;
 mod files;
 pub mod httproute;
+mod invalid;
 mod metrics;
 pub mod objects;
 pub mod policy;
@@ -57,7 +58,7 @@ pub use authorization::{
 };
 pub use error::{ConfigError, EXIT_CONFIG, Error, Position, Problem};
 pub use files::{MAX_DOCUMENTS, MAX_FILE_BYTES, MAX_FILES, load_dir};
-pub use metrics::{Metrics, PolicyMetrics, RouteMetrics};
+pub use metrics::{InvalidCount, Metrics};
 pub use objects::{EndpointSource, ObjectKey, Objects, Policy, Route, SpecParseError};
 pub use routes::{
     InvalidRoutes, MAX_BACKEND_WEIGHT, MAX_ROUTE_BACKENDS, MAX_ROUTE_MATCHES, MAX_ROUTE_PARENTS,

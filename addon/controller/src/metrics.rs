@@ -5,10 +5,10 @@
 //!   rather than gaps.
 //! - `trellis_controller_snapshot_version`: version of the snapshot built from the
 //!   directory; the version discovery pushes adds trust and proxy-setting changes on top.
-//! - `trellis_controller_invalid_policies` ([`PolicyMetrics`], registered by the source
+//! - `trellis_controller_invalid_policies` ([`InvalidCount::policies`], registered by the source
 //!   that can hold invalid policies, Kubernetes): AuthorizationPolicies with problems,
 //!   translated fail-closed. The file source refuses such a directory instead.
-//! - `trellis_controller_invalid_routes` ([`RouteMetrics`], registered likewise by the
+//! - `trellis_controller_invalid_routes` ([`InvalidCount::routes`], registered likewise by the
 //!   Kubernetes source): the mesh's HTTPRoutes with problems, left out of the snapshot.
 
 use prometheus_client::metrics::counter::Counter;
@@ -25,16 +25,11 @@ pub struct Metrics {
     snapshot_version: Gauge,
 }
 
-/// The AuthorizationPolicy gauge, for [`InvalidPolicies`](crate::InvalidPolicies); cheap
-/// to clone.
+/// A gauge of objects with problems that the Kubernetes source could not refuse, for
+/// [`InvalidPolicies`](crate::InvalidPolicies) ([`InvalidCount::policies`]) and
+/// [`InvalidRoutes`](crate::InvalidRoutes) ([`InvalidCount::routes`]); cheap to clone.
 #[derive(Debug, Clone)]
-pub struct PolicyMetrics {
-    invalid: Gauge,
-}
-
-/// The HTTPRoute gauge, for [`InvalidRoutes`](crate::InvalidRoutes); cheap to clone.
-#[derive(Debug, Clone)]
-pub struct RouteMetrics {
+pub struct InvalidCount {
     invalid: Gauge,
 }
 
@@ -77,44 +72,36 @@ impl Metrics {
     }
 }
 
-// === impl PolicyMetrics ===
+// === impl InvalidCount ===
 
-impl PolicyMetrics {
+impl InvalidCount {
     /// Registers `trellis_controller_invalid_policies` in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            invalid: Gauge::default(),
-        };
-        registry.register(
+    pub fn policies(registry: &mut Registry) -> Self {
+        Self::register(
+            registry,
             "trellis_controller_invalid_policies",
             "AuthorizationPolicies with problems, enforced fail-closed (ALLOW: allows nothing; DENY: refuses everything) until fixed",
-            metrics.invalid.clone(),
-        );
-        metrics
+        )
     }
 
-    pub(crate) fn set_invalid(&self, count: usize) {
-        self.invalid.set(i64::try_from(count).unwrap_or(i64::MAX));
-    }
-}
-
-// === impl RouteMetrics ===
-
-impl RouteMetrics {
     /// Registers `trellis_controller_invalid_routes` in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
+    pub fn routes(registry: &mut Registry) -> Self {
+        Self::register(
+            registry,
+            "trellis_controller_invalid_routes",
+            "HTTPRoutes with a Service parent and problems, left out of the snapshot (their Services are served unrouted) until fixed",
+        )
+    }
+
+    fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
         let metrics = Self {
             invalid: Gauge::default(),
         };
-        registry.register(
-            "trellis_controller_invalid_routes",
-            "HTTPRoutes with a Service parent and problems, left out of the snapshot (their Services are served unrouted) until fixed",
-            metrics.invalid.clone(),
-        );
+        registry.register(name, help, metrics.invalid.clone());
         metrics
     }
 
-    pub(crate) fn set_invalid(&self, count: usize) {
+    pub(crate) fn set(&self, count: usize) {
         self.invalid.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 }

@@ -52,8 +52,9 @@ use crate::httproute::{
     GATEWAY_GROUP, HttpBackendRef, HttpRouteMatch, HttpRouteRule, HttpRouteSpec, HttpValueMatch,
     ParentReference,
 };
-use crate::metrics::RouteMetrics;
-use crate::objects::{ObjectKey, ObjectMeta, Objects, Route};
+use crate::invalid::Ledger;
+use crate::metrics::InvalidCount;
+use crate::objects::{ObjectMeta, Objects, Route};
 use crate::validate::{FieldError, dns_label, dns_subdomain};
 
 /// Most rules in a route (upstream's `maxItems`).
@@ -630,9 +631,7 @@ fn translate_rule(rule: &HttpRouteRule, namespace: &str) -> Option<api::RouteRul
 /// `trellis_controller_invalid_routes`.
 #[derive(Debug, Default)]
 pub struct InvalidRoutes {
-    /// The problems last logged, per route.
-    logged: BTreeMap<ObjectKey, Vec<String>>,
-    metrics: Option<RouteMetrics>,
+    ledger: Ledger,
 }
 
 impl InvalidRoutes {
@@ -641,28 +640,21 @@ impl InvalidRoutes {
         Self::default()
     }
 
-    /// Also keeps the count in `metrics`.
+    /// Also keeps the count in `metrics` ([`InvalidCount::routes`]).
     #[must_use]
-    pub fn with_metrics(mut self, metrics: RouteMetrics) -> Self {
-        metrics.set_invalid(0);
-        self.metrics = Some(metrics);
-        self
+    pub fn with_metrics(self, metrics: InvalidCount) -> Self {
+        Self {
+            ledger: self.ledger.with_metrics(metrics),
+        }
     }
 
     /// Checks every route of `objects` (call it with the objects given to
     /// [`translate`](crate::translate)) and returns how many of the mesh's have problems.
     pub fn report(&mut self, objects: &Objects) -> usize {
-        let mut now: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
-        for (key, route) in &objects.routes {
-            let found = problems(route);
-            if found.is_empty() {
-                continue;
-            }
-            let lines: Vec<String> = found
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect();
-            if self.logged.get(key) != Some(&lines) {
+        self.ledger.update(
+            &objects.routes,
+            problems,
+            |key, route, _, lines| {
                 let services: Vec<String> = (route.spec.parent_refs.iter())
                     .filter(|p| p.is_service())
                     .map(|p| {
@@ -673,21 +665,13 @@ impl InvalidRoutes {
                 tracing::warn!(
                     route = %key,
                     services = %services.join(", "),
-                    problems = %lines.join("; "),
+                    problems = %lines,
                     "invalid HTTPRoute: left out until it is fixed; its Services are served \
                      as if it did not exist"
                 );
-            }
-            now.insert(key.clone(), lines);
-        }
-        for key in self.logged.keys().filter(|k| !now.contains_key(*k)) {
-            tracing::info!(route = %key, "HTTPRoute no longer invalid (fixed or deleted)");
-        }
-        self.logged = now;
-        if let Some(metrics) = &self.metrics {
-            metrics.set_invalid(self.logged.len());
-        }
-        self.logged.len()
+            },
+            |key| tracing::info!(route = %key, "HTTPRoute no longer invalid (fixed or deleted)"),
+        )
     }
 }
 

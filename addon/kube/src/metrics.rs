@@ -6,16 +6,16 @@
 //! - `trellis_kube_objects{kind}`: objects of each kind held in memory (skipped ones
 //!   included; the ConfigMap is 0 or 1).
 //! - `trellis_controller_invalid_policies`: the controller's gauge of AuthorizationPolicies
-//!   enforced fail-closed ([`trellis_controller::PolicyMetrics`]), and
+//!   enforced fail-closed ([`trellis_controller::InvalidCount::policies`]), and
 //!   `trellis_controller_invalid_routes`, the HTTPRoutes left out for their problems
-//!   ([`trellis_controller::RouteMetrics`]), registered here because only this source can
+//!   ([`trellis_controller::InvalidCount::routes`]), registered here because only this source can
 //!   hold invalid ones.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use trellis_controller::{PolicyMetrics, RouteMetrics};
+use trellis_controller::InvalidCount;
 
 use crate::Kind;
 
@@ -26,8 +26,8 @@ type KindLabel = [(&'static str, &'static str); 1];
 pub struct Metrics {
     watch_errors: Family<KindLabel, Counter>,
     objects: Family<KindLabel, Gauge>,
-    pub(crate) policies: PolicyMetrics,
-    pub(crate) routes: RouteMetrics,
+    pub(crate) policies: InvalidCount,
+    pub(crate) routes: InvalidCount,
 }
 
 // === impl Metrics ===
@@ -39,8 +39,8 @@ impl Metrics {
         let metrics = Self {
             watch_errors: Family::default(),
             objects: Family::default(),
-            policies: PolicyMetrics::register(registry),
-            routes: RouteMetrics::register(registry),
+            policies: InvalidCount::policies(registry),
+            routes: InvalidCount::routes(registry),
         };
         registry.register(
             "trellis_kube_watch_errors",

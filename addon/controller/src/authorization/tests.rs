@@ -9,7 +9,7 @@ use serde_json::json;
 use trellis_api::authz::{AuthorizationPolicy, Operation};
 
 use super::*;
-use crate::objects::ObjectMeta;
+use crate::objects::{ObjectKey, ObjectMeta};
 use crate::policy::AuthorizationPolicySpec;
 
 const TD: &str = "mesh.example";
@@ -471,7 +471,7 @@ fn policies_come_out_sorted_by_namespace_and_name() {
 #[test]
 fn invalid_policies_are_counted_in_the_gauge() {
     let mut registry = Registry::default();
-    let mut report = InvalidPolicies::new().with_metrics(PolicyMetrics::register(&mut registry));
+    let mut report = InvalidPolicies::new().with_metrics(InvalidCount::policies(&mut registry));
     let gauge = |registry: &Registry| {
         let mut text = String::new();
         encode(&mut text, registry).unwrap();
@@ -666,7 +666,7 @@ fn parse_errors_are_cut_to_a_loggable_length() {
 #[test]
 fn a_spec_that_does_not_parse_is_counted_and_its_effect_named() {
     let mut registry = Registry::default();
-    let mut report = InvalidPolicies::new().with_metrics(PolicyMetrics::register(&mut registry));
+    let mut report = InvalidPolicies::new().with_metrics(InvalidCount::policies(&mut registry));
     let mut objects = Objects::default();
     let bad = Policy::from_json_spec(
         meta("demo", "newer"),

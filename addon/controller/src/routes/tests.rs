@@ -424,7 +424,7 @@ fn the_snapshot_holds_the_meshs_valid_routes_sorted() {
     assert_eq!(api::routes_from_wire(&wire), Ok(snap.routes));
 
     let mut registry = Registry::default();
-    let mut invalid = InvalidRoutes::new().with_metrics(RouteMetrics::register(&mut registry));
+    let mut invalid = InvalidRoutes::new().with_metrics(InvalidCount::routes(&mut registry));
     assert_eq!(invalid.report(&objects), 1);
     let mut text = String::new();
     encode(&mut text, &registry).unwrap();
