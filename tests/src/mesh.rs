@@ -154,6 +154,22 @@ impl ControlPlane {
         std::fs::read_to_string(self.dir.path().join("logs/control-plane.log")).unwrap_or_default()
     }
 
+    /// The source status (`/debug/source`) once it mentions `needle` (up to 10 s): after a
+    /// refused edit, its `last_error` names the file and the field.
+    pub async fn source_status_with(&self, needle: &str) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..200 {
+            if let Ok((_, _, body)) = http_get(self.admin, "localhost", "/debug/source").await {
+                if String::from_utf8_lossy(&body).contains(needle) {
+                    return serde_json::from_slice(&body).unwrap_or_default();
+                }
+                last = serde_json::from_slice(&body).unwrap_or_default();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("/debug/source never mentioned {needle:?}: {last}");
+    }
+
     /// (Re)starts the process on the same ports and state.
     pub async fn restart(&mut self) {
         let log = std::fs::OpenOptions::new()

@@ -110,17 +110,7 @@ spec:
         extra.replace("port: 8080", "port: 99999"),
     )
     .unwrap();
-    wait_until(Duration::from_secs(10), || async {
-        http_get(m.cp.admin, "localhost", "/debug/source")
-            .await
-            .is_ok_and(|(_, _, b)| String::from_utf8_lossy(&b).contains("99999"))
-    })
-    .await
-    .expect("the bad edit was not reported");
-    let (_, _, body) = http_get(m.cp.admin, "localhost", "/debug/source")
-        .await
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let status = m.cp.source_status_with("99999").await;
     let err = status["last_error"].as_str().unwrap();
     assert!(
         err.contains("extra.yaml") && err.contains("spec.ports[0].port"),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use trellis_e2e::{http_get, http_request, wait_until};
+use trellis_e2e::{http_request, wait_until};
 
 use crate::request_path::{Mesh, start_mesh};
 
@@ -145,17 +145,7 @@ async fn policies_refuse_before_the_app_follow_edits_and_survive_the_control_pla
         POLICIES.replace("methods: [GET]", "ports: [0]"),
     )
     .unwrap();
-    wait_until(Duration::from_secs(10), || async {
-        http_get(m.cp.admin, "localhost", "/debug/source")
-            .await
-            .is_ok_and(|(_, _, b)| String::from_utf8_lossy(&b).contains("policy.yaml"))
-    })
-    .await
-    .expect("the bad edit was not reported");
-    let (_, _, body) = http_get(m.cp.admin, "localhost", "/debug/source")
-        .await
-        .unwrap();
-    let source: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let source = m.cp.source_status_with("policy.yaml").await;
     let err = source["last_error"].as_str().unwrap_or_default();
     assert!(err.contains("spec.rules[0].to[0].ports[0]"), "{err}");
     assert_eq!(m.web.config().await["discovery"]["version"], version);
