@@ -215,6 +215,12 @@ impl RouteTable {
         self.by_parent.is_empty()
     }
 
+    /// True when a route applies to some port of `service`: only then is a request to it
+    /// worth looking at.
+    pub fn attached(&self, service: &ServiceKey) -> bool {
+        !self.by_parent.is_empty() && self.by_parent.contains_key(service)
+    }
+
     /// The rule a request to `port` of `service` follows.
     pub fn select(&self, service: &ServiceKey, port: u16, req: &RouteRequest<'_>) -> Selection<'_> {
         let Some(candidates) = self.by_parent.get(service) else {

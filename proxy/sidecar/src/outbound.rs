@@ -600,6 +600,9 @@ fn route_request<B>(
     target: &Target,
     req: &Request<B>,
 ) -> Result<Option<route::Routed>, Error> {
+    if !view.routed(target) {
+        return Ok(None);
+    }
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let path = trellis_api::authz::normalize_path(raw)
         .unwrap_or(std::borrow::Cow::Borrowed(req.uri().path()));

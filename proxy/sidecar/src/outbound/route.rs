@@ -108,6 +108,13 @@ impl View {
         }
     }
 
+    /// Whether routes may apply to requests for `target`: routes attach to its service,
+    /// and the client did not dial an endpoint itself. Callers skip building the
+    /// request for [`Self::apply_routes`] otherwise, the common case.
+    pub fn routed(&self, target: &Target) -> bool {
+        target.pinned.is_none() && self.routes.attached(&target.service)
+    }
+
     /// Applies the routes attached to `target`'s service port to a request: `Ok(None)`
     /// when none attaches (or the client dialled an endpoint itself), else the rule's
     /// choice. `roll` is a uniformly random number that picks the backend by weight.
@@ -117,7 +124,7 @@ impl View {
         req: &RouteRequest<'_>,
         roll: u64,
     ) -> Result<Option<Routed>, Error> {
-        if self.routes.is_empty() || target.pinned.is_some() {
+        if !self.routed(target) {
             return Ok(None);
         }
         let (route, rule) = match self.routes.select(&target.service, target.port.port, req) {
