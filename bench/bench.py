@@ -74,8 +74,8 @@ PORTS = {
 # The telemetry variants (`--paths trellis-quiet,trellis-traced,trellis-traced-all`): the same
 # chain, each with its own control plane and ports (27600.., 27700.., 27800..), differing only
 # in trellis-config.
-VARIANT_PREFIXES = ("TRELLIS_QUIET", "TRELLIS_TRACED", "TRELLIS_ALLTRACED", "TRELLIS_POLICY")
-for _prefix, _base in zip(VARIANT_PREFIXES, (27600, 27700, 27800, 27900)):
+VARIANT_PREFIXES = ("TRELLIS_QUIET", "TRELLIS_TRACED", "TRELLIS_ALLTRACED", "TRELLIS_POLICY", "TRELLIS_ROUTE")
+for _prefix, _base in zip(VARIANT_PREFIXES, (27600, 27700, 27800, 27900, 28000)):
     for _k in [k for k in PORTS if k.startswith("TRELLIS_") and not k.startswith(VARIANT_PREFIXES)]:
         PORTS[_prefix + _k[len("TRELLIS"):]] = PORTS[_k] - 27400 + _base
 
@@ -91,17 +91,22 @@ MESH_CONFIG = {
     "trellis-traced": {"tracing": "{sampling: 1, otlp: mesh}"},
     # The worst case: every request traced (4 spans per request through the chain).
     "trellis-traced-all": {"tracing": "{sampling: 100, otlp: mesh}"},
-    # As shipped, plus authorization policies (POLICY_FILES): the cost of deciding.
+    # As shipped, plus authorization policies (EXTRA_FILES): the cost of deciding.
     "trellis-policy": None,
+    # As shipped, plus HTTPRoutes on both services (EXTRA_FILES): the cost of routing.
+    "trellis-route": None,
 }
-# AuthorizationPolicies put in a Trellis path's config directory: what deciding on every
-# request costs (`--paths trellis,trellis-policy`).
-POLICY_FILES = {"trellis-policy": "trellis-policy.yaml"}
+# Objects put in a Trellis path's config directory (file in bench/conf, name there): what
+# deciding on every request costs (`--paths trellis,trellis-policy`), and routing every
+# request (`--paths trellis,trellis-route`).
+EXTRA_FILES = {"trellis-policy": ("trellis-policy.yaml", "policy.yaml"),
+               "trellis-route": ("trellis-route.yaml", "route.yaml")}
 PORT_PREFIX = {"trellis": "TRELLIS", "trellis-quiet": "TRELLIS_QUIET", "trellis-traced": "TRELLIS_TRACED",
-               "trellis-traced-all": "TRELLIS_ALLTRACED", "trellis-policy": "TRELLIS_POLICY"}
+               "trellis-traced-all": "TRELLIS_ALLTRACED", "trellis-policy": "TRELLIS_POLICY",
+               "trellis-route": "TRELLIS_ROUTE"}
 
 PATHS = ["direct", "trellis", "haproxy", "envoy", "trellis-quiet", "trellis-traced", "trellis-traced-all",
-         "trellis-policy"]
+         "trellis-policy", "trellis-route"]
 LABEL = {
     "direct": "direct (client -> nginx)",
     "trellis": "Trellis",
@@ -109,6 +114,7 @@ LABEL = {
     "trellis-traced": "Trellis, access log on, 1% traced",
     "trellis-traced-all": "Trellis, access log on, 100% traced",
     "trellis-policy": "Trellis, with an ALLOW and a DENY policy",
+    "trellis-route": "Trellis, every request through an HTTPRoute",
     "haproxy": "HAProxy",
     "envoy": "Envoy",
 }
@@ -358,8 +364,9 @@ def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict, p
     config = state / "config"
     config.mkdir(parents=True, exist_ok=True)
     render(CONF / "trellis-mesh.yaml", config / "mesh.yaml", dict(subst, **P))
-    if path in POLICY_FILES:
-        shutil.copy(CONF / POLICY_FILES[path], config / "policy.yaml")
+    if path in EXTRA_FILES:
+        source, name = EXTRA_FILES[path]
+        shutil.copy(CONF / source, config / name)
     addon, proxy = str(bins / "trellis-addon"), str(bins / "trellis-proxy")
     cp_admin = f"127.0.0.1:{P['TRELLIS_CP_ADMIN']}"
     grpc = f"127.0.0.1:{P['TRELLIS_CP_GRPC']}"
@@ -648,7 +655,8 @@ def main() -> None:
                    "h2_host": SERVICE_HOST_H2,
                    "procs": {"A": f"{v}-a", "B": f"{v}-b", "B2": f"{v}-b2"},
                    "hops": {"h1": ["A", "B"], "h2": ["A", "B2"]}}
-               for v in ("trellis-quiet", "trellis-traced", "trellis-traced-all", "trellis-policy")},
+               for v in ("trellis-quiet", "trellis-traced", "trellis-traced-all", "trellis-policy",
+                         "trellis-route")},
             "haproxy": {"h1": PORTS["HAPROXY_A_H1"], "h2": PORTS["HAPROXY_A_H2C"],
                         "procs": {"A": "haproxy-a", "B": "haproxy-b"}},
             "envoy": {"h1": PORTS["ENVOY_A"], "h2": PORTS["ENVOY_A"], "procs": {"A": "envoy-a", "B": "envoy-b"}},

@@ -217,10 +217,12 @@ impl Cli {
                 match trellis_controller::load_dir(&config_dir) {
                     Ok(objects) => {
                         println!(
-                            "{}: ok ({} services, {} workloads)",
+                            "{}: ok ({} services, {} workloads, {} authorization policies, {} HTTP routes)",
                             config_dir.display(),
                             objects.services.len(),
-                            objects.workloads.len()
+                            objects.workloads.len(),
+                            objects.policies.len(),
+                            objects.routes.len()
                         );
                         ExitCode::SUCCESS
                     }
