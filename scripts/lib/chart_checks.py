@@ -44,6 +44,12 @@ WATCH_RULES = [
     {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
      "verbs": ["get", "list", "watch"]},
 ]
+# The exact ClusterRole rule the HTTPRoute status writer (addon/kube/src/route_status/)
+# needs: read and replace the status subresource only (never the route itself, no patch).
+ROUTE_STATUS_RULES = [
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"],
+     "verbs": ["get", "update"]},
+]
 # The exact entries of the ValidatingWebhookConfiguration trellis-config (templates/
 # webhooks.yaml), in order, as every profile renders them (caBundle is asserted absent
 # separately). Both reach the control plane's POST /validate (addon/app/src/webhook.rs).
@@ -241,6 +247,8 @@ def assertions(docs, podmonitor_schema):
         # get/update by resourceNames, plus ConfigMap create, which RBAC cannot restrict by
         # name. Any other rule on those resources in the ClusterRole (list, watch, delete,
         # patch, another name) fails, and so does a missing one (the publisher needs all).
+        # The one other cluster-wide write is the HTTPRoute status writer's
+        # (trellis_kube::route_status): get/update of httproutes/status, exactly.
         for d in ds:
             if d["kind"] not in ("ClusterRole", "Role"):
                 continue
@@ -255,6 +263,10 @@ def assertions(docs, podmonitor_schema):
                         if r not in TRUST_PUBLISH_RULES:
                             fail(f"[{p}] ClusterRole rule on trust bundle targets is not one of "
                                  f"the exact publishing rules: {r}")
+                    elif "httproutes/status" in r.get("resources", []):
+                        if r not in ROUTE_STATUS_RULES:
+                            fail(f"[{p}] ClusterRole rule on httproutes/status is not the exact "
+                                 f"route status rule: {r}")
                     elif writes:
                         fail(f"[{p}] ClusterRole writes: {r}")
                 elif writes and r["resources"] not in (["leases"], ["events"]):
@@ -266,11 +278,14 @@ def assertions(docs, podmonitor_schema):
         for r in WATCH_RULES:
             if cr is None or r not in cr["rules"]:
                 fail(f"[{p}] ClusterRole trellis-control-plane lacks the watch rule {r}")
+        for r in ROUTE_STATUS_RULES:
+            if cr is None or r not in cr["rules"]:
+                fail(f"[{p}] ClusterRole trellis-control-plane lacks the route status rule {r}")
         if cr is not None:
             for r in cr["rules"]:
-                if r not in WATCH_RULES and r not in TRUST_PUBLISH_RULES:
+                if r not in WATCH_RULES + TRUST_PUBLISH_RULES + ROUTE_STATUS_RULES:
                     fail(f"[{p}] ClusterRole trellis-control-plane has a rule that is neither "
-                         f"a watch nor a trust bundle rule: {r}")
+                         f"a watch, a trust bundle nor a route status rule: {r}")
         # The cluster-wide ConfigMap create is narrowed back to one name by an admission
         # policy (rendered for Kubernetes >= 1.30, which the SDK's default version is).
         vap = find(ds, "ValidatingAdmissionPolicy", "trellis-control-plane-configmaps")

@@ -7,7 +7,9 @@
 //! other object.
 //!
 //! Once the CA exists, [`publish_trust`] keeps the trust bundle in the cluster (webhook
-//! `caBundle`s, a ConfigMap per namespace), written by the Lease holder only.
+//! `caBundle`s, a ConfigMap per namespace), written by the Lease holder only; from the
+//! start, the Lease holder also keeps `status.parents` of the mesh's HTTPRoutes current
+//! (`trellis_kube::route_status`).
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use trellis_controller::SourceStatus;
 use trellis_kube::events::{ConfigEvents, EventSettings};
 use trellis_kube::leader::{self, LeaderElector, LeaseSettings};
 use trellis_kube::publish::{PublishSettings, TrustPublisher};
+use trellis_kube::route_status::{RouteStatusSettings, RouteStatusWriter};
 use trellis_kube::{KubeHandle, KubeSettings, KubeSource, KubeStatus};
 
 use crate::mesh_config::{self, MeshConfig};
@@ -97,7 +100,8 @@ pub(crate) async fn start(
     registry: &mut Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Cluster> {
-    // Replicas serve discovery side by side; only status writes (Events) need one writer,
+    // Replicas serve discovery side by side; only status writes (Events, HTTPRoute status)
+    // need one writer,
     // chosen through the Lease. The elector releases the Lease when `shutdown` fires.
     let id = leader::default_identity().unwrap_or_else(|| "trellis-controller".to_owned());
     let elector = LeaderElector::new(client.clone(), LeaseSettings::new(&id))
@@ -115,6 +119,16 @@ pub(crate) async fn start(
     let (tx, snapshots) = watch::channel(Arc::new(source.empty_snapshot()));
     let stop = shutdown.clone();
     tokio::spawn(source.run(tx, async move { stop.cancelled().await }));
+    // HTTPRoute status (Accepted / ResolvedRefs), by the Lease holder; it waits for the
+    // source's first snapshot by itself.
+    let route_status = RouteStatusWriter::new(client.clone(), RouteStatusSettings::default())
+        .with_metrics(registry);
+    let stop = shutdown.clone();
+    tokio::spawn(
+        route_status.run(leader.clone(), handle.clone(), async move {
+            stop.cancelled().await
+        }),
+    );
     info!("waiting for the first list of every watched kind");
     let first = handle
         .ready_snapshot(&snapshots)

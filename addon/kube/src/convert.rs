@@ -114,8 +114,10 @@ impl Resource for RawPolicy {
 }
 
 /// A `gateway.networking.k8s.io/v1` HTTPRoute as the API server sends it, its `spec` not
-/// yet parsed (and its `status`, the Gateway controllers', not read at all): what the
-/// source watches and stores. [`route`] parses each one on its own.
+/// yet parsed: what the source watches and stores. [`route`] parses each one on its own.
+/// Its `status` is kept as JSON for the leader's route status writer
+/// ([`crate::route_status`]), which compares its own entries with what is there; the
+/// snapshot never reads it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct RawRoute {
     /// The object's metadata.
@@ -123,6 +125,10 @@ pub struct RawRoute {
     /// The object's `spec`, any JSON; `null` when absent.
     #[serde(default)]
     pub spec: serde_json::Value,
+    /// The object's `status` (`parents`, one entry per parent and controller), any JSON;
+    /// `null` when absent.
+    #[serde(default)]
+    pub status: serde_json::Value,
 }
 
 impl Resource for RawRoute {
@@ -572,7 +578,7 @@ pub(crate) fn strip_policy(p: &mut RawPolicy) {
     strip_meta(&mut p.metadata);
 }
 
-/// Keeps a route's name, namespace, labels and spec.
+/// Keeps a route's name, namespace, generation, labels, spec and status.
 pub(crate) fn strip_route(r: &mut RawRoute) {
     strip_meta(&mut r.metadata);
     r.metadata.annotations = None;

@@ -4,7 +4,8 @@
 //!
 //! Replicas: any number of controller replicas serve discovery at once, each from its own
 //! watches; reading needs no coordination. The few writes to the cluster (Events about a
-//! rejected mesh ConfigMap, the published trust bundle) come from one replica only, the
+//! rejected mesh ConfigMap, the published trust bundle, HTTPRoute status) come from one
+//! replica only, the
 //! holder of a `coordination.k8s.io` Lease ([`leader`]), so they are not repeated per
 //! replica; a replica that loses the Lease, or cannot renew it within the renew deadline,
 //! stops writing before another can take over.
@@ -19,6 +20,8 @@
 //!   (coalesced over a debounce interval) when the services, the policies or the routes
 //!   changed. The ConfigMap's `data` goes out raw on its own channel
 //!   ([`KubeHandle::config`]); parsing and keeping the last good config is the app's job.
+//!   The routes (with their status) and the Services that exist go out on another
+//!   ([`KubeHandle::route_view`]), for the route status writer.
 //! - [`convert`]: pure functions from the `k8s-openapi` types (and
 //!   [`convert::RawPolicy`], an AuthorizationPolicy whose `spec` is still JSON) to the
 //!   controller's objects. An object the controller would refuse is skipped on its own
@@ -43,12 +46,18 @@
 //!   (PEM) in the `caBundle` of every entry of the two admission webhook configurations
 //!   and in a `trellis-trust-bundle` ConfigMap in every namespace, written by the leader
 //!   only; `trellis_trust_bundle_*`.
+//! - [`route_status`]: [`RouteStatusWriter`](route_status::RouteStatusWriter) keeps
+//!   `status.parents` of every mesh HTTPRoute current (one entry per Service parent,
+//!   `controllerName` [`trellis.dev/mesh-controller`](route_status::CONTROLLER_NAME),
+//!   conditions `Accepted` and `ResolvedRefs`), other controllers' entries untouched,
+//!   written by the leader only; `trellis_route_status_writes_total`.
 //!
 //! - `stand_in` (feature `test-util`, tests only): a stand-in for the Kubernetes API
 //!   server, in process (a `tower::Service`) or over HTTPS with a kubeconfig.
 //!
 //! Owns: talking to the Kubernetes API (list/watch, restarts with backoff; the Lease; the
-//! Events; the trust bundle ConfigMaps and webhook `caBundle`s), what is kept of each
+//! Events; the trust bundle ConfigMaps and webhook `caBundle`s; HTTPRoute status), what is
+//! kept of each
 //! object in memory, snapshot versioning for the Kubernetes source.
 //!
 //! Must not depend on: azure, or the proxy crate.
@@ -64,6 +73,7 @@ pub mod events;
 pub mod leader;
 mod metrics;
 pub mod publish;
+pub mod route_status;
 mod source;
 #[cfg(feature = "test-util")]
 pub mod stand_in;

@@ -87,7 +87,7 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "trellis";
 
 /// Re-reads after a 409 before an object counts as failed for this pass.
-const CONFLICT_RETRIES: u32 = 5;
+pub(crate) const CONFLICT_RETRIES: u32 = 5;
 /// ConfigMap syncs in flight at once: a cluster of many namespaces converges in seconds
 /// without a burst of requests.
 const CONCURRENCY: usize = 4;
@@ -187,7 +187,7 @@ enum Outcome {
 
 /// Why one request did not succeed.
 #[derive(Debug)]
-enum CallError {
+pub(crate) enum CallError {
     /// 409: someone else wrote first (or created it first).
     Conflict,
     /// 404 on a replace: deleted since the read.
@@ -893,7 +893,7 @@ async fn sync_webhook<K: WebhookConfiguration>(
 }
 
 /// `request` bounded by `timeout`, its error sorted.
-async fn call<T>(
+pub(crate) async fn call<T>(
     timeout: Duration,
     request: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, CallError> {

@@ -36,6 +36,10 @@
 //! CRD is installed.
 //!
 //! The ConfigMap does not feed the snapshot; its `data` is sent as soon as it changes.
+//!
+//! Each rebuild also sends, when it changed, the [`RouteView`] (every HTTPRoute with its
+//! status, and the Services that exist) that the leader's route status writer works from
+//! ([`KubeHandle::route_view`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::error::Error as StdError;
@@ -56,11 +60,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use trellis_api::MeshSnapshot;
-use trellis_controller::{InvalidPolicies, InvalidRoutes};
+use trellis_controller::{InvalidPolicies, InvalidRoutes, ObjectKey};
 
 use crate::Kind;
 use crate::convert::{self, ConfigMapData, RawPolicy, RawRoute, Skip, Skipped};
 use crate::metrics::Metrics;
+use crate::route_status::RouteView;
 
 /// Default coalescing interval between a change and the snapshot it leads to.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -108,6 +113,7 @@ pub struct KubeSource {
     metrics: Option<Metrics>,
     status: watch::Sender<KubeStatus>,
     config: watch::Sender<Option<ConfigMapData>>,
+    route_view: watch::Sender<Option<Arc<RouteView>>>,
     /// The Namespace store, made here so handles can read it before `run` starts.
     namespaces: (Store<Namespace>, Writer<Namespace>),
 }
@@ -117,6 +123,7 @@ pub struct KubeSource {
 pub struct KubeHandle {
     status: watch::Receiver<KubeStatus>,
     config: watch::Receiver<Option<ConfigMapData>>,
+    route_view: watch::Receiver<Option<Arc<RouteView>>>,
     namespaces: Store<Namespace>,
 }
 
@@ -185,6 +192,7 @@ struct Publisher {
     metrics: Option<Metrics>,
     status: watch::Sender<KubeStatus>,
     config: watch::Sender<Option<ConfigMapData>>,
+    route_view: watch::Sender<Option<Arc<RouteView>>>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
     stores: Stores,
     listed: BTreeSet<Kind>,
@@ -224,6 +232,7 @@ impl KubeSource {
     pub fn new(client: Client, settings: KubeSettings) -> Self {
         let (status, _) = watch::channel(KubeStatus::default());
         let (config, _) = watch::channel(None);
+        let (route_view, _) = watch::channel(None);
         let (store, writer) = reflector::store();
         Self {
             client,
@@ -231,6 +240,7 @@ impl KubeSource {
             metrics: None,
             status,
             config,
+            route_view,
             namespaces: (store, writer),
         }
     }
@@ -246,6 +256,7 @@ impl KubeSource {
         KubeHandle {
             status: self.status.subscribe(),
             config: self.config.subscribe(),
+            route_view: self.route_view.subscribe(),
             namespaces: self.namespaces.0.clone(),
         }
     }
@@ -278,6 +289,7 @@ impl KubeSource {
             metrics,
             status,
             config,
+            route_view,
             namespaces: (namespaces, namespaces_w),
         } = self;
         let (services, services_w) = reflector::store();
@@ -356,6 +368,7 @@ impl KubeSource {
             metrics,
             status,
             config,
+            route_view,
             tx,
             stores: Stores {
                 namespaces,
@@ -641,6 +654,7 @@ impl Publisher {
         self.log_skips(converted.skipped);
         self.invalid_policies.report(&converted.objects);
         self.invalid_routes.report(&converted.objects);
+        self.send_route_view(&routes, &services);
         let current = Arc::clone(&self.tx.borrow());
         let version = current.version.saturating_add(1);
         let next =
@@ -668,6 +682,30 @@ impl Publisher {
         self.status.send_modify(|s| {
             s.synced = true;
             s.snapshot_version = version;
+        });
+    }
+
+    /// Sends the routes and the Services that exist to the route status writer, if they
+    /// changed.
+    fn send_route_view(&self, routes: &[Arc<RawRoute>], services: &[Arc<Service>]) {
+        let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            ObjectKey::new(
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut routes = routes.to_vec();
+        routes.sort_by_cached_key(|r| key(&r.metadata));
+        let view = RouteView {
+            routes,
+            services: services.iter().map(|s| key(&s.metadata)).collect(),
+        };
+        self.route_view.send_if_modified(|current| {
+            if current.as_deref() == Some(&view) {
+                return false;
+            }
+            *current = Some(Arc::new(view));
+            true
         });
     }
 
@@ -722,6 +760,14 @@ impl KubeHandle {
             .collect();
         names.sort();
         names
+    }
+
+    /// The HTTPRoutes (with their status) and the Services that exist, as of the last
+    /// rebuild: `None` until the first snapshot, then sent again whenever they change (a
+    /// route's spec, generation or status; a Service created or deleted). For the route
+    /// status writer ([`crate::route_status`]).
+    pub fn route_view(&self) -> watch::Receiver<Option<Arc<RouteView>>> {
+        self.route_view.clone()
     }
 
     /// The mesh ConfigMap's `data`: `None` while it does not exist (and until it has been

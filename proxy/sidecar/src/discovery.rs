@@ -122,6 +122,7 @@ async fn stream_once(
                     access_log = ?next.access_log,
                     tracing = ?next.tracing,
                     authorization_policies = next.authorization.len(),
+                    http_routes = next.routes.len(),
                     "discovery view applied"
                 );
                 crate::logging::set_access_log(next.access_log);

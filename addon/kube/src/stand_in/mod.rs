@@ -5,8 +5,9 @@
 //! `events.k8s.io/v1` Events, the `policy.trellis.dev/v1alpha1` AuthorizationPolicy custom
 //! resource, the Gateway API's `gateway.networking.k8s.io/v1` HTTPRoute), over an
 //! in-memory store, so the real kube-rs client (its
-//! watcher, the leader elector, the Event recorder) runs against it unchanged. There is no
-//! admission, no validation, no defaulting, no label selectors and no PATCH.
+//! watcher, the leader elector, the Event recorder, the route status writer) runs against
+//! it unchanged. There is no admission, no validation, no defaulting, no label selectors
+//! and no PATCH.
 //!
 //! Two ways in:
 //! - In process: [`ApiStandIn`] is a `tower::Service`; [`ApiStandIn::client`] is a
@@ -35,6 +36,15 @@
 //! - PUT `.../<resource>/<name>`: replaces the object; 409 Conflict when the body's
 //!   `resourceVersion` is not the stored one, 404 when there is none. Every POST and PUT
 //!   is recorded with its body and answer ([`ApiStandIn::writes`]).
+//! - The `status` subresource of the kinds that have one (HTTPRoutes, as their CRD
+//!   declares): GET `.../<resource>/<name>/status` answers the object; PUT there changes
+//!   its `status` only (whatever else the body says), with the same 409 and 404 as a PUT
+//!   of the object. For these kinds, as on a real API server, a write of the object itself
+//!   (POST, PUT, and a test's [`ApiStandIn::apply`]) cannot change `status` (a create
+//!   starts without one, a replace keeps the stored one), and `metadata.generation` is 1
+//!   on create and goes up by one whenever anything but `metadata` and `status` changes.
+//!   Tests write a status as another controller would with [`ApiStandIn::set_status`].
+//!   Any other subresource is 404.
 //!
 //! - Every request for a resource marked [`ApiStandIn::unserve`]: 404 with the plain-text
 //!   body `404 page not found`, as the API server answers for a custom resource whose CRD
@@ -84,6 +94,8 @@ pub struct Write {
     pub method: Method,
     /// The resource (URL plural), e.g. `leases`.
     pub resource: String,
+    /// The subresource written, e.g. `status`; `None` for the object itself.
+    pub subresource: Option<String>,
     /// The path's namespace.
     pub namespace: Option<String>,
     /// HTTP status of the answer.
@@ -155,6 +167,8 @@ struct Route {
     namespace: Option<String>,
     /// The path's object name, for a GET or PUT of one object.
     object: Option<String>,
+    /// The path's subresource (`status`), after the object name.
+    subresource: Option<String>,
     /// From a `metadata.name=` field selector.
     name: Option<String>,
     watch: bool,
@@ -184,6 +198,10 @@ const KINDS: [(&str, &str); 14] = [
     ("AuthorizationPolicy", "authorizationpolicies"),
     ("HTTPRoute", "httproutes"),
 ];
+
+/// The resources (URL plural) with a `status` subresource: writes of the object leave
+/// `status` alone and count `metadata.generation`.
+const WITH_STATUS: [&str; 1] = ["httproutes"];
 
 /// The resource (URL plural) the stand-in stores objects of `kind` under, e.g. `pods` for
 /// `Pod`; `None` for a kind it does not serve.
@@ -299,6 +317,39 @@ impl ApiStandIn {
             .entry(K::URL_PATH_SEGMENT.to_owned())
             .or_default()
             .push_back(object);
+    }
+
+    /// Like [`interpose_next_write`](Self::interpose_next_write), for an object given as
+    /// JSON with its `kind` (a custom resource, say): stored as is, just before the next
+    /// POST or PUT of its resource (its subresources included).
+    pub fn interpose_next_write_json(&self, object: Value) -> Result<(), NotStorable> {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let Some(resource) = resource_of(kind) else {
+            return Err(NotStorable(format!("kind {kind:?} is not served")));
+        };
+        let mut state = self.lock();
+        let queue = state.interpose.entry(resource.to_owned()).or_default();
+        queue.push_back(object);
+        Ok(())
+    }
+
+    /// Replaces the `status` of a stored object of `resource` (URL plural), as another
+    /// controller's unconditional PUT of the `status` subresource would (`Value::Null`
+    /// removes it); returns the new resource version, or `None` when there is no such
+    /// object. Not recorded in [`writes`](Self::writes), which are the code under test's.
+    pub fn set_status(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        status: Value,
+    ) -> Option<u64> {
+        let mut state = self.lock();
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut object = state.objects.get(resource)?.get(&key)?.clone();
+        set_status(&mut object, status);
+        state.store(resource, object);
+        Some(state.rv)
     }
 
     /// The stored object, if any.
@@ -468,6 +519,7 @@ impl ApiStandIn {
             state.writes.push(Write {
                 method,
                 resource: route.resource,
+                subresource: route.subresource,
                 namespace: route.namespace,
                 code,
                 body,
@@ -514,22 +566,40 @@ impl State {
         body: &Value,
     ) -> (u16, Response<StandInBody>) {
         let not_allowed = || (405, status_response(405, "MethodNotAllowed", "not served"));
+        if let Some(sub) = &route.subresource {
+            let status = sub == "status" && WITH_STATUS.contains(&route.resource.as_str());
+            return match (method.as_str(), route.object.clone()) {
+                _ if !status => (
+                    404,
+                    status_response(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    ),
+                ),
+                ("GET", Some(name)) => self.get_one(&route, &name),
+                ("PUT", Some(name)) => self.replace_status(&route, &name, body),
+                _ => not_allowed(),
+            };
+        }
         match (method.as_str(), route.object.clone()) {
             ("GET", None) if route.watch => (200, self.watch(route)),
             ("GET", None) => (200, self.list(&route)),
-            ("GET", Some(name)) => {
-                let key = (route.namespace.clone().unwrap_or_default(), name.clone());
-                match self.objects.get(&route.resource).and_then(|o| o.get(&key)) {
-                    Some(object) => (200, object_response(200, object)),
-                    None => (
-                        404,
-                        status_response(404, "NotFound", &format!("{name} not found")),
-                    ),
-                }
-            }
+            ("GET", Some(name)) => self.get_one(&route, &name),
             ("POST", None) => self.create(&route, body.clone()),
             ("PUT", Some(name)) => self.replace(&route, &name, body.clone()),
             _ => not_allowed(),
+        }
+    }
+
+    fn get_one(&self, route: &Route, name: &str) -> (u16, Response<StandInBody>) {
+        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
+        match self.objects.get(&route.resource).and_then(|o| o.get(&key)) {
+            Some(object) => (200, object_response(200, object)),
+            None => (
+                404,
+                status_response(404, "NotFound", &format!("{name} not found")),
+            ),
         }
     }
 
@@ -551,6 +621,7 @@ impl State {
             return (409, status_response(409, "AlreadyExists", &message));
         }
         object["metadata"]["uid"] = json!(format!("uid-{}", self.rv + 1));
+        let object = object_write(&route.resource, None, object);
         let stored = self.store(&route.resource, object);
         (201, object_response(201, &stored))
     }
@@ -573,25 +644,53 @@ impl State {
             let message = format!("the object has been modified; sent version {sent}");
             return (409, status_response(409, "Conflict", &message));
         }
+        let object = object_write(&route.resource, Some(current), object);
+        let stored = self.store(&route.resource, object);
+        (200, object_response(200, &stored))
+    }
+
+    /// PUT of the `status` subresource: only the body's `status` is taken.
+    fn replace_status(
+        &mut self,
+        route: &Route,
+        name: &str,
+        body: &Value,
+    ) -> (u16, Response<StandInBody>) {
+        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
+        let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
+            return (
+                404,
+                status_response(404, "NotFound", &format!("{name} not found")),
+            );
+        };
+        let sent = &body["metadata"]["resourceVersion"];
+        if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
+            let message = format!("the object has been modified; sent version {sent}");
+            return (409, status_response(409, "Conflict", &message));
+        }
+        let mut object = current.clone();
+        set_status(&mut object, body["status"].clone());
         let stored = self.store(&route.resource, object);
         (200, object_response(200, &stored))
     }
 
     /// Stores `object` as a test's apply: a uid for a new object that has none, the stored
-    /// uid kept for a replaced one. Returns the new resource version.
+    /// uid kept for a replaced one; a write of the object itself ([`object_write`]: the
+    /// stored `status` kept, `metadata.generation` counted). Returns the new resource
+    /// version.
     fn apply(&mut self, resource: &str, mut object: Value) -> u64 {
+        let key = (
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        let stored = self.objects.get(resource).and_then(|o| o.get(&key));
         if object["metadata"]["uid"].is_null() {
-            let key = (
-                object["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                object["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            );
-            let stored = self.objects.get(resource).and_then(|o| o.get(&key));
             let uid = match stored {
                 Some(stored) => stored["metadata"]["uid"].clone(),
                 None => json!(format!("uid-{}", self.rv + 1)),
@@ -600,6 +699,7 @@ impl State {
                 object["metadata"]["uid"] = uid;
             }
         }
+        let object = object_write(resource, stored, object);
         self.store(resource, object);
         self.rv
     }
@@ -686,21 +786,24 @@ impl State {
 // === impl Route ===
 
 impl Route {
-    /// `/api/v1[/namespaces/<ns>]/<plural>` or
-    /// `/apis/<group>/<version>[/namespaces/<ns>]/<plural>`.
+    /// `/api/v1[/namespaces/<ns>]/<plural>[/<name>[/<subresource>]]` or
+    /// `/apis/<group>/<version>[/namespaces/<ns>]/<plural>[/<name>[/<subresource>]]`.
     fn parse(uri: &Uri) -> Option<Route> {
         let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
         let (["api", _version, rest @ ..] | ["apis", _, _version, rest @ ..]) = segments.as_slice()
         else {
             return None;
         };
-        let (namespace, resource, object) = match rest {
-            [resource] => (None, *resource, None),
-            ["namespaces", ns, resource] => (Some((*ns).to_owned()), *resource, None),
-            ["namespaces", ns, resource, name] => {
-                (Some((*ns).to_owned()), *resource, Some((*name).to_owned()))
-            }
-            [resource, name] => (None, *resource, Some((*name).to_owned())),
+        // `namespaces/<name>` alone is a Namespace; followed by more, a namespace's path.
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, more @ ..] if !more.is_empty() => (Some((*ns).to_owned()), more),
+            _ => (None, rest),
+        };
+        let own = |s: &&str| (*s).to_owned();
+        let (resource, object, subresource) = match rest {
+            [resource] => (*resource, None, None),
+            [resource, name] => (*resource, Some(own(name)), None),
+            [resource, name, sub] => (*resource, Some(own(name)), Some(own(sub))),
             _ => return None,
         };
         let query: BTreeMap<String, String> = uri
@@ -720,6 +823,7 @@ impl Route {
             resource: resource.to_owned(),
             namespace,
             object,
+            subresource,
             name,
             watch: query.get("watch").is_some_and(|w| w == "true"),
             resource_version: query.get("resourceVersion").and_then(|v| v.parse().ok()),
@@ -835,6 +939,53 @@ fn version_info(major: &str, minor: &str, git_version: &str) -> Value {
         "gitCommit": "stand-in", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
         "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64",
     })
+}
+
+/// `object` as a write of the object itself (not of its `status` subresource) stores it,
+/// given what is `stored`: unchanged for a resource without a status subresource; for one
+/// with ([`WITH_STATUS`]), `status` is the stored one (none on create) and
+/// `metadata.generation` is 1 on create, and goes up by one when anything but `metadata`
+/// and `status` changed.
+fn object_write(resource: &str, stored: Option<&Value>, mut object: Value) -> Value {
+    if !WITH_STATUS.contains(&resource) {
+        return object;
+    }
+    let status = stored.map(|s| s["status"].clone()).unwrap_or(Value::Null);
+    set_status(&mut object, status);
+    let generation = match stored {
+        None => 1,
+        Some(stored) => {
+            let before = stored["metadata"]["generation"].as_i64().unwrap_or(0);
+            if content(stored) == content(&object) {
+                before.max(1)
+            } else {
+                before + 1
+            }
+        }
+    };
+    object["metadata"]["generation"] = json!(generation);
+    object
+}
+
+/// Everything of an object but `metadata` and `status`: what `metadata.generation` counts.
+fn content(object: &Value) -> Value {
+    let mut content = object.clone();
+    if let Some(fields) = content.as_object_mut() {
+        fields.remove("metadata");
+        fields.remove("status");
+    }
+    content
+}
+
+/// Sets `object`'s `status`; `Value::Null` removes it.
+fn set_status(object: &mut Value, status: Value) {
+    if let Some(fields) = object.as_object_mut() {
+        if status.is_null() {
+            fields.remove("status");
+        } else {
+            fields.insert("status".to_owned(), status);
+        }
+    }
 }
 
 fn gone_status() -> Value {
