@@ -182,7 +182,7 @@ impl Outbound {
         let opaque = self.settings.opaque_ports.contains(&orig.port())
             || target
                 .as_ref()
-                .is_some_and(|t| t.port.protocol == trellis_api::Protocol::Tcp);
+                .is_some_and(|t| t.protocol == trellis_api::Protocol::Tcp);
         let proto = if opaque {
             Protocol::Opaque
         } else {
@@ -427,7 +427,7 @@ impl Outbound {
         let labels = &mut pending.labels;
         labels.destination_service_name = known.known(&target.service.name);
         labels.destination_service_namespace = known.known(&target.service.namespace);
-        let (mut sender, endpoint, identity) = self.connect(&target).await?;
+        let (mut sender, endpoint, identity) = self.connect(&view, &target).await?;
         access.endpoint = endpoint.to_string();
         labels.destination_principal = known.known(identity.as_str());
         labels.destination_namespace = known.known(identity.namespace());
@@ -489,9 +489,10 @@ impl Outbound {
         Ok((identity, Response::from_parts(parts, body.boxed_unsync())))
     }
 
-    /// Picks an endpoint for `target` and returns a pooled connection to it.
+    /// Picks an endpoint for `target` among `view`'s and returns a pooled connection to it.
     async fn connect(
         &self,
+        view: &View,
         target: &Target,
     ) -> Result<
         (
@@ -508,7 +509,7 @@ impl Outbound {
             Some(e) => e.clone(),
             None => self
                 .balancer
-                .pick(&target.port.endpoints)
+                .pick(view.endpoints(target))
                 .cloned()
                 .ok_or_else(|| Error::NoEndpoints(target.service.to_string()))?,
         };
@@ -529,7 +530,8 @@ impl Outbound {
         let mut log = TunnelAccess::new("outbound", protocol, self.me.as_str(), orig);
         log.service = target.service.to_string();
         let result = async {
-            let (mut sender, endpoint, identity) = self.connect(&target).await?;
+            let view = self.view.borrow().clone();
+            let (mut sender, endpoint, identity) = self.connect(&view, &target).await?;
             log.endpoint = endpoint.to_string();
             log.dst = identity.to_string();
             let upgraded = crate::tunnel::open(&mut sender, endpoint).await?;
@@ -623,7 +625,7 @@ fn route_request<B>(
 
 fn target_authority(t: &Target) -> http::uri::Authority {
     let host = format!("{}.{}", t.service.name, t.service.namespace);
-    format!("{host}:{}", t.port.port)
+    format!("{host}:{}", t.port)
         .parse()
         .unwrap_or_else(|_| http::uri::Authority::from_static("unknown"))
 }

@@ -611,3 +611,48 @@ async fn access_log_format_and_switch_come_from_the_mesh_config() {
         m.log("client-1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_follows_endpoints_that_leave() {
+    let m = mesh().await;
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let _app = m
+        .server
+        .spawn(move || http_server(ports::HTTP, "server-1", r));
+    let vip = m.service(ports::HTTP);
+    // One app connection to the Service's virtual IP, kept open across a view change.
+    let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+    let client = m.client.run(move || async move {
+        let mut conn = apps::Http1Conn::connect(vip).await?;
+        let first = conn.request("GET", "/before", &[], &[]).await?;
+        wait.await?;
+        let second = conn.request("GET", "/after", &[], &[]).await?;
+        anyhow::Ok((first.status, second.status, second.text()))
+    });
+    let edit = async {
+        // Wait for the first request, then take server-1 out of the Service.
+        wait_until(Duration::from_secs(10), || async { rec.last().is_some() })
+            .await
+            .expect("the first request never arrived");
+        let path = m.dir.path().join("config/mesh.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let retired = yaml.replacen(
+            "name: server-1, namespace: demo, labels: { app: web }",
+            "name: server-1, namespace: demo, labels: { app: retired }",
+            1,
+        );
+        assert_ne!(yaml, retired, "the mesh YAML changed shape");
+        std::fs::write(&path, retired).unwrap();
+        // Poll interval 200 ms, then one push: well within 3 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        go_on.send(()).unwrap();
+    };
+    let (result, ()) = tokio::join!(client, edit);
+    let (first, second, body) = result.expect("the app connection");
+    assert_eq!(first, 200, "{}", m.log("client-1"));
+    // Before, a captured connection kept the endpoints it was opened with and this request
+    // reached the retired server; now it picks among the current view's: none.
+    assert_eq!(second, 503, "{body}\n{}", m.log("client-1"));
+    assert_eq!(rec.all().len(), 1, "the retired server got a request");
+}

@@ -9,9 +9,7 @@ use std::net::SocketAddr;
 
 use trellis_api::authz::{Authorizer, EndpointPorts, Workload};
 use trellis_api::route::{RouteRequest, RouteTable, Selection};
-use trellis_api::{
-    AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey, ServicePort,
-};
+use trellis_api::{AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey};
 use trellis_identity::SpiffeId;
 
 use crate::config::Mode;
@@ -37,12 +35,19 @@ pub struct View {
 }
 
 /// The service port a request or connection is for, before an endpoint is picked.
+///
+/// It names the port rather than holding its endpoints: a request picks among the
+/// endpoints of the view current when it is sent ([`View::endpoints`]), so a long-lived
+/// app connection follows endpoints that come and go, and routing a request copies no
+/// endpoint list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     /// The service.
     pub service: ServiceKey,
     /// The service port addressed.
-    pub port: ServicePort,
+    pub port: u16,
+    /// That port's protocol.
+    pub protocol: Protocol,
     /// An endpoint the client chose itself (it dialled a pod address); no balancing.
     pub pinned: Option<Endpoint>,
 }
@@ -108,6 +113,17 @@ impl View {
         }
     }
 
+    /// The endpoints serving `target` in this view: empty when its service or port is
+    /// gone (the request then fails with 503), whatever they were when the target was
+    /// found.
+    pub fn endpoints(&self, target: &Target) -> &[Endpoint] {
+        self.snapshot
+            .services
+            .get(&target.service)
+            .and_then(|svc| svc.ports.iter().find(|p| p.port == target.port))
+            .map_or(&[], |p| p.endpoints.as_slice())
+    }
+
     /// Whether routes may apply to requests for `target`: routes attach to its service,
     /// and the client did not dial an endpoint itself. Callers skip building the
     /// request for [`Self::apply_routes`] otherwise, the common case.
@@ -127,12 +143,12 @@ impl View {
         if !self.routed(target) {
             return Ok(None);
         }
-        let (route, rule) = match self.routes.select(&target.service, target.port.port, req) {
+        let (route, rule) = match self.routes.select(&target.service, target.port, req) {
             Selection::Unrouted => return Ok(None),
             Selection::NoMatch => {
                 return Err(Error::NoRouteMatch(format!(
                     "{}:{}",
-                    target.service, target.port.port
+                    target.service, target.port
                 )));
             }
             Selection::Rule { route, rule } => (route, rule),
@@ -168,7 +184,8 @@ impl View {
                     })?;
                 Ok(Target {
                     service: backend.service.clone(),
-                    port: port.clone(),
+                    port: port.port,
+                    protocol: port.protocol,
                     pinned: None,
                 })
             });
@@ -204,7 +221,8 @@ impl View {
             })?;
         Ok(Target {
             service: key.clone(),
-            port: sp.clone(),
+            port: sp.port,
+            protocol: sp.protocol,
             pinned: None,
         })
     }
@@ -215,7 +233,8 @@ impl View {
         match self.index.lookup(dst)? {
             Destination::Service { service, port } => Some(Target {
                 service: service.key.clone(),
-                port: port.clone(),
+                port: port.port,
+                protocol: port.protocol,
                 pinned: None,
             }),
             Destination::Endpoint {
@@ -224,7 +243,8 @@ impl View {
                 endpoint,
             } => Some(Target {
                 service: service.key.clone(),
-                port: port.clone(),
+                port: port.port,
+                protocol: port.protocol,
                 pinned: Some(endpoint.clone()),
             }),
         }
@@ -237,7 +257,8 @@ impl View {
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         Some(Target {
             service: key.clone(),
-            port: sp.clone(),
+            port: sp.port,
+            protocol: sp.protocol,
             pinned: None,
         })
     }
@@ -352,7 +373,7 @@ mod tests {
         ] {
             let t = route(&v, a).unwrap_or_else(|e| panic!("{a}: {e}"));
             assert_eq!(t.service, ServiceKey::new("demo", "web"), "{a}");
-            assert_eq!(t.port.endpoints.len(), 2);
+            assert_eq!(v.endpoints(&t).len(), 2);
             assert_eq!(t.pinned, None);
         }
     }
@@ -362,7 +383,7 @@ mod tests {
         let v = view();
         assert!(matches!(route(&v, "api:8080"), Err(Error::NoRoute(_))));
         assert_eq!(
-            route(&v, "api.other:8080").unwrap().port.endpoints[0]
+            v.endpoints(&route(&v, "api.other:8080").unwrap())[0]
                 .address
                 .port(),
             4
@@ -379,7 +400,7 @@ mod tests {
         assert!(matches!(route(&v, "nope.demo"), Err(Error::NoRoute(_))));
         assert!(matches!(route(&v, "web.demo:81"), Err(Error::NoRoute(_))));
         assert!(matches!(route(&v, "db.demo:5432"), Err(Error::NoRoute(_))));
-        assert!(route(&v, "empty.demo").unwrap().port.endpoints.is_empty());
+        assert!(v.endpoints(&route(&v, "empty.demo").unwrap()).is_empty());
     }
 
     #[test]
@@ -387,10 +408,10 @@ mod tests {
         let v = view();
         let t = route(&v, "bad.demo").unwrap();
         assert!(matches!(
-            endpoint_identity(&t.port.endpoints[0]),
+            endpoint_identity(&v.endpoints(&t)[0]),
             Err(Error::BadEndpointIdentity { .. })
         ));
-        assert!(endpoint_identity(&route(&v, "web").unwrap().port.endpoints[0]).is_ok());
+        assert!(endpoint_identity(&v.endpoints(&route(&v, "web").unwrap())[0]).is_ok());
     }
 
     #[test]
@@ -496,7 +517,7 @@ mod tests {
         let r = apply(&v, &web, "/api/x").unwrap().unwrap();
         let t = r.target.as_ref().unwrap();
         assert_eq!(t.service, ServiceKey::new("other", "api"));
-        assert_eq!(t.port.port, 8080);
+        assert_eq!(t.port, 8080);
         assert_eq!(
             (r.route_namespace.as_str(), r.route_name.as_str()),
             ("demo", "web-routes")
