@@ -74,8 +74,9 @@ PORTS = {
 # The telemetry variants (`--paths trellis-quiet,trellis-traced,trellis-traced-all`): the same
 # chain, each with its own control plane and ports (27600.., 27700.., 27800..), differing only
 # in trellis-config.
-VARIANT_PREFIXES = ("TRELLIS_QUIET", "TRELLIS_TRACED", "TRELLIS_ALLTRACED", "TRELLIS_POLICY", "TRELLIS_ROUTE")
-for _prefix, _base in zip(VARIANT_PREFIXES, (27600, 27700, 27800, 27900, 28000)):
+VARIANT_PREFIXES = ("TRELLIS_QUIET", "TRELLIS_TRACED", "TRELLIS_ALLTRACED", "TRELLIS_POLICY", "TRELLIS_ROUTE",
+                    "TRELLIS_ALT")
+for _prefix, _base in zip(VARIANT_PREFIXES, (27600, 27700, 27800, 27900, 28000, 28100)):
     for _k in [k for k in PORTS if k.startswith("TRELLIS_") and not k.startswith(VARIANT_PREFIXES)]:
         PORTS[_prefix + _k[len("TRELLIS"):]] = PORTS[_k] - 27400 + _base
 
@@ -95,6 +96,9 @@ MESH_CONFIG = {
     "trellis-policy": None,
     # As shipped, plus HTTPRoutes on both services (EXTRA_FILES): the cost of routing.
     "trellis-route": None,
+    # As shipped, with another trellis-proxy build (BENCH_ALT_PROXY=path): two commits
+    # compared in one interleaved batch (`--paths trellis,trellis-alt`).
+    "trellis-alt": None,
 }
 # Objects put in a Trellis path's config directory (file in bench/conf, name there): what
 # deciding on every request costs (`--paths trellis,trellis-policy`), and routing every
@@ -103,10 +107,10 @@ EXTRA_FILES = {"trellis-policy": ("trellis-policy.yaml", "policy.yaml"),
                "trellis-route": ("trellis-route.yaml", "route.yaml")}
 PORT_PREFIX = {"trellis": "TRELLIS", "trellis-quiet": "TRELLIS_QUIET", "trellis-traced": "TRELLIS_TRACED",
                "trellis-traced-all": "TRELLIS_ALLTRACED", "trellis-policy": "TRELLIS_POLICY",
-               "trellis-route": "TRELLIS_ROUTE"}
+               "trellis-route": "TRELLIS_ROUTE", "trellis-alt": "TRELLIS_ALT"}
 
 PATHS = ["direct", "trellis", "haproxy", "envoy", "trellis-quiet", "trellis-traced", "trellis-traced-all",
-         "trellis-policy", "trellis-route"]
+         "trellis-policy", "trellis-route", "trellis-alt"]
 LABEL = {
     "direct": "direct (client -> nginx)",
     "trellis": "Trellis",
@@ -115,6 +119,7 @@ LABEL = {
     "trellis-traced-all": "Trellis, access log on, 100% traced",
     "trellis-policy": "Trellis, with an ALLOW and a DENY policy",
     "trellis-route": "Trellis, every request through an HTTPRoute",
+    "trellis-alt": "Trellis, the BENCH_ALT_PROXY build",
     "haproxy": "HAProxy",
     "envoy": "Envoy",
 }
@@ -368,6 +373,8 @@ def start_trellis(procs: Procs, run: Path, subst: dict, bins: Path, env: dict, p
         source, name = EXTRA_FILES[path]
         shutil.copy(CONF / source, config / name)
     addon, proxy = str(bins / "trellis-addon"), str(bins / "trellis-proxy")
+    if path == "trellis-alt":
+        proxy = os.environ.get("BENCH_ALT_PROXY") or die("trellis-alt needs BENCH_ALT_PROXY=<trellis-proxy binary>")
     cp_admin = f"127.0.0.1:{P['TRELLIS_CP_ADMIN']}"
     grpc = f"127.0.0.1:{P['TRELLIS_CP_GRPC']}"
     cp_argv = [
@@ -656,7 +663,7 @@ def main() -> None:
                    "procs": {"A": f"{v}-a", "B": f"{v}-b", "B2": f"{v}-b2"},
                    "hops": {"h1": ["A", "B"], "h2": ["A", "B2"]}}
                for v in ("trellis-quiet", "trellis-traced", "trellis-traced-all", "trellis-policy",
-                         "trellis-route")},
+                         "trellis-route", "trellis-alt")},
             "haproxy": {"h1": PORTS["HAPROXY_A_H1"], "h2": PORTS["HAPROXY_A_H2C"],
                         "procs": {"A": "haproxy-a", "B": "haproxy-b"}},
             "envoy": {"h1": PORTS["ENVOY_A"], "h2": PORTS["ENVOY_A"], "procs": {"A": "envoy-a", "B": "envoy-b"}},
