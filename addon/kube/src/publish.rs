@@ -213,15 +213,16 @@ struct Ctx {
     metrics: PublishMetrics,
 }
 
-/// What one pass did.
+/// What one pass of a leader's writer did (this one's, and the HTTPRoute status
+/// writer's).
 #[derive(Debug, Default)]
-struct Tally {
-    written: usize,
-    failed: usize,
-    /// ConfigMap failures since the last success.
+pub(crate) struct Tally {
+    pub(crate) written: usize,
+    pub(crate) failed: usize,
+    /// Failures since the last success.
     in_a_row: usize,
     any_succeeded: bool,
-    first_error: Option<String>,
+    pub(crate) first_error: Option<String>,
 }
 
 /// The loop's state.
@@ -375,7 +376,8 @@ impl fmt::Debug for TrustPublisher {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until `deadline`, or forever without one (a `select!` arm that never fires).
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -650,9 +652,11 @@ impl Runner {
             return;
         }
         self.failures = self.failures.saturating_add(1);
-        let exponent = (self.failures - 1).min(16);
-        let delay = (self.settings.backoff_min.saturating_mul(1 << exponent))
-            .min(self.settings.backoff_max);
+        let delay = backoff(
+            self.failures,
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+        );
         self.retry_at = Some(Instant::now() + delay);
         let error = first_error.unwrap_or_default();
         // Once per run of failures: an outage must not flood the log.
@@ -694,6 +698,13 @@ impl Runner {
     }
 }
 
+/// The wait after the `failures`-th failed pass in a row (1 or more): `min`, doubling up
+/// to `max`.
+pub(crate) fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    min.saturating_mul(1 << exponent).min(max)
+}
+
 fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -701,20 +712,20 @@ fn gauge(n: usize) -> i64 {
 // === impl Tally ===
 
 impl Tally {
-    fn succeeded(&mut self, written: bool) {
+    pub(crate) fn succeeded(&mut self, written: bool) {
         self.written += usize::from(written);
         self.in_a_row = 0;
         self.any_succeeded = true;
     }
 
-    fn failed(&mut self, error: String) {
+    pub(crate) fn failed(&mut self, error: String) {
         self.failed += 1;
         self.in_a_row += 1;
         self.first_error.get_or_insert(error);
     }
 
     /// Only failures so far, and enough of them in a row to stop asking.
-    fn looks_down(&self) -> bool {
+    pub(crate) fn looks_down(&self) -> bool {
         !self.any_succeeded && self.in_a_row >= FAILURES_BEFORE_CUTOFF
     }
 }

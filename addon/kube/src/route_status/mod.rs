@@ -61,7 +61,7 @@ use trellis_controller::ObjectKey;
 
 use crate::convert::RawRoute;
 use crate::leader::is_leader;
-use crate::publish::{CONFLICT_RETRIES, CallError, call};
+use crate::publish::{CONFLICT_RETRIES, CallError, Tally, backoff, call, sleep_until};
 use crate::source::KubeHandle;
 
 /// The `controllerName` of Trellis's entries in an HTTPRoute's `status.parents`: a
@@ -74,8 +74,6 @@ pub const DEFAULT_RESYNC: Duration = Duration::from_secs(5 * 60);
 
 /// Route statuses synced at once.
 const CONCURRENCY: usize = 4;
-/// Failures in a row, with no success in the pass, after which the pass stops early.
-const FAILURES_BEFORE_CUTOFF: usize = 8;
 
 /// What the writer reads from the source ([`KubeHandle::route_view`]): every HTTPRoute
 /// as last listed or watched, and the Services that exist.
@@ -158,16 +156,6 @@ struct Ctx {
     resource: ApiResource,
     timeout: Duration,
     metrics: StatusMetrics,
-}
-
-/// What one pass did.
-#[derive(Debug, Default)]
-struct Tally {
-    written: usize,
-    failed: usize,
-    in_a_row: usize,
-    any_succeeded: bool,
-    first_error: Option<String>,
 }
 
 /// The loop's state.
@@ -297,13 +285,6 @@ impl fmt::Debug for RouteStatusWriter {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Now, as Kubernetes writes a `lastTransitionTime` (RFC 3339, whole seconds, UTC).
 fn now() -> String {
     let time = serde_json::to_value(Time(Timestamp::now())).ok();
@@ -424,9 +405,11 @@ impl Runner {
         }
         self.dirty = true;
         self.failures = self.failures.saturating_add(1);
-        let exponent = (self.failures - 1).min(16);
-        let delay = (self.settings.backoff_min.saturating_mul(1 << exponent))
-            .min(self.settings.backoff_max);
+        let delay = backoff(
+            self.failures,
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+        );
         self.retry_at = Some(Instant::now() + delay);
         let error = first_error.unwrap_or_default();
         // Once per run of failures: an outage must not flood the log.
@@ -435,27 +418,6 @@ impl Runner {
         } else {
             tracing::debug!(failed, %error, retry_in = ?delay, "HTTPRoute status still failing");
         }
-    }
-}
-
-// === impl Tally ===
-
-impl Tally {
-    fn succeeded(&mut self, written: bool) {
-        self.written += usize::from(written);
-        self.in_a_row = 0;
-        self.any_succeeded = true;
-    }
-
-    fn failed(&mut self, error: String) {
-        self.failed += 1;
-        self.in_a_row += 1;
-        self.first_error.get_or_insert(error);
-    }
-
-    /// Only failures so far, and enough of them in a row to stop asking.
-    fn looks_down(&self) -> bool {
-        !self.any_succeeded && self.in_a_row >= FAILURES_BEFORE_CUTOFF
     }
 }
 
