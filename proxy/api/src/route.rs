@@ -218,7 +218,7 @@ impl RouteTable {
     /// True when a route applies to some port of `service`: only then is a request to it
     /// worth looking at.
     pub fn attached(&self, service: &ServiceKey) -> bool {
-        !self.by_parent.is_empty() && self.by_parent.contains_key(service)
+        self.by_parent.contains_key(service)
     }
 
     /// The rule a request to `port` of `service` follows.

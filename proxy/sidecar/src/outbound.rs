@@ -406,9 +406,9 @@ impl Outbound {
         let mut timeout = self.settings.request_timeout;
         if let Some(routed) = route_request(&view, &target, &req)? {
             let known = &self.metrics.known;
-            pending.labels.route_namespace = known.known(&routed.route_namespace);
-            pending.labels.route_name = known.known(&routed.route_name);
-            access.route = format!("{}/{}", routed.route_namespace, routed.route_name);
+            pending.labels.route_namespace = known.known(&routed.route.namespace);
+            pending.labels.route_name = known.known(&routed.route.name);
+            access.route = routed.route.key();
             if let Some(span) = pending.span.as_mut() {
                 span.push(attr("trellis.route", access.route.clone()));
             }
@@ -597,11 +597,11 @@ fn protocol_label(p: &Protocol) -> &'static str {
 ///
 /// Paths are matched in their normalized form (as authorization policies see them), so
 /// `/./api` follows the `/api` rule; a path that cannot be normalized is matched as sent.
-fn route_request<B>(
-    view: &View,
+fn route_request<'v, B>(
+    view: &'v View,
     target: &Target,
     req: &Request<B>,
-) -> Result<Option<route::Routed>, Error> {
+) -> Result<Option<route::Routed<'v>>, Error> {
     if !view.routed(target) {
         return Ok(None);
     }

@@ -632,21 +632,33 @@ impl State {
         name: &str,
         object: Value,
     ) -> (u16, Response<StandInBody>) {
-        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
-        let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
-            return (
-                404,
-                status_response(404, "NotFound", &format!("{name} not found")),
-            );
+        let current = match self.current_for_update(route, name, &object) {
+            Ok(current) => current,
+            Err((code, reason, message)) => return (code, status_response(code, reason, &message)),
         };
-        let sent = &object["metadata"]["resourceVersion"];
-        if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
-            let message = format!("the object has been modified; sent version {sent}");
-            return (409, status_response(409, "Conflict", &message));
-        }
         let object = object_write(&route.resource, Some(current), object);
         let stored = self.store(&route.resource, object);
         (200, object_response(200, &stored))
+    }
+
+    /// The stored object an update of `name` (with `body`) replaces, or the API server's
+    /// refusal: 404 when there is none, 409 when `body` names another resourceVersion.
+    fn current_for_update(
+        &self,
+        route: &Route,
+        name: &str,
+        body: &Value,
+    ) -> Result<&Value, (u16, &'static str, String)> {
+        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
+        let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
+            return Err((404, "NotFound", format!("{name} not found")));
+        };
+        let sent = &body["metadata"]["resourceVersion"];
+        if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
+            let message = format!("the object has been modified; sent version {sent}");
+            return Err((409, "Conflict", message));
+        }
+        Ok(current)
     }
 
     /// PUT of the `status` subresource: only the body's `status` is taken.
@@ -656,18 +668,10 @@ impl State {
         name: &str,
         body: &Value,
     ) -> (u16, Response<StandInBody>) {
-        let key = (route.namespace.clone().unwrap_or_default(), name.to_owned());
-        let Some(current) = self.objects.get(&route.resource).and_then(|o| o.get(&key)) else {
-            return (
-                404,
-                status_response(404, "NotFound", &format!("{name} not found")),
-            );
+        let current = match self.current_for_update(route, name, body) {
+            Ok(current) => current,
+            Err((code, reason, message)) => return (code, status_response(code, reason, &message)),
         };
-        let sent = &body["metadata"]["resourceVersion"];
-        if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
-            let message = format!("the object has been modified; sent version {sent}");
-            return (409, status_response(409, "Conflict", &message));
-        }
         let mut object = current.clone();
         set_status(&mut object, body["status"].clone());
         let stored = self.store(&route.resource, object);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use trellis_api::authz::{Authorizer, EndpointPorts, Workload};
-use trellis_api::route::{RouteRequest, RouteTable, Selection};
+use trellis_api::route::{HttpRoute, RouteRequest, RouteTable, Selection};
 use trellis_api::{AddressIndex, Destination, Endpoint, MeshSnapshot, Protocol, ServiceKey};
 use trellis_identity::SpiffeId;
 
@@ -54,14 +54,12 @@ pub struct Target {
 
 /// Where a route sends a request.
 #[derive(Debug)]
-pub struct Routed {
+pub struct Routed<'v> {
     /// The backend's service port, or why the rule has none to offer (answered 500, and
     /// still counted under the route).
     pub target: Result<Target, Error>,
-    /// Namespace of the route that matched.
-    pub route_namespace: String,
-    /// Name of the route that matched.
-    pub route_name: String,
+    /// The route that matched, in the view the request is routed by.
+    pub route: &'v HttpRoute,
     /// The rule's request timeout, replacing the proxy's own.
     pub timeout: Option<std::time::Duration>,
 }
@@ -139,8 +137,8 @@ impl View {
         target: &Target,
         req: &RouteRequest<'_>,
         roll: u64,
-    ) -> Result<Option<Routed>, Error> {
-        if !self.routed(target) {
+    ) -> Result<Option<Routed<'_>>, Error> {
+        if target.pinned.is_some() {
             return Ok(None);
         }
         let (route, rule) = match self.routes.select(&target.service, target.port, req) {
@@ -191,8 +189,7 @@ impl View {
             });
         Ok(Some(Routed {
             target,
-            route_namespace: route.namespace.clone(),
-            route_name: route.name.clone(),
+            route,
             timeout: rule.timeout,
         }))
     }
@@ -500,7 +497,7 @@ mod tests {
         )
     }
 
-    fn apply(v: &View, target: &Target, path: &str) -> Result<Option<Routed>, Error> {
+    fn apply<'v>(v: &'v View, target: &Target, path: &str) -> Result<Option<Routed<'v>>, Error> {
         let req = RouteRequest {
             method: "GET",
             path,
@@ -519,7 +516,7 @@ mod tests {
         assert_eq!(t.service, ServiceKey::new("other", "api"));
         assert_eq!(t.port, 8080);
         assert_eq!(
-            (r.route_namespace.as_str(), r.route_name.as_str()),
+            (r.route.namespace.as_str(), r.route.name.as_str()),
             ("demo", "web-routes")
         );
         assert_eq!(r.timeout, Some(std::time::Duration::from_millis(250)));
@@ -531,7 +528,7 @@ mod tests {
         );
         assert!(matches!(apply(&v, &web, "/"), Err(Error::NoRouteMatch(_))));
         let r = apply(&v, &web, "/none").unwrap().unwrap();
-        assert_eq!(r.route_name, "web-routes", "counted under its route");
+        assert_eq!(r.route.name, "web-routes", "counted under its route");
         let e = r.target.unwrap_err();
         assert_eq!(e.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(

@@ -290,9 +290,6 @@ impl Server {
     /// mode) with identity `id`: returns the outbound listener's address.
     async fn outbound(&self, id: &str) -> SocketAddr {
         let id = SpiffeId::parse(id).unwrap();
-        let certified = Certified::new(self.ca.issue(&id), self.ca.bundle(), 0).unwrap();
-        let (certs_tx, certs) = watch::channel(Some(Arc::new(certified)));
-        std::mem::forget(certs_tx);
         // The client's view: the same services; policies are the server's business.
         let view = View::new(
             snapshot(self.addr, Vec::new()),
@@ -303,24 +300,7 @@ impl Server {
         let (views_tx, views) = watch::channel(Arc::new(view));
         std::mem::forget(views_tx);
         let metrics = metrics_for(&id, &mut Registry::default());
-        let outbound = Arc::new(Outbound::new(
-            id,
-            certs,
-            views,
-            metrics,
-            Settings {
-                mode: Mode::Explicit,
-                request_timeout: Duration::from_secs(5),
-                detect_timeout: Duration::from_secs(1),
-                opaque_ports: Vec::new(),
-                own_ports: Vec::new(),
-                limits: Limits::default(),
-            },
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(outbound.serve(listener, CancellationToken::new(), TaskTracker::new()));
-        addr
+        start_outbound(&self.ca, id, views, metrics, CancellationToken::new()).await
     }
 
     /// The value of a sample in our `/metrics` text, 0 when absent.
@@ -494,6 +474,40 @@ async fn access_line(needle: &str) -> String {
 
 /// Sends `GET path` as an HTTP/1.1 app through the outbound at `outbound`, with a header
 /// the app (and its log) can be recognized by.
+/// A real outbound side (explicit mode, 5 s request timeout) for workload `id` with a
+/// certificate from `ca`, reading its view from `views`, until `stop`: the address apps
+/// send their requests to.
+pub(super) async fn start_outbound(
+    ca: &TestCa,
+    id: SpiffeId,
+    views: watch::Receiver<Arc<View>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) -> SocketAddr {
+    let certified = Certified::new(ca.issue(&id), ca.bundle(), 0).unwrap();
+    let (certs_tx, certs) = watch::channel(Some(Arc::new(certified)));
+    // The certificate never changes here; its channel stays open as in a running proxy.
+    std::mem::forget(certs_tx);
+    let outbound = Arc::new(Outbound::new(
+        id,
+        certs,
+        views,
+        metrics,
+        Settings {
+            mode: Mode::Explicit,
+            request_timeout: Duration::from_secs(5),
+            detect_timeout: Duration::from_secs(1),
+            opaque_ports: Vec::new(),
+            own_ports: Vec::new(),
+            limits: Limits::default(),
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(outbound.serve(listener, stop, TaskTracker::new()));
+    addr
+}
+
 pub(super) async fn http1_via(outbound: SocketAddr, path: &str) -> (StatusCode, HeaderMap, String) {
     let tcp = TcpStream::connect(outbound).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

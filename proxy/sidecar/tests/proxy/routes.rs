@@ -24,10 +24,9 @@ use trellis_proxy::http::full;
 use trellis_proxy::identity::Certified;
 use trellis_proxy::inbound::Inbound;
 use trellis_proxy::outbound::route::View;
-use trellis_proxy::outbound::{Outbound, Settings};
 use trellis_proxy::transport::Limits;
 
-use super::authorization::{App, WAIT, metrics_for};
+use super::authorization::{App, WAIT, metrics_for, start_outbound};
 
 const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -166,29 +165,10 @@ impl Mesh {
         }
 
         let client_id = SpiffeId::parse(CLIENT).unwrap();
-        let certified = Certified::new(ca.issue(&client_id), ca.bundle(), 0).unwrap();
-        let (certs_tx, certs) = watch::channel(Some(Arc::new(certified)));
-        std::mem::forget(certs_tx);
         let (views, views_rx) = watch::channel(Arc::new(View::default()));
         let mut registry = Registry::default();
         let metrics = metrics_for(&client_id, &mut registry);
-        let outbound = Arc::new(Outbound::new(
-            client_id,
-            certs,
-            views_rx,
-            metrics,
-            Settings {
-                mode: Mode::Explicit,
-                request_timeout: Duration::from_secs(5),
-                detect_timeout: Duration::from_secs(1),
-                opaque_ports: Vec::new(),
-                own_ports: Vec::new(),
-                limits: Limits::default(),
-            },
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = listener.local_addr().unwrap();
-        tokio::spawn(outbound.serve(listener, stop.clone(), TaskTracker::new()));
+        let client = start_outbound(&ca, client_id, views_rx, metrics, stop.clone()).await;
         let v2 = apps.pop().unwrap();
         let web = apps.pop().unwrap();
         Self {
