@@ -40,6 +40,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names is cheaper than a
+    // removal (a hash and a probe) per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -186,6 +191,27 @@ pub struct AccessLine {
     start: Instant,
 }
 
+/// A string as `{:?}` writes it (tracing's quoting of str fields), with a fast path for
+/// the usual case of printable ASCII without quotes or backslashes, which `Debug` leaves
+/// as it is: no per-character escape lookup on every access line.
+struct Quoted<'a>(&'a str);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plain = self
+            .0
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if plain {
+            f.write_str("\"")?;
+            f.write_str(self.0)?;
+            f.write_str("\"")
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
 impl AccessLine {
     /// Writes the access event (target `access`; fields are a stable interface that tests
     /// and log pipelines rely on): the request is over, `received` request body bytes came
@@ -226,19 +252,19 @@ impl AccessLine {
             use std::io::Write as _;
             write!(
                 line,
-                "request direction={:?} protocol={:?} src={:?} dst={:?} service={} route={} endpoint={} \
-                 method={} authority={} path={:?} status={} duration_ms={:?} bytes_sent={} \
+                "request direction={} protocol={} src={} dst={} service={} route={} endpoint={} \
+                 method={} authority={} path={} status={} duration_ms={:?} bytes_sent={} \
                  bytes_received={} mtls=true trace_id={} error={}",
-                self.direction,
-                self.protocol,
-                self.src,
-                self.dst,
+                Quoted(self.direction),
+                Quoted(self.protocol),
+                Quoted(&self.src),
+                Quoted(&self.dst),
                 self.service,
                 self.route,
                 self.endpoint,
                 self.method,
                 self.authority,
-                self.path,
+                Quoted(&self.path),
                 self.status,
                 duration_ms,
                 sent,
@@ -388,6 +414,35 @@ impl TunnelAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_writes_what_debug_writes() {
+        for s in [
+            "",
+            "/api/v1?x=1&y=2",
+            "spiffe://trellis.local/ns/demo/sa/web",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\tnew\nline\u{7f}",
+            "caf\u{e9} \u{200b}\u{301}",
+            "'single'",
+        ] {
+            assert_eq!(Quoted(s).to_string(), format!("{s:?}"), "for {s:?}");
+        }
+    }
+
+    #[test]
+    fn leaves_messages_without_hop_by_hop_headers_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

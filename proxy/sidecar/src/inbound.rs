@@ -214,9 +214,11 @@ impl Inbound {
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move {
+            // Boxed once here: the request future is large, and hyper and the idle
+            // tracker would otherwise move it whole per request.
+            Box::pin(async move {
                 Ok::<_, std::convert::Infallible>(this.handle(req, &peer.1, &peer.0, app_ip).await)
-            }
+            })
         });
         crate::transport::serve_http2(
             TokioIo::new(tls),

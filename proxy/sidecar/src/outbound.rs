@@ -255,7 +255,11 @@ impl Outbound {
         let svc = hyper::service::service_fn(move |req| {
             let this = self.clone();
             let routing = routing.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &routing, proto).await) }
+            // Boxed once here: the request future is large, and hyper and the idle
+            // tracker would otherwise move it whole per request.
+            Box::pin(async move {
+                Ok::<_, std::convert::Infallible>(this.handle(req, &routing, proto).await)
+            })
         });
         match proto {
             AppProto::Http1 => {
