@@ -144,7 +144,14 @@ class Procs:
         self.logs = logs
         self.children: dict[str, subprocess.Popen] = {}
 
+    # Hop processes to start under callgrind (--count): name -> callgrind output file.
+    counted: dict[str, Path] = {}
+
     def start(self, name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None):
+        if name in self.counted:
+            # Counting starts switched off; count() turns it on around the measured requests.
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={self.counted[name]}", *argv]
         out = open(self.logs / f"{name}.log", "wb")
         full_env = dict(os.environ)
         if env:
@@ -204,8 +211,8 @@ def port_free(port: int) -> bool:
         s.close()
 
 
-def wait_port(port: int, timeout: float = 20) -> bool:
-    end = time.time() + timeout
+def wait_port(port: int, timeout: float | None = None) -> bool:
+    end = time.time() + (timeout or WAIT_SECS)
     while time.time() < end:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -215,7 +222,8 @@ def wait_port(port: int, timeout: float = 20) -> bool:
     return False
 
 
-def http_ok(url: str, host: str | None = None, timeout: float = 2) -> tuple[int, str]:
+def http_ok(url: str, host: str | None = None, timeout: float | None = None) -> tuple[int, str]:
+    timeout = timeout or WAIT_SECS / 15
     req = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -226,8 +234,12 @@ def http_ok(url: str, host: str | None = None, timeout: float = 2) -> tuple[int,
         return 0, str(e)
 
 
-def wait_http(url: str, procs: Procs, what: str, host: str | None = None, timeout: float = 30) -> None:
-    end = time.time() + timeout
+# Seconds to wait for a process to answer; --count raises it (everything runs under callgrind).
+WAIT_SECS = 30.0
+
+
+def wait_http(url: str, procs: Procs, what: str, host: str | None = None, timeout: float | None = None) -> None:
+    end = time.time() + (timeout or WAIT_SECS)
     last = (0, "")
     while time.time() < end:
         procs.check_alive()
@@ -575,9 +587,13 @@ def main() -> None:
                          "during a 1,000 req/s run and a max run")
     ap.add_argument("--profile-secs", type=int, default=8)
     ap.add_argument("--keep-perf-data", action="store_true", help="keep the perf.data files of --profile")
+    ap.add_argument("--count", action="store_true",
+                    help="instead of the batch: run each hop of --paths (default trellis,haproxy) under "
+                         "callgrind and report user-space instructions per request per hop")
+    ap.add_argument("--count-requests", type=int, default=4000)
     args = ap.parse_args()
 
-    if args.profile and args.paths == ",".join(PATHS):
+    if (args.profile or args.count) and args.paths == ",".join(PATHS):
         args.paths = "trellis,haproxy"
     paths = [p for p in args.paths.split(",") if p]
     for p in paths:
@@ -638,6 +654,14 @@ def main() -> None:
     make_certs(certs)
     subst = dict(PORTS, CERTS=certs, RUN=run)
     procs = Procs(run / "logs")
+    if args.count:
+        global WAIT_SECS
+        WAIT_SECS = 240.0
+        (run / "count").mkdir(exist_ok=True)
+        for p in paths:
+            if p != "direct" and p != "envoy":
+                for hop in ("a", "b", "b2") if p.startswith("trellis") else ("a", "b"):
+                    procs.counted[f"{p}-{hop}"] = run / "count" / f"{p}-{hop}.callgrind"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         start_backend(procs, run, subst)
@@ -687,6 +711,9 @@ def main() -> None:
             signal.pause()
         if args.profile:
             profile(args, run, chains)
+            return
+        if args.count:
+            count(args, run, chains)
             return
 
         time.sleep(2)
@@ -828,6 +855,88 @@ def profile(args, run: Path, chains: dict) -> None:
         (prof / "syscalls.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     log(f"profiles in {prof}")
+
+
+def run_oha_n(oha: str, port: int, n: int, conns: int, h2: bool, raw: Path, host: str = SERVICE_HOST) -> dict:
+    """Exactly n requests as fast as the chain answers (no rate, so no latency correction)."""
+    argv = [oha, "--no-tui", "--output-format", "json", "-n", str(n), "-c", str(conns),
+            "--connect-to", f"{host}:80:127.0.0.1:{port}"]
+    if h2:
+        argv.append("--http2")
+    argv.append(f"http://{host}/")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    raw.write_text(r.stdout + ("\n--- stderr ---\n" + r.stderr if r.stderr else ""))
+    if r.returncode != 0:
+        return {"error": f"oha exit {r.returncode}: {r.stderr[-500:]}"}
+    doc = json.loads(r.stdout)
+    codes = {str(k): v for k, v in (doc.get("statusCodeDistribution") or {}).items()}
+    return {"requests": sum(codes.values()), "ok": codes.get("200", 0), "status": codes,
+            "errors": doc.get("errorDistribution") or {}}
+
+
+def callgrind_total(path: Path) -> int:
+    """The instruction total (Ir) of one callgrind dump: its `totals:` line (with
+    instrumentation switched on by callgrind_control, the `summary:` header says 0)."""
+    totals = [int(line.split()[1]) for line in path.read_text(errors="replace").splitlines()
+              if line.startswith("totals:")]
+    if not totals:
+        die(f"no instruction total in {path}")
+    return totals[-1]
+
+
+def count(args, run: Path, chains: dict) -> None:
+    """User-space instructions per request per hop, with every hop under callgrind: the
+    same binary and requests give the same count whatever else the machine is doing, so
+    this resolves changes of a few percent that throughput on a shared VM cannot. It does
+    not count the kernel (sockets, loopback TCP), which perf showed is 40-65% of a hop."""
+    out = run / "count"
+    rows = []
+    for name, c in chains.items():
+        if name == "direct":
+            continue
+        for proto in ("h1", "h2"):
+            if proto == "h2" and not c["h2_ok"]:
+                continue
+            port, host, h2 = c[proto], c["h2_host"] if proto == "h2" else SERVICE_HOST, proto == "h2"
+            hops = {h: c["pids"][h] for h in c["hops"][proto]}
+            # Warm-up: pooled connections, lazily built state, first-use allocations.
+            run_oha_n(args.oha, port, 200, args.conns, h2, out / f"{name}-{proto}-warmup.json", host)
+            for pid in hops.values():
+                subprocess.run(["callgrind_control", "--zero", str(pid)], capture_output=True, check=True)
+                subprocess.run(["callgrind_control", "--instr=on", str(pid)], capture_output=True, check=True)
+            res = run_oha_n(args.oha, port, args.count_requests, args.conns, h2, out / f"{name}-{proto}.json", host)
+            for pid in hops.values():
+                subprocess.run(["callgrind_control", "--instr=off", str(pid)], capture_output=True, check=True)
+            if res.get("error") or res.get("ok") != args.count_requests:
+                die(f"count {name} {proto}: not every request answered 200: {res}")
+            per_hop = {}
+            for hop, pid in hops.items():
+                before = set(out.glob(f"{name}-{hop.lower()}.callgrind*"))
+                subprocess.run(["callgrind_control", "--dump", str(pid)], capture_output=True, check=True)
+                deadline = time.time() + 60
+                while not (new := set(out.glob(f"{name}-{hop.lower()}.callgrind*")) - before) and time.time() < deadline:
+                    time.sleep(0.2)
+                if not new:
+                    die(f"callgrind wrote no dump for {name} {hop}")
+                time.sleep(0.5)  # let the dump finish writing
+                per_hop[hop] = callgrind_total(max(new, key=lambda p: p.stat().st_mtime)) / args.count_requests
+            row = {"path": name, "proto": proto, "requests": args.count_requests,
+                   "instructions_per_request": {h: round(v) for h, v in per_hop.items()},
+                   "per_hop": round(sum(per_hop.values()) / len(per_hop))}
+            log(f"count {name} {proto}: {row['instructions_per_request']} instructions per request")
+            rows.append(row)
+    (out / "count.json").write_text(json.dumps(rows, indent=2))
+    base = {r["proto"]: r["per_hop"] for r in rows if r["path"] == "haproxy"}
+    lines = [f"User-space instructions per request per hop (callgrind, {args.count_requests} requests, "
+             f"{args.conns} connections, after 200 warm-up requests).", "",
+             "| path | client | hop A | hop B | per hop | × HAProxy |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ipr = list(r["instructions_per_request"].values())
+        ratio = f"{r['per_hop'] / base[r['proto']]:.2f}" if r["proto"] in base else "—"
+        lines.append(f"| {LABEL.get(r['path'], r['path'])} | {'HTTP/1.1' if r['proto'] == 'h1' else 'h2c'} "
+                     f"| {ipr[0]:,} | {ipr[1]:,} | {r['per_hop']:,} | {ratio} |")
+    (out / "count.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def sha256(path: Path) -> str:

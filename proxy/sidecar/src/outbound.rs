@@ -47,7 +47,7 @@ use crate::telemetry::{
 use crate::trace::{attr, int_attr};
 use balance::Balancer;
 use pool::Pool;
-use route::{Target, View, endpoint_identity};
+use route::{Target, View};
 
 /// Settings of the outbound side.
 #[derive(Debug, Clone)]
@@ -509,22 +509,15 @@ impl Outbound {
         let Some(certified) = self.certs.borrow().clone() else {
             return Err(Error::NotReady("no certificate yet"));
         };
+        // Borrowed, not cloned: an endpoint carries its identity, workload and labels.
         let endpoint = match &target.pinned {
-            Some(e) => e.clone(),
+            Some(e) => e,
             None => self
                 .balancer
                 .pick(view.endpoints(target))
-                .cloned()
                 .ok_or_else(|| Error::NoEndpoints(target.service.to_string()))?,
         };
-        let identity = endpoint_identity(&endpoint)?;
-        let tls = certified
-            .client_config(&identity)
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
-        let sender = self
-            .pool
-            .get(endpoint.address, &identity, tls, &self.metrics)
-            .await?;
+        let (sender, identity) = self.pool.get(endpoint, &certified, &self.metrics).await?;
         Ok((sender, endpoint.address, identity))
     }
 

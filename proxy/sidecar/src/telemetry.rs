@@ -17,10 +17,10 @@
 //! are checked (a DNS label or subdomain, at most 63 bytes) and at most
 //! [`MAX_CLAIMED_NAMES`] distinct ones are kept, later ones count as `unknown`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -137,6 +137,17 @@ pub struct HttpFamilies {
     pub request_size: Family<HttpLabels, Histogram>,
     /// Response body bytes.
     pub response_size: Family<HttpLabels, Histogram>,
+    /// The three histograms of each label set seen, found with one lookup per request.
+    series: Arc<Mutex<HashMap<HttpLabels, Series>>>,
+}
+
+/// One label set's histograms: handles sharing the families' own (a histogram clone
+/// shares its buckets).
+#[derive(Debug)]
+struct Series {
+    duration: Histogram,
+    request_size: Histogram,
+    response_size: Histogram,
 }
 
 impl HttpFamilies {
@@ -151,7 +162,25 @@ impl HttpFamilies {
             duration: Family::new_with_constructor(duration),
             request_size: Family::new_with_constructor(size),
             response_size: Family::new_with_constructor(size),
+            series: Arc::default(),
         }
+    }
+
+    /// Records one finished request under `labels`.
+    ///
+    /// One hash of the labels (fourteen strings) per request instead of one per family:
+    /// the three `get_or_create` calls were ~5% of a hop's instructions.
+    #[allow(clippy::cast_precision_loss)] // bucket boundaries, not exact sizes
+    fn record(&self, labels: HttpLabels, elapsed: f64, request_bytes: u64, response_bytes: u64) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = series.entry(labels).or_insert_with_key(|labels| Series {
+            duration: self.duration.get_or_create(labels).clone(),
+            request_size: self.request_size.get_or_create(labels).clone(),
+            response_size: self.response_size.get_or_create(labels).clone(),
+        });
+        s.duration.observe(elapsed);
+        s.request_size.observe(request_bytes as f64);
+        s.response_size.observe(response_bytes as f64);
     }
 
     /// Registers the families as `http_<kind>_...` (`kind`: `server` or `client`).
@@ -475,21 +504,7 @@ impl Record {
                 labels.rpc_grpc_status_code,
             );
         }
-        families
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        #[allow(clippy::cast_precision_loss)] // bucket boundaries, not exact sizes
-        {
-            families
-                .request_size
-                .get_or_create(&labels)
-                .observe(request_bytes as f64);
-            families
-                .response_size
-                .get_or_create(&labels)
-                .observe(response_bytes as f64);
-        }
+        families.record(labels, elapsed.as_secs_f64(), request_bytes, response_bytes);
     }
 }
 

@@ -164,9 +164,19 @@ fn hex_id<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != N * 2 {
         return None;
     }
+    // By hand rather than `u8::from_str_radix` per pair: this runs for every request
+    // that carries a trace context, and from_str_radix also took a leading `+`.
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
     let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    for (b, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        *b = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     (out != [0; N]).then_some(out)
 }
@@ -743,6 +753,15 @@ mod tests {
         .unwrap();
         assert_eq!(hex(&p.trace_id), "0000000000000000a3ce929d0e0e4736");
         assert_eq!((p.sampled, p.b3), (Some(true), Some(B3Kind::Multi)));
+    }
+
+    #[test]
+    fn ids_are_hex_of_the_exact_length() {
+        assert_eq!(hex_id::<2>("0aFf"), Some([0x0a, 0xff]));
+        assert_eq!(hex_id::<2>("0000"), None, "all-zero ids are invalid");
+        for bad in ["0af", "0aff0", "+aff", "0ag0", "0a f", "éa"] {
+            assert_eq!(hex_id::<2>(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
