@@ -13,6 +13,7 @@
 //! next request, on connections already open too. Nothing of a refused request reaches
 //! the app: no connection is opened to it.
 
+mod h1_pool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +22,6 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -66,7 +65,8 @@ pub struct Inbound {
     pub request_timeout: Duration,
     /// The discovery view: its authorizer decides on every request and tunnel.
     pub view: watch::Receiver<Arc<View>>,
-    client: Client<HttpConnector, Body>,
+    /// HTTP/1.1 connections to the app (see [`h1_pool`]).
+    app_h1: Arc<h1_pool::H1Pool>,
     /// HTTP/2 (prior knowledge) connections to the app, for clients that spoke HTTP/2
     /// (gRPC), keyed by app address so the request keeps the client's `:authority`.
     app_h2: AppH2Pool,
@@ -111,14 +111,6 @@ impl Inbound {
         request_timeout: Duration,
         limits: crate::transport::Limits,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .set_host(false)
-            .build(http.clone());
-
         Self {
             me,
             app,
@@ -128,7 +120,7 @@ impl Inbound {
             view,
             metrics,
             request_timeout,
-            client,
+            app_h1: Arc::default(),
             limits,
         }
     }
@@ -140,6 +132,18 @@ impl Inbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
+        let reaper = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            // App connections nobody used for a minute are closed.
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { reaper.app_h1.reap(Duration::from_secs(60)); }
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
         let stop = shutdown.clone();
         let listener = crate::transport::Listener::new(listener, &self.limits, &self.metrics);
         crate::transport::accept_loop(listener, "inbound", stop, tasks, move |tcp, remote| {
@@ -208,8 +212,14 @@ impl Inbound {
             return;
         }
         debug!(%remote, %peer, "mTLS connection accepted");
-        // The peer's label values, once per connection rather than per request.
-        let peer = Arc::new((Local::peer(&peer), peer));
+        // The peer's label values and the XFCC header the app gets, once per connection
+        // rather than per request.
+        let Ok(xfcc) = HeaderValue::from_str(&format!("By={};URI={}", self.me, peer)) else {
+            // Unreachable: SPIFFE ids are URI characters, all valid in a header value.
+            warn!(%remote, %peer, "refusing connection: its identity cannot be written as XFCC");
+            return;
+        };
+        let peer = Arc::new((Local::peer(&peer), peer, xfcc));
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
@@ -217,7 +227,9 @@ impl Inbound {
             // Boxed once here: the request future is large, and hyper and the idle
             // tracker would otherwise move it whole per request.
             Box::pin(async move {
-                Ok::<_, std::convert::Infallible>(this.handle(req, &peer.1, &peer.0, app_ip).await)
+                Ok::<_, std::convert::Infallible>(
+                    this.handle(req, &peer.1, &peer.0, &peer.2, app_ip).await,
+                )
             })
         });
         crate::transport::serve_http2(
@@ -254,6 +266,7 @@ impl Inbound {
         req: Request<Incoming>,
         peer: &SpiffeId,
         peer_labels: &Local,
+        xfcc: &HeaderValue,
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         if req.method() == http::Method::CONNECT {
@@ -353,7 +366,7 @@ impl Inbound {
             allowed => {
                 // The app gets the path that was authorized.
                 let path = allowed.and_then(|d| d.path);
-                match self.forward(req, peer, app, h2, path, &pending).await {
+                match self.forward(req, xfcc, app, h2, path, &pending).await {
                     Ok(r) => (r, None),
                     Err(e) => (error_response(&e), Some(e)),
                 }
@@ -445,7 +458,7 @@ impl Inbound {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        peer: &SpiffeId,
+        xfcc: &HeaderValue,
         app: SocketAddr,
         h2: bool,
         path: Option<String>,
@@ -465,9 +478,7 @@ impl Inbound {
                 HeaderValue::from_str(a.as_str()).map_err(|_| Error::BadHost(a.to_string()))?;
             parts.headers.insert(HOST, host);
         }
-        let xfcc = HeaderValue::from_str(&format!("By={};URI={}", self.me, peer))
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
-        parts.headers.insert(&XFCC, xfcc);
+        parts.headers.insert(&XFCC, xfcc.clone());
         parts.version = if h2 {
             http::Version::HTTP_2
         } else {
@@ -476,17 +487,17 @@ impl Inbound {
         let req = Request::from_parts(parts, pending.count(body).boxed_unsync());
         let send = async {
             if h2 {
-                self.app_h2.send(app, req).await
+                let resp = self.app_h2.send(app, req).await?;
+                Ok(resp.map(BodyExt::boxed_unsync))
             } else {
-                send_h1(&self.client, app, req).await
+                send_h1(&self.app_h1, app, req).await
             }
         };
-        let resp = tokio::time::timeout(self.request_timeout, send)
+        let mut resp = tokio::time::timeout(self.request_timeout, send)
             .await
             .map_err(|_| Error::Timeout(self.request_timeout))??;
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed_unsync()))
+        strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
     }
 }
 
@@ -510,28 +521,20 @@ fn set_path(uri: &mut Uri, path: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sends an HTTP/1.1 request to the app at `app` (the URI is rewritten to it; the
-/// client's authority already travels in the Host header).
+/// Sends an HTTP/1.1 request to the app at `app`, in origin form (the client's
+/// authority already travels in the Host header).
 async fn send_h1(
-    client: &Client<HttpConnector, Body>,
+    pool: &Arc<h1_pool::H1Pool>,
     app: SocketAddr,
     mut req: Request<Body>,
-) -> Result<Response<Incoming>, Error> {
-    let path = req
+) -> Result<Response<Body>, Error> {
+    let target = req
         .uri()
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(app.to_string())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| Error::BadHost(e.to_string()))?;
-    client
-        .request(req)
-        .await
-        .map_err(|e| Error::Upstream(Box::new(e)))
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(target);
+    pool.send(app, req).await
 }
 
 /// HTTP/2 connections to the local app. hyper-util's pooled client dials the URI's

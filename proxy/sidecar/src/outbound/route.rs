@@ -196,11 +196,17 @@ impl View {
 
     /// Routes an authority (`host[:port]`, port 80 when absent) to an HTTP service port.
     pub fn route(&self, authority: &http::uri::Authority) -> Result<Target, Error> {
-        let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+        let host = authority.host().trim_end_matches('.');
+        // Copied only when it has capitals: most clients send the name as written.
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(host)
+        };
         let port = authority.port_u16().unwrap_or(80);
         let key = self
             .hosts
-            .get(&host)
+            .get(&*host)
             .ok_or_else(|| Error::NoRoute(authority.to_string()))?;
         let svc = self
             .snapshot
