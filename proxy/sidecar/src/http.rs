@@ -201,9 +201,11 @@ pub struct AccessLine {
 /// the usual case of printable ASCII without quotes or backslashes, which `Debug` leaves
 /// as it is: no per-character escape lookup on every access line.
 fn push_quoted(line: &mut Vec<u8>, s: &str) {
-    let plain = s
-        .bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    // A fold without early exit, so the compiler checks many bytes per instruction.
+    let special = s.bytes().fold(false, |any, b| {
+        any | !(0x20..0x7f).contains(&b) | (b == b'"') | (b == b'\\')
+    });
+    let plain = !special;
     if plain {
         line.reserve(s.len() + 2);
         line.push(b'"');
