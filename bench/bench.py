@@ -573,8 +573,14 @@ def main() -> None:
                     help="duration of each max-throughput run")
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--conns", type=int, default=10, help="connections of the fixed-rate runs")
-    ap.add_argument("--paths", default=",".join(PATHS))
-    ap.add_argument("--bin-dir", default=str(REPO / "target/release"))
+    ap.add_argument("--paths", default=None,
+                    help="comma-separated paths (default: direct,trellis,haproxy,envoy, the side-by-side batch; "
+                         f"trellis,haproxy with --profile or --count); known: {','.join(PATHS)}")
+    ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
+                    help="where trellis-addon is (the control plane)")
+    ap.add_argument("--proxy", default=str(REPO / "target/sidecar/trellis-proxy"),
+                    help="the trellis-proxy measured: by default the shipped build "
+                         "(cargo build --profile sidecar -p trellis-proxy)")
     ap.add_argument("--oha", default=shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"))
     ap.add_argument("--trellis-log", default=None,
                     help="TRELLIS_LOG for the Trellis proxies (default: unset, i.e. as shipped: info, access log on)")
@@ -593,8 +599,9 @@ def main() -> None:
     ap.add_argument("--count-requests", type=int, default=4000)
     args = ap.parse_args()
 
-    if (args.profile or args.count) and args.paths == ",".join(PATHS):
-        args.paths = "trellis,haproxy"
+    if args.paths is None:
+        # The variants (trellis-quiet, trellis-alt, ...) are for batches that ask for them.
+        args.paths = "trellis,haproxy" if (args.profile or args.count) else "direct,trellis,haproxy,envoy"
     paths = [p for p in args.paths.split(",") if p]
     for p in paths:
         if p not in PATHS:
@@ -609,10 +616,13 @@ def main() -> None:
     if any(p.startswith("trellis") for p in paths):
         # Measure a private copy: others may rebuild target/release while the batch runs.
         (run / "bin").mkdir(exist_ok=True)
-        for b in ("trellis-addon", "trellis-proxy"):
-            if not (bins / b).is_file():
-                die(f"{bins / b} missing: cargo build --release --locked --bins")
-            shutil.copy2(bins / b, run / "bin" / b)
+        for src, b, build in (
+            (bins / "trellis-addon", "trellis-addon", "cargo build --release --locked --bins"),
+            (Path(args.proxy), "trellis-proxy", "cargo build --profile sidecar --locked -p trellis-proxy"),
+        ):
+            if not src.is_file():
+                die(f"{src} missing: {build}")
+            shutil.copy2(src, run / "bin" / b)
         bins = run / "bin"
     if not os.path.exists(args.oha):
         die("oha missing: cargo install oha --locked")
