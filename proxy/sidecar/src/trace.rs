@@ -237,7 +237,7 @@ impl Context {
     pub fn inject(&self, headers: &mut HeaderMap, b3: Option<B3Kind>) {
         let tp = traceparent(&self.trace_id, &self.span_id, self.sampled);
         if let Ok(v) = HeaderValue::from_bytes(&tp) {
-            headers.insert(&TRACEPARENT, v);
+            headers.insert(&TRACEPARENT, never_indexed(v));
         }
         let Some(b3) = b3 else {
             return;
@@ -247,13 +247,13 @@ impl Context {
         match b3 {
             B3Kind::Single => {
                 if let Ok(v) = HeaderValue::from_str(&format!("{trace}-{span}-{sampled}")) {
-                    headers.insert(&B3, v);
+                    headers.insert(&B3, never_indexed(v));
                 }
             }
             B3Kind::Multi => {
                 let mut set = |name: &HeaderName, v: String| {
                     if let Ok(v) = HeaderValue::from_str(&v) {
-                        headers.insert(name, v);
+                        headers.insert(name, never_indexed(v));
                     }
                 };
                 set(&B3_TRACE, trace);
@@ -268,6 +268,15 @@ impl Context {
             }
         }
     }
+}
+
+/// Marks a per-request value (a trace or span id) so HPACK sends it as a literal that is
+/// never indexed: such a value never repeats, so adding it to the connection's dynamic
+/// table only evicts entries that would, and the table search and insertion were ~8% of
+/// an outbound hop's instructions (`scripts/bench --count`).
+fn never_indexed(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// Where spans go, from the mesh config (`tracing.otlp`).
