@@ -132,17 +132,10 @@ impl Inbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
-        let reaper = self.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            // App connections nobody used for a minute are closed.
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { reaper.app_h1.reap(Duration::from_secs(60)); }
-                    () = stop.cancelled() => return,
-                }
-            }
+        // App connections nobody used for a minute are closed.
+        let pool = self.app_h1.clone();
+        crate::transport::reap_every_30s(shutdown.clone(), move || {
+            pool.reap(Duration::from_secs(60));
         });
         let stop = shutdown.clone();
         let listener = crate::transport::Listener::new(listener, &self.limits, &self.metrics);
@@ -557,20 +550,13 @@ impl AppH2Pool {
         &self,
         app: SocketAddr,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, Error> {
-        let tcp = tokio::net::TcpStream::connect(app)
-            .await
-            .map_err(|source| Error::Connect { addr: app, source })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = h1_pool::dial(app).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| Error::Upstream(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                debug!(%error, %app, "app connection ended");
-            }
-        });
+        crate::transport::drive_client_conn(conn, app, "app");
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|_, s| !s.is_closed());
         conns.insert(app, sender.clone());

@@ -122,17 +122,10 @@ impl Outbound {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) {
+        // Peer connections nobody used for a while are closed.
         let reaper = self.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            // Peer connections nobody used for a while are closed.
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { reaper.pool.reap(Duration::from_secs(90)); }
-                    () = stop.cancelled() => return,
-                }
-            }
+        crate::transport::reap_every_30s(shutdown.clone(), move || {
+            reaper.pool.reap(Duration::from_secs(90));
         });
         let stop = shutdown.clone();
         let listener =

@@ -171,6 +171,33 @@ impl Drop for Admitted {
     }
 }
 
+/// Drives a client connection (to a peer proxy or the app) on its own task until it ends;
+/// how it ended is logged at debug (`what`: "peer", "app").
+pub fn drive_client_conn<C, E>(conn: C, addr: SocketAddr, what: &'static str)
+where
+    C: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, %addr, "{what} connection ended");
+        }
+    });
+}
+
+/// Runs `reap` every 30 s until `stop`: the connection pools close what sat idle.
+pub fn reap_every_30s(stop: CancellationToken, mut reap: impl FnMut() + Send + 'static) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reap(),
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
 /// Accepts on `listener` until `shutdown`, running `handle` for each connection as a
 /// task in `tasks` (so the drain can wait for it). At most the listener's
 /// `max_connections` are open at once: one more is accepted and reset at once (a flood

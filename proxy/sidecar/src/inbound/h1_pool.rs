@@ -131,9 +131,8 @@ impl H1Pool {
     }
 }
 
-/// Opens a connection to the app. Called boxed: the handshake future is large and rare,
-/// and inline it would grow every request's future.
-async fn connect(app: SocketAddr) -> Result<http1::SendRequest<Body>, Error> {
+/// A TCP connection to the app (no Nagle delay), within [`CONNECT_TIMEOUT`].
+pub(super) async fn dial(app: SocketAddr) -> Result<tokio::net::TcpStream, Error> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(app))
         .await
         .map_err(|_| Error::Connect {
@@ -142,15 +141,18 @@ async fn connect(app: SocketAddr) -> Result<http1::SendRequest<Body>, Error> {
         })?
         .map_err(|source| Error::Connect { addr: app, source })?;
     let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Opens a connection to the app. Called boxed: the handshake future is large and rare,
+/// and inline it would grow every request's future.
+async fn connect(app: SocketAddr) -> Result<http1::SendRequest<Body>, Error> {
+    let tcp = dial(app).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| Error::Upstream(Box::new(e)))?;
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            debug!(%error, %app, "app connection ended");
-        }
-    });
+    crate::transport::drive_client_conn(conn, app, "app");
     Ok(sender)
 }
 

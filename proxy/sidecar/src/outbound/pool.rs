@@ -11,7 +11,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
 use trellis_api::Endpoint;
 use trellis_identity::SpiffeId;
 
@@ -136,10 +135,6 @@ async fn connect(
         .handshake(TokioIo::new(tls_stream))
         .await
         .map_err(|e| Error::Upstream(Box::new(e)))?;
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            debug!(%error, %addr, "peer connection ended");
-        }
-    });
+    crate::transport::drive_client_conn(conn, addr, "peer");
     Ok(sender)
 }
