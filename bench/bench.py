@@ -902,7 +902,9 @@ def count(args, run: Path, chains: dict) -> None:
     out = run / "count"
     rows = []
     for name, c in chains.items():
-        if name == "direct":
+        if name == "direct" or not all(p in Procs.counted for p in c.get("procs", {}).values()):
+            if name != "direct":
+                log(f"count: {name} is not run under callgrind (Trellis and HAProxy paths only); skipped")
             continue
         for proto in ("h1", "h2"):
             if proto == "h2" and not c["h2_ok"]:
