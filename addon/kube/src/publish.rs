@@ -247,9 +247,8 @@ struct Runner {
     foreign_reported: BTreeSet<String>,
     /// Webhook configurations reported missing; again only after they were seen.
     absent_reported: BTreeSet<String>,
-    /// Failed passes in a row.
-    failures: u32,
-    retry_at: Option<Instant>,
+    /// Failed passes in a row, and when to try again.
+    retry: Retry,
     next_resync: Instant,
     empty_reported: bool,
 }
@@ -322,8 +321,7 @@ impl TrustPublisher {
             webhooks_current: BTreeSet::new(),
             foreign_reported: BTreeSet::new(),
             absent_reported: BTreeSet::new(),
-            failures: 0,
-            retry_at: None,
+            retry: Retry::default(),
             empty_reported: false,
         };
         let (mut bundle_open, mut leader_open, mut status_open) = (true, true, true);
@@ -343,7 +341,7 @@ impl TrustPublisher {
                 }
                 let pem = bundle.borrow_and_update().clone();
                 let work = runner.has_work(&pem, targets.as_ref());
-                if work && runner.retry_at.is_none_or(|at| at <= now) {
+                if work && runner.retry.due(now) {
                     tokio::select! {
                         biased;
                         () = &mut shutdown => return,
@@ -351,10 +349,7 @@ impl TrustPublisher {
                     }
                     continue;
                 }
-                wake = Some(match runner.retry_at.filter(|_| work) {
-                    Some(retry) => retry.min(runner.next_resync),
-                    None => runner.next_resync,
-                });
+                wake = Some(runner.retry.wake(work, runner.next_resync));
             }
             tokio::select! {
                 biased;
@@ -392,8 +387,7 @@ impl Runner {
         // Whatever was confirmed belongs to the last term: another leader may have
         // written since, so a new term starts with a full sync.
         self.reset();
-        self.failures = 0;
-        self.retry_at = None;
+        self.retry.reset();
         if leading {
             tracing::info!("leading: publishing the trust bundle");
             self.next_resync = Instant::now() + self.settings.resync;
@@ -641,26 +635,18 @@ impl Runner {
             );
         }
         if failed == 0 {
-            if self.failures > 0 {
-                tracing::info!(
-                    failures = self.failures,
-                    "trust bundle publishing recovered"
-                );
+            let failures = self.retry.succeeded();
+            if failures > 0 {
+                tracing::info!(failures, "trust bundle publishing recovered");
             }
-            self.failures = 0;
-            self.retry_at = None;
             return;
         }
-        self.failures = self.failures.saturating_add(1);
-        let delay = backoff(
-            self.failures,
-            self.settings.backoff_min,
-            self.settings.backoff_max,
-        );
-        self.retry_at = Some(Instant::now() + delay);
+        let (delay, first) = self
+            .retry
+            .failed(self.settings.backoff_min, self.settings.backoff_max);
         let error = first_error.unwrap_or_default();
         // Once per run of failures: an outage must not flood the log.
-        if self.failures == 1 {
+        if first {
             tracing::warn!(failed, %error, retry_in = ?delay, "publishing the trust bundle failed");
         } else {
             tracing::debug!(failed, %error, retry_in = ?delay, "trust bundle still failing");
@@ -695,6 +681,47 @@ impl Runner {
                 sync_webhook(&api, name, pem, leader, timeout, &self.metrics).await
             }
         }
+    }
+}
+
+/// Failed passes in a row and when to try again: the backoff the trust publisher and the
+/// route status writer share.
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    failures: u32,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    /// Whether a pass may run at `now`: no retry is pending, or its time has come.
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        self.at.is_none_or(|at| at <= now)
+    }
+
+    /// When to wake next: the pending retry if work waits for one, else `resync`.
+    pub(crate) fn wake(&self, work: bool, resync: Instant) -> Instant {
+        self.at
+            .filter(|_| work)
+            .map_or(resync, |retry| retry.min(resync))
+    }
+
+    /// Forgets the run of failures (a new leadership term).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// A pass without failures: how many failed passes it ends (0 when none did).
+    pub(crate) fn succeeded(&mut self) -> u32 {
+        std::mem::take(self).failures
+    }
+
+    /// A pass with failures: schedules the retry after [`backoff`]; returns the delay and
+    /// whether this pass started the run (the one worth a warning).
+    pub(crate) fn failed(&mut self, min: Duration, max: Duration) -> (Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = backoff(self.failures, min, max);
+        self.at = Some(Instant::now() + delay);
+        (delay, self.failures == 1)
     }
 }
 
@@ -986,6 +1013,29 @@ mod tests {
     use prometheus_client::encoding::text::encode;
 
     use super::*;
+
+    #[test]
+    fn retries_back_off_then_reset_on_success() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(300));
+        let resync = Instant::now() + Duration::from_secs(3600);
+        let mut retry = Retry::default();
+        assert!(retry.due(Instant::now()));
+        assert_eq!(retry.wake(true, resync), resync);
+        let (delay, first) = retry.failed(min, max);
+        assert_eq!((delay, first), (min, true));
+        assert!(!retry.due(Instant::now()));
+        assert!(retry.wake(true, resync) < resync);
+        assert_eq!(
+            retry.wake(false, resync),
+            resync,
+            "no work, no retry wake-up"
+        );
+        assert_eq!(retry.failed(min, max), (Duration::from_millis(200), false));
+        assert_eq!(retry.failed(min, max).0, max);
+        assert_eq!(retry.succeeded(), 3);
+        assert!(retry.due(Instant::now()));
+        assert_eq!(retry.succeeded(), 0);
+    }
 
     #[test]
     fn defaults_match_the_chart_and_the_injector() {

@@ -61,7 +61,7 @@ use trellis_controller::ObjectKey;
 
 use crate::convert::RawRoute;
 use crate::leader::is_leader;
-use crate::publish::{CONFLICT_RETRIES, CallError, Tally, backoff, call, sleep_until};
+use crate::publish::{CONFLICT_RETRIES, CallError, Retry, Tally, call, sleep_until};
 use crate::source::KubeHandle;
 
 /// The `controllerName` of Trellis's entries in an HTTPRoute's `status.parents`: a
@@ -167,9 +167,8 @@ struct Runner {
     dirty: bool,
     /// Routes whose last sync failed: tried last in the next pass.
     failed_last: BTreeSet<ObjectKey>,
-    /// Failed passes in a row.
-    failures: u32,
-    retry_at: Option<Instant>,
+    /// Failed passes in a row, and when to try again.
+    retry: Retry,
     next_resync: Instant,
 }
 
@@ -229,8 +228,7 @@ impl RouteStatusWriter {
             leading: false,
             dirty: true,
             failed_last: BTreeSet::new(),
-            failures: 0,
-            retry_at: None,
+            retry: Retry::default(),
         };
         let (mut leader_open, mut views_open) = (true, true);
         tokio::pin!(shutdown);
@@ -249,7 +247,7 @@ impl RouteStatusWriter {
                     runner.dirty = true;
                     runner.next_resync = now + runner.settings.resync;
                 }
-                let due = runner.dirty && runner.retry_at.is_none_or(|at| at <= now);
+                let due = runner.dirty && runner.retry.due(now);
                 if let Some(view) = view.filter(|_| due) {
                     tokio::select! {
                         biased;
@@ -258,10 +256,7 @@ impl RouteStatusWriter {
                     }
                     continue;
                 }
-                wake = Some(match runner.retry_at.filter(|_| runner.dirty) {
-                    Some(retry) => retry.min(runner.next_resync),
-                    None => runner.next_resync,
-                });
+                wake = Some(runner.retry.wake(runner.dirty, runner.next_resync));
             }
             tokio::select! {
                 biased;
@@ -301,8 +296,7 @@ impl Runner {
         self.leading = leading;
         // Another leader may have written meanwhile: a new term starts with a full pass.
         self.dirty = true;
-        self.failures = 0;
-        self.retry_at = None;
+        self.retry.reset();
         self.failed_last.clear();
         if leading {
             tracing::info!("leading: writing HTTPRoute status");
@@ -393,27 +387,19 @@ impl Runner {
             tracing::info!(written, "wrote HTTPRoute status");
         }
         if failed == 0 {
-            if self.failures > 0 {
-                tracing::info!(
-                    failures = self.failures,
-                    "HTTPRoute status writes recovered"
-                );
+            let failures = self.retry.succeeded();
+            if failures > 0 {
+                tracing::info!(failures, "HTTPRoute status writes recovered");
             }
-            self.failures = 0;
-            self.retry_at = None;
             return;
         }
         self.dirty = true;
-        self.failures = self.failures.saturating_add(1);
-        let delay = backoff(
-            self.failures,
-            self.settings.backoff_min,
-            self.settings.backoff_max,
-        );
-        self.retry_at = Some(Instant::now() + delay);
+        let (delay, first) = self
+            .retry
+            .failed(self.settings.backoff_min, self.settings.backoff_max);
         let error = first_error.unwrap_or_default();
         // Once per run of failures: an outage must not flood the log.
-        if self.failures == 1 {
+        if first {
             tracing::warn!(failed, %error, retry_in = ?delay, "writing HTTPRoute status failed");
         } else {
             tracing::debug!(failed, %error, retry_in = ?delay, "HTTPRoute status still failing");
