@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use trellis_kube::events::{ConfigEvents, EventSettings};
 
 use crate::leader::{Elector, fast};
-use crate::support::{eventually, has_line};
+use crate::support::{eventually, has_line, metrics_text};
 use trellis_kube::stand_in::ApiStandIn;
 
 const NS: &str = "trellis-system";
@@ -40,12 +39,6 @@ fn start(
     let mut registry = Registry::default();
     events.register_metrics(&mut registry);
     (events, registry)
-}
-
-fn metrics(registry: &Registry) -> String {
-    let mut text = String::new();
-    encode(&mut text, registry).unwrap();
-    text
 }
 
 /// The bodies of Events created so far, once there are `n`.
@@ -127,7 +120,7 @@ async fn a_rejection_is_one_warning_event_on_the_config_map_naming_the_field() {
     );
     assert_eq!(api.writes("events").len(), 2, "only two POSTs");
     assert!(has_line(
-        &metrics(&registry),
+        &metrics_text(&registry),
         "trellis_kube_event_write_errors_total 0"
     ));
 }
@@ -220,7 +213,7 @@ async fn a_failed_write_is_counted_and_the_next_identical_rejection_retried() {
     events.rejected(BAD_MODE);
     eventually("the failed write counted", || {
         has_line(
-            &metrics(&registry),
+            &metrics_text(&registry),
             "trellis_kube_event_write_errors_total 1",
         )
         .then_some(())

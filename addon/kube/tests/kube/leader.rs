@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
@@ -16,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use trellis_kube::leader::{LeaderElector, LeaseSettings, is_leader};
 
-use crate::support::{PATIENCE, eventually, has_line};
+use crate::support::{PATIENCE, eventually, has_line, metrics_text};
 use trellis_kube::stand_in::{ApiStandIn, Write};
 
 const NS: &str = "trellis-system";
@@ -80,9 +79,7 @@ impl Elector {
     }
 
     pub fn metrics(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("metrics encode");
-        text
+        metrics_text(&self.registry)
     }
 
     /// Shuts down (releasing the Lease) and waits for the task.

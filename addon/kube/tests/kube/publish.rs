@@ -13,7 +13,6 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
@@ -22,7 +21,7 @@ use trellis_kube::publish::{PublishSettings, TrustPublisher};
 use trellis_kube::stand_in::{ApiStandIn, Write};
 
 use crate::leader::{Elector, fast};
-use crate::support::{Running, eventually, has_line, namespace};
+use crate::support::{Running, eventually, has_line, metrics_text, namespace};
 
 const CM: &str = "trellis-trust-bundle";
 const KEY: &str = "trust-bundle.pem";
@@ -154,9 +153,7 @@ impl Publishing {
     }
 
     fn metrics(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).unwrap();
-        text
+        metrics_text(&self.registry)
     }
 
     async fn until_metric(&self, line: &str) {

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
@@ -14,7 +13,7 @@ use tokio::task::JoinHandle;
 use trellis_kube::route_status::{CONTROLLER_NAME, RouteStatusSettings, RouteStatusWriter};
 use trellis_kube::stand_in::{ApiStandIn, Write};
 
-use crate::support::{PATIENCE, Running, eventually, has_line, namespace, service};
+use crate::support::{PATIENCE, Running, eventually, has_line, metrics_text, namespace, service};
 
 const RESOURCE: &str = "httproutes";
 const RESYNC: Duration = Duration::from_millis(100);
@@ -54,9 +53,7 @@ impl Writing {
     }
 
     fn metrics(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).unwrap();
-        text
+        metrics_text(&self.registry)
     }
 
     fn writes(&self, result: &str, n: u64) -> bool {

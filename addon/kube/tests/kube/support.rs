@@ -112,9 +112,7 @@ impl Running {
     }
 
     pub fn metrics(&self) -> String {
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("metrics encode");
-        text
+        metrics_text(&self.registry)
     }
 
     /// Drops the snapshot receiver, shutdown still pending, and waits for the source to
@@ -249,6 +247,13 @@ pub fn ep(address: &str, ns: &str, sa: &str) -> (String, String) {
 }
 
 /// Whether the metrics text holds the exact line.
+/// `registry` in the Prometheus text format.
+pub fn metrics_text(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    encode(&mut text, registry).expect("metrics encode");
+    text
+}
+
 pub fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
