@@ -143,9 +143,8 @@ class Procs:
     def __init__(self, logs: Path):
         self.logs = logs
         self.children: dict[str, subprocess.Popen] = {}
-
-    # Hop processes to start under callgrind (--count): name -> callgrind output file.
-    counted: dict[str, Path] = {}
+        # Hop processes to start under callgrind (--count): name -> callgrind output file.
+        self.counted: dict[str, Path] = {}
 
     def start(self, name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None):
         if name in self.counted:
@@ -723,7 +722,7 @@ def main() -> None:
             profile(args, run, chains)
             return
         if args.count:
-            count(args, run, chains)
+            count(args, run, chains, procs)
             return
 
         time.sleep(2)
@@ -894,7 +893,7 @@ def callgrind_total(path: Path) -> int:
     return totals[-1]
 
 
-def count(args, run: Path, chains: dict) -> None:
+def count(args, run: Path, chains: dict, procs: Procs) -> None:
     """User-space instructions per request per hop, with every hop under callgrind: the
     same binary and requests give the same count whatever else the machine is doing, so
     this resolves changes of a few percent that throughput on a shared VM cannot. It does
@@ -902,7 +901,7 @@ def count(args, run: Path, chains: dict) -> None:
     out = run / "count"
     rows = []
     for name, c in chains.items():
-        if name == "direct" or not all(p in Procs.counted for p in c.get("procs", {}).values()):
+        if name == "direct" or not all(p in procs.counted for p in c.get("procs", {}).values()):
             if name != "direct":
                 log(f"count: {name} is not run under callgrind (Trellis and HAProxy paths only); skipped")
             continue
