@@ -36,7 +36,9 @@ use trellis_identity::SpiffeId;
 
 use crate::config::Mode;
 use crate::error::Error;
-use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
+use crate::http::{
+    Access, Body, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response, strip_hop_by_hop,
+};
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::outbound::route::View;
@@ -333,12 +335,12 @@ impl Inbound {
             dst: self.me.as_str(),
             service: "-".into(),
             route: "-".into(),
-            endpoint: app.to_string(),
+            endpoint: addr_text(app),
             method: &method,
             authority: req
                 .uri()
                 .authority()
-                .map(ToString::to_string)
+                .map(|a| a.as_str().to_owned())
                 .unwrap_or_default(),
             path: &path,
             trace_id: pending.trace.trace_id,

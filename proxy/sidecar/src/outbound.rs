@@ -38,7 +38,10 @@ use trellis_identity::SpiffeId;
 use crate::config::Mode;
 use crate::detect::Protocol;
 use crate::error::Error;
-use crate::http::{Access, Body, ORIG_PROTO, TunnelAccess, XFCC, error_response, strip_hop_by_hop};
+use crate::http::{
+    Access, Body, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response, joined,
+    strip_hop_by_hop,
+};
 use crate::identity::Certified;
 use crate::metrics::Metrics;
 use crate::telemetry::{
@@ -346,7 +349,7 @@ impl Outbound {
             method: &method,
             authority: authority
                 .as_ref()
-                .map(ToString::to_string)
+                .map(|a| a.as_str().to_owned())
                 .unwrap_or_default(),
             path: &path,
             trace_id: pending.trace.trace_id,
@@ -359,8 +362,7 @@ impl Outbound {
             Ok((dst, resp)) => (Some(dst), resp, None),
             Err(e) => (None, error_response(&e), Some(e)),
         };
-        let dst = dst.map(|d| d.to_string());
-        access.dst = dst.as_deref().unwrap_or("-");
+        access.dst = dst.as_ref().map_or("-", SpiffeId::as_str);
         let line = access.line(resp.status(), err.as_ref());
         let (mut parts, body) = resp.into_parts();
         // The peer's answer, for the metrics only: the app never sees it.
@@ -419,13 +421,13 @@ impl Outbound {
             Err(_) if matches!(routing, Routing::Fixed(_)) => target_authority(&target),
             Err(e) => return Err(e),
         };
-        access.service = target.service.to_string();
+        access.service = joined(&target.service.namespace, '/', &target.service.name);
         let known = &self.metrics.known;
         let labels = &mut pending.labels;
         labels.destination_service_name = known.known(&target.service.name);
         labels.destination_service_namespace = known.known(&target.service.namespace);
         let (mut sender, endpoint, identity) = self.connect(&view, &target).await?;
-        access.endpoint = endpoint.to_string();
+        access.endpoint = addr_text(endpoint);
         labels.destination_principal = known.known(identity.as_str());
         labels.destination_namespace = known.known(identity.namespace());
         if let Some(span) = pending.span.as_mut() {
@@ -451,23 +453,18 @@ impl Outbound {
             .headers
             .insert(&SRC_WORKLOAD, self.metrics.local.header.clone());
         pending.inject(&mut parts.headers);
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "{}.{}",
-            target.service.name, target.service.namespace
-        )) {
+        let service = joined(&target.service.name, '.', &target.service.namespace);
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(service)) {
             parts.headers.insert(&DST_SERVICE, v);
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|e| Error::BadHost(e.to_string()))?;
+        // The app's path and query as they came (no copy, no re-parse).
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = Uri::from_parts(uri).map_err(|e| Error::BadHost(e.to_string()))?;
         parts.version = http::Version::HTTP_2;
         let upstream = Request::from_parts(parts, pending.count(body).boxed_unsync());
 
