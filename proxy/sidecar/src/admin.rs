@@ -265,7 +265,7 @@ impl Admin {
         .take(max)
         .map(|mut line| {
             line.push('\n');
-            Ok::<_, hyper::Error>(hyper::body::Frame::data(bytes::Bytes::from(line)))
+            Ok::<_, crate::http::BodyError>(hyper::body::Frame::data(bytes::Bytes::from(line)))
         });
         let mut r = Response::new(http_body_util::BodyExt::boxed_unsync(
             http_body_util::StreamBody::new(lines),

@@ -14,8 +14,44 @@ use crate::error::Error;
 use crate::logging::AccessFormat;
 use crate::metrics::Metrics;
 
+/// Why a body stopped: hyper's errors on the app side, h2's on the peer side. A named
+/// type rather than `Box<dyn Error>`: with the boxed trait object as the body error,
+/// hyper's `Into<Box<dyn Error>>` bounds trip rustc's higher-ranked lifetime inference.
+#[derive(Debug)]
+pub struct BodyError(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(e: hyper::Error) -> Self {
+        Self(Box::new(e))
+    }
+}
+
+impl From<h2::Error> for BodyError {
+    fn from(e: h2::Error) -> Self {
+        Self(Box::new(e))
+    }
+}
+
+impl From<Infallible> for BodyError {
+    fn from(never: Infallible) -> Self {
+        match never {}
+    }
+}
+
 /// The body type the proxy moves in both directions.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
 
 /// The header carrying the caller's verified identity to the app, Istio/Envoy style:
 /// `By=<this workload>;URI=<peer>`. Always overwritten: clients cannot forge it.
@@ -66,7 +102,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
+        .map_err(BodyError::from)
         .boxed_unsync()
 }
 

@@ -37,7 +37,8 @@ use trellis_identity::SpiffeId;
 use crate::config::Mode;
 use crate::error::Error;
 use crate::http::{
-    Access, Body, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response, strip_hop_by_hop,
+    Access, Body, BodyError, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response,
+    strip_hop_by_hop,
 };
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
@@ -483,7 +484,7 @@ impl Inbound {
         let send = async {
             if h2 {
                 let resp = self.app_h2.send(app, req).await?;
-                Ok(resp.map(BodyExt::boxed_unsync))
+                Ok(resp.map(|b| b.map_err(BodyError::from).boxed_unsync()))
             } else {
                 send_h1(&self.app_h1, app, req).await
             }

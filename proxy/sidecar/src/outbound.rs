@@ -16,6 +16,7 @@
 //! ```
 
 pub mod balance;
+pub mod peer;
 pub mod pool;
 pub mod route;
 
@@ -39,7 +40,7 @@ use crate::config::Mode;
 use crate::detect::Protocol;
 use crate::error::Error;
 use crate::http::{
-    Access, Body, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response, joined,
+    Access, Body, BodyError, ORIG_PROTO, TunnelAccess, XFCC, addr_text, error_response, joined,
     strip_hop_by_hop,
 };
 use crate::identity::Certified;
@@ -426,7 +427,7 @@ impl Outbound {
         let labels = &mut pending.labels;
         labels.destination_service_name = known.known(&target.service.name);
         labels.destination_service_namespace = known.known(&target.service.namespace);
-        let (mut sender, endpoint, identity) = self.connect(&view, &target).await?;
+        let (sender, endpoint, identity) = self.connect(&view, &target).await?;
         access.endpoint = addr_text(endpoint);
         labels.destination_principal = known.known(identity.as_str());
         labels.destination_namespace = known.known(identity.namespace());
@@ -469,10 +470,9 @@ impl Outbound {
         let upstream = Request::from_parts(parts, pending.count(body).boxed_unsync());
 
         let in_flight = self.balancer.start(endpoint);
-        let resp = tokio::time::timeout(timeout, sender.send_request(upstream))
+        let resp = tokio::time::timeout(timeout, sender.send(upstream))
             .await
-            .map_err(|_| Error::Timeout(timeout))?
-            .map_err(|e| Error::Upstream(Box::new(e)))?;
+            .map_err(|_| Error::Timeout(timeout))??;
         in_flight.finish();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -480,7 +480,10 @@ impl Outbound {
             AppProto::Http1 => http::Version::HTTP_11,
             AppProto::Http2 => http::Version::HTTP_2,
         };
-        Ok((identity, Response::from_parts(parts, body.boxed_unsync())))
+        Ok((
+            identity,
+            Response::from_parts(parts, body.map_err(BodyError::from).boxed_unsync()),
+        ))
     }
 
     /// Picks an endpoint for `target` among `view`'s and returns a pooled connection to it.
@@ -488,14 +491,7 @@ impl Outbound {
         &self,
         view: &View,
         target: &Target,
-    ) -> Result<
-        (
-            hyper::client::conn::http2::SendRequest<Body>,
-            SocketAddr,
-            SpiffeId,
-        ),
-        Error,
-    > {
+    ) -> Result<(peer::PeerConn, SocketAddr, SpiffeId), Error> {
         let Some(certified) = self.certs.borrow().clone() else {
             return Err(Error::NotReady("no certificate yet"));
         };
@@ -518,11 +514,11 @@ impl Outbound {
         log.service = target.service.to_string();
         let result = async {
             let view = self.view.borrow().clone();
-            let (mut sender, endpoint, identity) = self.connect(&view, &target).await?;
+            let (sender, endpoint, identity) = self.connect(&view, &target).await?;
             log.endpoint = endpoint.to_string();
             log.dst = identity.to_string();
-            let upgraded = crate::tunnel::open(&mut sender, endpoint).await?;
-            crate::tunnel::splice(tcp, upgraded)
+            let tunnel = sender.tunnel(endpoint).await?;
+            crate::tunnel::splice(tcp, tunnel)
                 .await
                 .map_err(|e| Error::Upstream(Box::new(e)))
         }

@@ -665,14 +665,15 @@ impl<B> Counted<B> {
 impl<B> HttpBody for Counted<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<crate::http::BodyError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = crate::http::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
@@ -680,7 +681,7 @@ where
         {
             this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -1,4 +1,4 @@
-//! Byte tunnels between proxies: opaque TCP, TLS the app originates, and HTTP/1.1
+//! Byte tunnels between proxies (the client side is [`crate::outbound::peer::Tunnel`]): opaque TCP, TLS the app originates, and HTTP/1.1
 //! upgrades (WebSocket) ride an HTTP/2 `CONNECT` stream on the same pooled mTLS
 //! connection that carries HTTP, so every kind of traffic between two proxies shares
 //! one multiplexed, mutually authenticated connection.
@@ -10,9 +10,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http2;
+use http::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -22,42 +20,12 @@ use crate::http::Body;
 /// Bytes moved by a finished tunnel: (client to server, server to client).
 pub type Moved = (u64, u64);
 
-/// Opens a `CONNECT` tunnel to `target` over an established peer connection.
-pub async fn open(
-    sender: &mut http2::SendRequest<Body>,
-    target: SocketAddr,
-) -> Result<hyper::upgrade::Upgraded, Error> {
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .map_err(|e| Error::Upstream(Box::new(e)))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| Error::Upstream(Box::new(e)))?;
-    if resp.status() != StatusCode::OK {
-        let status = resp.status();
-        return Err(Error::Upstream(
-            format!("peer refused the tunnel: {status}").into(),
-        ));
-    }
-    hyper::upgrade::on(resp)
-        .await
-        .map_err(|e| Error::Upstream(Box::new(e)))
-}
-
 /// Copies both ways until both sides are done, returning the byte counts.
-pub async fn splice<A, B>(mut a: A, b: B) -> std::io::Result<Moved>
+pub async fn splice<A, B>(mut a: A, mut b: B) -> std::io::Result<Moved>
 where
     A: AsyncRead + AsyncWrite + Unpin,
-    B: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut b = TokioIo::new(b);
     tokio::io::copy_bidirectional(&mut a, &mut b).await
 }
 
@@ -78,7 +46,7 @@ where
     let _ = tcp.set_nodelay(true);
     tokio::spawn(async move {
         let result = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => splice(tcp, upgraded).await,
+            Ok(upgraded) => splice(tcp, TokioIo::new(upgraded)).await,
             Err(e) => Err(std::io::Error::other(e)),
         };
         on_done(result);

@@ -6,17 +6,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use trellis_api::Endpoint;
 use trellis_identity::SpiffeId;
 
+use super::peer::PeerConn;
 use super::route::endpoint_identity;
 use crate::error::Error;
-use crate::http::Body;
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
 
@@ -26,7 +24,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A pooled connection, the identity its server proved, and when it was last handed out.
 struct Entry {
     identity: SpiffeId,
-    sender: http2::SendRequest<Body>,
+    sender: PeerConn,
     last_used: Instant,
 }
 
@@ -51,7 +49,7 @@ impl Pool {
         endpoint: &Endpoint,
         certified: &Certified,
         metrics: &Metrics,
-    ) -> Result<(http2::SendRequest<Body>, SpiffeId), Error> {
+    ) -> Result<(PeerConn, SpiffeId), Error> {
         let addr = endpoint.address;
         {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,7 +98,7 @@ async fn connect(
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     metrics: &Metrics,
-) -> Result<http2::SendRequest<Body>, Error> {
+) -> Result<PeerConn, Error> {
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
@@ -126,15 +124,7 @@ async fn connect(
             return Err(Error::Connect { addr, source });
         }
     };
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(false)
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
-        .handshake(TokioIo::new(tls_stream))
+    PeerConn::handshake(tls_stream, addr)
         .await
-        .map_err(|e| Error::Upstream(Box::new(e)))?;
-    crate::transport::drive_client_conn(conn, addr, "peer");
-    Ok(sender)
+        .map_err(|e| Error::Upstream(Box::new(e)))
 }

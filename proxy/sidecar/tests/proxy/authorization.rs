@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +33,7 @@ use trellis_proxy::http::{Body, full};
 use trellis_proxy::identity::{ALPN_H2, Certified};
 use trellis_proxy::inbound::Inbound;
 use trellis_proxy::metrics::Metrics;
+use trellis_proxy::outbound::peer::PeerConn;
 use trellis_proxy::outbound::route::View;
 use trellis_proxy::outbound::{Outbound, Settings};
 use trellis_proxy::transport::Limits;
@@ -278,11 +278,8 @@ impl Server {
             .connect(name, tcp)
             .await
             .unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        // The outbound side's own HTTP/2 client.
+        let sender = PeerConn::handshake(tls, self.addr).await.unwrap();
         Peer { sender }
     }
 
@@ -334,7 +331,7 @@ impl Server {
 
 /// A peer proxy's connection to the server's inbound side.
 struct Peer {
-    sender: SendRequest<Body>,
+    sender: PeerConn,
 }
 
 /// A response, read to its end.
@@ -349,7 +346,7 @@ struct Answer {
 impl Peer {
     /// Sends `req` and reads the whole response.
     async fn send(&mut self, req: Request<Body>) -> Answer {
-        let resp = tokio::time::timeout(WAIT, self.sender.send_request(req))
+        let resp = tokio::time::timeout(WAIT, self.sender.send(req))
             .await
             .expect("an answer in time")
             .expect("a response");
@@ -399,12 +396,10 @@ impl Peer {
     /// sends an HTTP/1.1 request for `path` through it to the app; the app's answer.
     async fn tunnel(&mut self, path: &str) -> Result<String, String> {
         let target: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-        let upgraded =
-            tokio::time::timeout(WAIT, trellis_proxy::tunnel::open(&mut self.sender, target))
-                .await
-                .expect("a tunnel answer in time")
-                .map_err(|e| e.to_string())?;
-        let mut io = TokioIo::new(upgraded);
+        let mut io = tokio::time::timeout(WAIT, self.sender.tunnel(target))
+            .await
+            .expect("a tunnel answer in time")
+            .map_err(|e| e.to_string())?;
         io.write_all(
             format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
         )
@@ -613,10 +608,7 @@ async fn apps_behind_a_real_outbound_get_403_over_http1_and_http2() {
 
     // An HTTP/2 (prior knowledge) client app: plain HTTP/2, then gRPC.
     let tcp = TcpStream::connect(bad).await.unwrap();
-    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let h2 = PeerConn::handshake(tcp, bad).await.unwrap();
     let mut client = Peer { sender: h2 };
     let req = Request::builder()
         .uri("http://web.demo/h2-refused")
