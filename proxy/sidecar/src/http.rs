@@ -77,24 +77,45 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the message's few names, most ruled out by length alone, then
-    // removals of only the names present: cheaper than a removal (a hash and a probe)
-    // per hop-by-hop name, and most messages carry none.
-    let hop = |k: &&HeaderName| {
-        let k = k.as_str();
-        matches!(k.len(), 2 | 7 | 10 | 16 | 17 | 18) && HOP_BY_HOP.iter().any(|h| h == k)
-    };
-    if !headers.keys().any(|k| hop(&k)) {
+    // One pass over the message's few names, most ruled out by length alone, noting which
+    // hop-by-hop names are present; then removals of only those. Most requests carry
+    // none; most responses carry only `connection: keep-alive`, whose token names a
+    // header already on the list (no parse, no allocation for it).
+    let mut present = [false; HOP_BY_HOP.len()];
+    for k in headers.keys() {
+        let name = k.as_str();
+        if matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18)
+            && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+        {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    let named = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok());
-    let present: Vec<HeaderName> = named.chain(headers.keys().filter(hop).cloned()).collect();
-    for name in &present {
+    // present[0] is `connection`: the other names it lists go too.
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !n.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| n.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(name);
+    }
+    for name in &named {
         headers.remove(name);
     }
 }
@@ -581,6 +602,25 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn connection_tokens_of_listed_names_and_others_in_any_case_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, TE"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-Other ,close"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
