@@ -43,6 +43,7 @@ use crate::http::{
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::outbound::route::View;
+use crate::peer::PeerBody;
 use crate::telemetry::{
     DST_SERVICE, DST_WORKLOAD, HttpLabels, Local, Pending, SRC_WORKLOAD, method_label,
 };
@@ -217,26 +218,12 @@ impl Inbound {
         };
         let peer = Arc::new((Local::peer(&peer), peer, xfcc));
         let this = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let handle = move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            // Boxed once here: the request future is large, and hyper and the idle
-            // tracker would otherwise move it whole per request.
-            Box::pin(async move {
-                Ok::<_, std::convert::Infallible>(
-                    this.handle(req, &peer.1, &peer.0, &peer.2, app_ip).await,
-                )
-            })
-        });
-        crate::transport::serve_http2(
-            TokioIo::new(tls),
-            svc,
-            &self.limits,
-            &shutdown,
-            remote,
-            "inbound",
-        )
-        .await;
+            async move { this.handle(req, &peer.1, &peer.0, &peer.2, app_ip).await }
+        };
+        crate::peer::server::serve(tls, handle, &self.limits, &shutdown, remote, "inbound").await;
     }
 
     /// The app address for a request or tunnel: explicit mode's `--app`; in transparent
@@ -259,7 +246,7 @@ impl Inbound {
     /// Forwards one request (or opens one tunnel) from `peer` to the app.
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<PeerBody>,
         peer: &SpiffeId,
         peer_labels: &Local,
         xfcc: &HeaderValue,
@@ -378,7 +365,7 @@ impl Inbound {
 
     async fn tunnel(
         &self,
-        req: Request<Incoming>,
+        req: Request<PeerBody>,
         peer: &SpiffeId,
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
@@ -453,7 +440,7 @@ impl Inbound {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<PeerBody>,
         xfcc: &HeaderValue,
         app: SocketAddr,
         h2: bool,

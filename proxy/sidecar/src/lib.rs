@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod otlp_metrics;
 pub mod outbound;
+pub mod peer;
 pub mod tap;
 pub mod telemetry;
 pub mod trace;

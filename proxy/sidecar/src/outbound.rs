@@ -16,7 +16,6 @@
 //! ```
 
 pub mod balance;
-pub mod peer;
 pub mod pool;
 pub mod route;
 
@@ -491,7 +490,7 @@ impl Outbound {
         &self,
         view: &View,
         target: &Target,
-    ) -> Result<(peer::PeerConn, SocketAddr, SpiffeId), Error> {
+    ) -> Result<(crate::peer::client::PeerConn, SocketAddr, SpiffeId), Error> {
         let Some(certified) = self.certs.borrow().clone() else {
             return Err(Error::NotReady("no certificate yet"));
         };

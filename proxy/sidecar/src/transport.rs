@@ -11,6 +11,9 @@
 //! | HTTP/1 header count | [`MAX_HEADERS`] | [`h1_server_builder`] | 431, closed |
 //! | HTTP/1 head / HTTP/2 header list | [`MAX_HEADER_BYTES`] | both builders | 431 |
 //! | HTTP/2 streams, resets, CONTINUATION | see [`h2_server_builder`] | [`h2_server_builder`] | REFUSED_STREAM / GOAWAY |
+//!
+//! The inbound listener's peer connections are served by [`crate::peer::server`] on `h2`
+//! directly, held to the same [`Limits`] with the same HTTP/2 settings.
 
 mod idle;
 
@@ -32,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-pub use idle::{IdleBody, IdleTimer, TrackIdle};
+pub use idle::{Busy, IdleBody, IdleTimer, TrackIdle};
 
 use crate::config::Config;
 use crate::metrics::{ListenerLabels, Metrics};

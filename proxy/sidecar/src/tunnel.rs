@@ -1,7 +1,8 @@
-//! Byte tunnels between proxies (the client side is [`crate::outbound::peer::Tunnel`]): opaque TCP, TLS the app originates, and HTTP/1.1
+//! Byte tunnels between proxies: opaque TCP, TLS the app originates, and HTTP/1.1
 //! upgrades (WebSocket) ride an HTTP/2 `CONNECT` stream on the same pooled mTLS
 //! connection that carries HTTP, so every kind of traffic between two proxies shares
-//! one multiplexed, mutually authenticated connection.
+//! one multiplexed, mutually authenticated connection. Both ends of the stream are
+//! [`crate::peer::Tunnel`]s.
 //!
 //! The `CONNECT` authority is the destination the client dialled (`ip:port`). The
 //! receiving proxy uses only its port and connects to its own app on that port: a tunnel
@@ -11,11 +12,12 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::Error;
 use crate::http::Body;
+use crate::peer::server::TakeTunnel;
+use crate::peer::{PeerBody, Tunnel};
 
 /// Bytes moved by a finished tunnel: (client to server, server to client).
 pub type Moved = (u64, u64);
@@ -29,11 +31,12 @@ where
     tokio::io::copy_bidirectional(&mut a, &mut b).await
 }
 
-/// Serves a `CONNECT` request on the inbound side: connects to `app`, answers 200 and
-/// splices the upgraded stream to it in the background. `on_done` runs with the byte
-/// counts (or the error) when the tunnel closes.
+/// Serves a `CONNECT` request on the inbound side: connects to `app` and answers 200;
+/// the peer server hands the stream over ([`TakeTunnel`]) and it is spliced to the app in
+/// the background. `on_done` runs with the byte counts (or the error) when the tunnel
+/// closes.
 pub async fn accept<F>(
-    req: Request<hyper::body::Incoming>,
+    req: Request<PeerBody>,
     app: SocketAddr,
     on_done: F,
 ) -> Result<Response<Body>, Error>
@@ -44,12 +47,16 @@ where
         .await
         .map_err(|source| Error::Connect { addr: app, source })?;
     let _ = tcp.set_nodelay(true);
+    let recv = req.into_body().into_stream();
+    let (take, taken) = TakeTunnel::new();
     tokio::spawn(async move {
-        let result = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => splice(tcp, TokioIo::new(upgraded)).await,
-            Err(e) => Err(std::io::Error::other(e)),
+        let result = match taken.await {
+            Ok(send) => splice(tcp, Tunnel::new(send, recv)).await,
+            Err(_) => Err(std::io::Error::other("the tunnel's answer was never sent")),
         };
         on_done(result);
     });
-    Ok(Response::new(crate::http::full(Bytes::new())))
+    let mut resp = Response::new(crate::http::full(Bytes::new()));
+    resp.extensions_mut().insert(take);
+    Ok(resp)
 }

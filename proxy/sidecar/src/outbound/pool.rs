@@ -12,11 +12,11 @@ use tokio_rustls::TlsConnector;
 use trellis_api::Endpoint;
 use trellis_identity::SpiffeId;
 
-use super::peer::PeerConn;
 use super::route::endpoint_identity;
 use crate::error::Error;
 use crate::identity::Certified;
 use crate::metrics::{DirectionLabels, Metrics};
+use crate::peer::client::PeerConn;
 
 /// How long connecting (TCP + mTLS + HTTP/2 handshake) to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -47,9 +47,9 @@ struct State {
     now_idle: Notify,
 }
 
-/// One request in flight.
+/// One request in flight: the connection counts as busy until it is dropped.
 #[derive(Debug)]
-struct Busy(Arc<State>);
+pub struct Busy(Arc<State>);
 
 // === impl IdleTimer ===
 
@@ -96,7 +96,8 @@ impl IdleTimer {
         }
     }
 
-    fn busy(&self) -> Busy {
+    /// Marks one request in flight until the returned guard is dropped.
+    pub fn busy(&self) -> Busy {
         self.state.active.fetch_add(1, Ordering::AcqRel);
         Busy(self.state.clone())
     }

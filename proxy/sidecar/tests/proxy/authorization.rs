@@ -33,9 +33,9 @@ use trellis_proxy::http::{Body, full};
 use trellis_proxy::identity::{ALPN_H2, Certified};
 use trellis_proxy::inbound::Inbound;
 use trellis_proxy::metrics::Metrics;
-use trellis_proxy::outbound::peer::PeerConn;
 use trellis_proxy::outbound::route::View;
 use trellis_proxy::outbound::{Outbound, Settings};
+use trellis_proxy::peer::client::PeerConn;
 use trellis_proxy::transport::Limits;
 
 const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";

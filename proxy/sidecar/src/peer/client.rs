@@ -1,38 +1,25 @@
-//! The HTTP/2 client of the proxy-to-proxy leg, on the `h2` crate directly.
-//!
-//! hyper's HTTP/2 client costs a task per request (spawned, moved, completed), a dispatch
-//! channel to the connection task and a ping recorder on every body: about a tenth of a
-//! hop's instructions (BENCHMARKS.md, "Instructions per request"). Here a request is sent
-//! from the task that asked for it; a request body is piped from that task too until the
-//! response head arrives, and only a body still streaming then gets a task of its own.
-//! Tunnels (`CONNECT`) are byte streams over the same connection ([`Tunnel`]).
-//!
-//! Owns: the handshake settings, keep-alive pings, request body piping under HTTP/2 flow
-//! control, and the response body and tunnel adapters. Must not know about routing,
-//! identities or metrics (the pool and `Outbound` do).
+//! The calling side of the proxy-to-proxy leg: a request is sent from the task that asked
+//! for it, its body piped from that task too until the response head arrives; only a body
+//! still streaming then gets a task of its own. Tunnels (`CONNECT`) are byte streams over
+//! the same connection ([`Tunnel`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::task::Poll;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
+use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
-use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Body as HttpBody;
+use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::{KeepAlive, PeerBody, Pipe, Tunnel};
 use crate::error::Error;
-use crate::http::{Body, BodyError};
-
-/// Pings on an open connection this often; a peer that does not answer within
-/// [`KEEPALIVE_TIMEOUT`] is taken as gone and the connection closed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::http::Body;
 
 /// A multiplexed connection to a peer proxy; clones share it.
 #[derive(Clone)]
@@ -90,11 +77,7 @@ impl PeerConn {
             drop(stream);
             response.await
         } else {
-            let mut pipe = Box::pin(Pipe {
-                body,
-                stream,
-                held: None,
-            });
+            let mut pipe = Box::pin(Pipe::new(body, stream));
             let mut response = response;
             let first = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = Pin::new(&mut response).poll(cx) {
@@ -114,12 +97,9 @@ impl PeerConn {
             }
         };
         let response = response.map_err(|e| self.failed(e))?;
-        let content_length = content_length(response.headers());
-        Ok(response.map(|recv| PeerBody {
-            recv,
-            content_length,
-            trailers_next: false,
-        }))
+        let (parts, recv) = response.into_parts();
+        let body = PeerBody::new(recv, &parts.headers);
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Opens a `CONNECT` tunnel to `target` (the peer connects to its own app on that
@@ -138,12 +118,7 @@ impl PeerConn {
                 format!("peer refused the tunnel: {status}").into(),
             ));
         }
-        Ok(Tunnel {
-            send,
-            recv: response.into_body(),
-            unread: Bytes::new(),
-            shut: false,
-        })
+        Ok(Tunnel::new(send, response.into_body()))
     }
 
     /// A new stream for `req`, once the peer allows one more.
@@ -179,292 +154,39 @@ async fn drive<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let ended = match conn.ping_pong() {
-        Some(mut ping) => {
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + KEEPALIVE_INTERVAL,
-                KEEPALIVE_INTERVAL,
-            );
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut waiting: Option<Pin<Box<tokio::time::Sleep>>> = None;
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
-                    return Poll::Ready(r);
-                }
-                if let Some(deadline) = waiting.as_mut() {
-                    match ping.poll_pong(cx) {
-                        Poll::Ready(Ok(_)) => waiting = None,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => {
-                            if deadline.as_mut().poll(cx).is_ready() {
-                                tracing::debug!(%addr, "peer did not answer a ping; closing");
-                                return Poll::Ready(Ok(()));
-                            }
-                        }
-                    }
-                }
-                if waiting.is_none() && tick.poll_tick(cx).is_ready() {
-                    if ping.send_ping(h2::Ping::opaque()).is_ok() {
-                        waiting = Some(Box::pin(tokio::time::sleep(KEEPALIVE_TIMEOUT)));
-                    }
-                    // Registers the pong's and the deadline's wake-ups.
-                    cx.waker().wake_by_ref();
-                }
-                Poll::Pending
-            })
-            .await
+    let mut keepalive = KeepAlive::new(conn.ping_pong());
+    let ended = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
+            return Poll::Ready(r);
         }
-        None => conn.await,
-    };
+        keepalive.poll_dead(cx).map(|()| {
+            tracing::debug!(%addr, "peer did not answer a ping; closing");
+            Ok(())
+        })
+    })
+    .await;
     closed.store(true, Ordering::Relaxed);
     if let Err(error) = ended {
         tracing::debug!(%error, %addr, "peer connection ended");
     }
 }
 
-/// The `content-length` of a response, when it has exactly one valid one.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    first.to_str().ok()?.parse().ok()
-}
-
-/// Sends a request body on its stream under HTTP/2 flow control: a chunk is sent as the
-/// peer's window allows, trailers end the stream, and a reset by the peer ends the pipe.
-/// (hyper's `PipeToSendStream`, including its care not to claim window before a chunk is
-/// in hand: hyper#4003.)
-struct Pipe {
-    body: Body,
-    stream: SendStream<Bytes>,
-    /// A chunk polled from the body, waiting for window.
-    held: Option<(Bytes, bool)>,
-}
-
-impl Pipe {
-    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BodyError>> {
-        loop {
-            if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
-                let reason = reason?;
-                return Poll::Ready(Err(h2::Error::from(reason).into()));
-            }
-            if let Some((chunk, eos)) = self.held.take() {
-                while self.stream.capacity() == 0 {
-                    match self.stream.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
-                        Poll::Ready(None) => {
-                            return Poll::Ready(Err(h2::Error::from(Reason::CANCEL).into()));
-                        }
-                        Poll::Pending => {
-                            self.held = Some((chunk, eos));
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                self.stream.send_data(chunk, eos)?;
-                if eos {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(chunk) => {
-                        let eos = self.body.is_end_stream();
-                        if chunk.is_empty() {
-                            self.stream.send_data(chunk, eos)?;
-                            if eos {
-                                return Poll::Ready(Ok(()));
-                            }
-                        } else {
-                            // h2 raises the claim to the chunk's length in send_data.
-                            self.stream.reserve_capacity(1);
-                            self.held = Some((chunk, eos));
-                        }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            self.stream.reserve_capacity(0);
-                            self.stream.send_trailers(trailers)?;
-                            return Poll::Ready(Ok(()));
-                        }
-                    }
-                },
-                Some(Err(e)) => {
-                    self.stream.send_reset(Reason::INTERNAL_ERROR);
-                    return Poll::Ready(Err(e));
-                }
-                None => {
-                    self.stream.send_data(Bytes::new(), true)?;
-                    return Poll::Ready(Ok(()));
-                }
-            }
-        }
-    }
-}
-
-impl Future for Pipe {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        this.step(cx).map(|result| {
-            if let Err(error) = result {
-                tracing::debug!(%error, "request body to the peer ended early");
-            }
-        })
-    }
-}
-
-/// A response body from a peer: data frames as they come (their window given back as
-/// they are handed on), then the trailers.
-pub struct PeerBody {
-    recv: RecvStream,
-    content_length: Option<u64>,
-    trailers_next: bool,
-}
-
-impl HttpBody for PeerBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        while !self.trailers_next {
-            match ready!(self.recv.poll_data(cx)) {
-                // An empty frame (usually the one carrying END_STREAM) is nothing to
-                // hand on.
-                Some(Ok(data)) if data.is_empty() => {}
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.trailers_next = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.recv.is_end_stream() {
-            return SizeHint::with_exact(0);
-        }
-        self.content_length
-            .map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
-
-/// A `CONNECT` stream to a peer as a byte stream.
-pub struct Tunnel {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Received and not yet read.
-    unread: Bytes,
-    shut: bool,
-}
-
-fn io_error(e: h2::Error) -> std::io::Error {
-    if e.is_io() {
-        match e.into_io() {
-            Some(io) => io,
-            None => std::io::ErrorKind::BrokenPipe.into(),
-        }
-    } else {
-        std::io::Error::other(e)
-    }
-}
-
-impl AsyncRead for Tunnel {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        while self.unread.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => self.unread = data,
-                Some(Err(e)) => {
-                    return Poll::Ready(match e.reason() {
-                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
-                        _ => Err(io_error(e)),
-                    });
-                }
-            }
-        }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
-        let _ = self.recv.flow_control().release_capacity(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Tunnel {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if let Poll::Ready(reason) = self.send.poll_reset(cx) {
-            let e = reason.map_or_else(io_error, |r| io_error(h2::Error::from(r)));
-            return Poll::Ready(Err(e));
-        }
-        self.send.reserve_capacity(buf.len());
-        while self.send.capacity() == 0 {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-        let n = self.send.capacity().min(buf.len());
-        self.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(io_error)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // The connection task writes what streams have buffered.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if !self.shut {
-            self.shut = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use http_body_util::{BodyExt, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
 
+    use bytes::Bytes;
+    use h2::{Reason, RecvStream, SendStream};
+    use http::{HeaderMap, Method, Request, Response};
+    use hyper::body::{Body as HttpBody, Frame};
+
     use super::*;
+    use crate::http::{Body, BodyError};
 
     const WAIT: Duration = Duration::from_secs(10);
 
