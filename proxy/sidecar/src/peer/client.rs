@@ -239,6 +239,26 @@ mod tests {
         }
     }
 
+    /// Answers at once and sends each chunk back as it arrives; ends when the client ends.
+    async fn echo_as_it_reads(
+        req: Request<RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+    ) {
+        let mut body = req.into_body();
+        let mut tx = respond.send_response(Response::new(()), false).unwrap();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            if chunk.is_empty() {
+                continue; // the END_STREAM frame
+            }
+            let _ = body.flow_control().release_capacity(chunk.len());
+            tx.reserve_capacity(chunk.len());
+            let _ = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await;
+            tx.send_data(chunk, false).unwrap();
+        }
+        tx.send_data(Bytes::new(), true).unwrap();
+    }
+
     fn pattern(len: usize) -> Bytes {
         (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>().into()
     }
@@ -298,22 +318,7 @@ mod tests {
     /// after the response head (in its own task) and both directions stream.
     #[tokio::test]
     async fn a_request_body_streams_on_after_the_response_head() {
-        let conn = pair(|req, mut respond| async move {
-            let mut body = req.into_body();
-            let mut tx = respond.send_response(Response::new(()), false).unwrap();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                if chunk.is_empty() {
-                    continue; // the END_STREAM frame
-                }
-                let _ = body.flow_control().release_capacity(chunk.len());
-                tx.reserve_capacity(chunk.len());
-                let _ = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await;
-                tx.send_data(chunk, false).unwrap();
-            }
-            tx.send_data(Bytes::new(), true).unwrap();
-        })
-        .await;
+        let conn = pair(echo_as_it_reads).await;
         let (chunks, rx) = mpsc::channel::<Result<Frame<Bytes>, BodyError>>(1);
         let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed_unsync();
         chunks
@@ -409,23 +414,10 @@ mod tests {
     /// way) and a shutdown ends the peer's side.
     #[tokio::test]
     async fn a_tunnel_echoes_more_than_a_window_and_shuts_down() {
-        let conn = pair(|req, mut respond| async move {
+        let conn = pair(|req, respond| async move {
             assert_eq!(req.method(), Method::CONNECT);
             assert_eq!(req.uri().authority().unwrap().as_str(), "10.0.0.9:5432");
-            let mut body = req.into_body();
-            let mut tx = respond.send_response(Response::new(()), false).unwrap();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                if chunk.is_empty() {
-                    continue; // the END_STREAM frame
-                }
-                let _ = body.flow_control().release_capacity(chunk.len());
-                tx.reserve_capacity(chunk.len());
-                let _ = std::future::poll_fn(|cx| tx.poll_capacity(cx)).await;
-                tx.send_data(chunk, false).unwrap();
-            }
-            // The client's shutdown: end ours too.
-            tx.send_data(Bytes::new(), true).unwrap();
+            echo_as_it_reads(req, respond).await;
         })
         .await;
         let tunnel = conn.tunnel("10.0.0.9:5432".parse().unwrap()).await.unwrap();
