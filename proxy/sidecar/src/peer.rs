@@ -17,7 +17,6 @@ pub mod server;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h2::{PingPong, Reason, RecvStream, SendStream};
@@ -27,14 +26,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::{Body, BodyError};
 
-/// Pings on an open connection this often; a peer that does not answer within
-/// [`KEEPALIVE_TIMEOUT`] is taken as gone and the connection closed.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// See [`KEEPALIVE_INTERVAL`].
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::transport::{H2_KEEP_ALIVE_INTERVAL, H2_KEEP_ALIVE_TIMEOUT};
 
-/// Keep-alive pings on one connection: a PING every [`KEEPALIVE_INTERVAL`], and the
-/// verdict that the peer is gone when one goes [`KEEPALIVE_TIMEOUT`] unanswered.
+/// Keep-alive pings on one connection: a PING every [`H2_KEEP_ALIVE_INTERVAL`], and the
+/// verdict that the peer is gone when one goes [`H2_KEEP_ALIVE_TIMEOUT`] unanswered (the
+/// same as hyper's servers on the other listeners).
 pub(crate) struct KeepAlive {
     ping: Option<PingPong>,
     tick: tokio::time::Interval,
@@ -45,8 +41,8 @@ impl KeepAlive {
     /// Pings over `ping` (none: never fires).
     pub(crate) fn new(ping: Option<PingPong>) -> Self {
         let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + KEEPALIVE_INTERVAL,
-            KEEPALIVE_INTERVAL,
+            tokio::time::Instant::now() + H2_KEEP_ALIVE_INTERVAL,
+            H2_KEEP_ALIVE_INTERVAL,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
@@ -75,7 +71,7 @@ impl KeepAlive {
             if ping.send_ping(h2::Ping::opaque()).is_err() {
                 return Poll::Ready(());
             }
-            self.waiting = Some(Box::pin(tokio::time::sleep(KEEPALIVE_TIMEOUT)));
+            self.waiting = Some(Box::pin(tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT)));
         }
     }
 }

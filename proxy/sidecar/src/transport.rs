@@ -63,7 +63,7 @@ pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed.
 pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a connection closed for idleness may take to say goodbye (GOAWAY, PING).
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Pause after a failed accept: EMFILE would otherwise make the loop spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
 

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -28,10 +27,7 @@ use tracing::debug;
 
 use super::{KeepAlive, PeerBody, Pipe};
 use crate::http::Body;
-use crate::transport::{IdleTimer, Limits};
-
-/// How long a connection closed for idleness may take to say goodbye.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
+use crate::transport::{IDLE_CLOSE_GRACE, IdleTimer, Limits};
 
 /// Put in the extensions of a `CONNECT`'s 200 response: the stream's sending half goes
 /// to the receiver instead of a response body, and the two halves become a
@@ -209,6 +205,7 @@ async fn answer<H, F>(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
