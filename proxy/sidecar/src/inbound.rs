@@ -467,7 +467,7 @@ impl Inbound {
         } else {
             http::Version::HTTP_11
         };
-        let req = Request::from_parts(parts, pending.count(body).boxed_unsync());
+        let req = Request::from_parts(parts, pending.count(body));
         let send = async {
             if h2 {
                 let resp = self.app_h2.send(app, req).await?;

@@ -466,7 +466,7 @@ impl Outbound {
         }
         parts.uri = Uri::from_parts(uri).map_err(|e| Error::BadHost(e.to_string()))?;
         parts.version = http::Version::HTTP_2;
-        let upstream = Request::from_parts(parts, pending.count(body).boxed_unsync());
+        let upstream = Request::from_parts(parts, pending.count(body));
 
         let in_flight = self.balancer.start(endpoint);
         let resp = tokio::time::timeout(timeout, sender.send(upstream))

@@ -5,7 +5,7 @@
 //! A request is recorded when its response ENDS (last body frame, trailers, reset or
 //! drop), not at its head: the duration then covers the whole exchange, the response size
 //! is known, and a gRPC status sent in trailers is seen. [`Observed`] wraps the response
-//! body to do that; [`Counted`] counts the request body's bytes on the way.
+//! body to do that; [`counted`] counts the request body's bytes on the way.
 //!
 //! Peers tell each other what mTLS cannot: the outbound proxy sends its workload name and
 //! the service the app addressed (`trellis-src-workload`, `trellis-dst-service`), the
@@ -138,73 +138,14 @@ pub struct HttpFamilies {
     /// Response body bytes.
     pub response_size: Family<HttpLabels, Histogram>,
     /// The three histograms of each label set seen, found with one lookup per request.
-    series: Arc<Mutex<HashMap<HttpLabels, Series, SeriesHashState>>>,
+    series: Arc<Mutex<HashMap<HttpLabels, Series, LabelHash>>>,
 }
 
-/// Hashes label sets for the series map: multiply-rotate over 8-byte words, seeded per
-/// process. SipHash over the fourteen label strings was ~2% of a hop. Flooding this map
-/// with colliding keys is not a concern: its keys are label sets whose values come from
-/// capped interners ([`MAX_KNOWN_NAMES`], [`MAX_CLAIMED_NAMES`]), so it holds few of them.
-#[derive(Debug, Clone, Copy)]
-struct SeriesHashState(u64);
-
-impl Default for SeriesHashState {
-    fn default() -> Self {
-        use std::hash::BuildHasher as _;
-        Self(std::collections::hash_map::RandomState::new().hash_one(0x0074_7265_6c6c_6973_u64))
-    }
-}
-
-impl std::hash::BuildHasher for SeriesHashState {
-    type Hasher = SeriesHasher;
-
-    fn build_hasher(&self) -> SeriesHasher {
-        SeriesHasher(self.0)
-    }
-}
-
-/// See [`SeriesHashState`].
-struct SeriesHasher(u64);
-
-impl SeriesHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl std::hash::Hasher for SeriesHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for w in &mut words {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(w);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            // The length tells "ab" from "ab\0".
-            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u16(&mut self, n: u16) {
-        self.add(u64::from(n));
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// Hashes label sets for the series map and the interners: foldhash, seeded per process.
+/// SipHash over the fourteen label strings was ~2% of a hop. Flooding these maps with
+/// colliding keys is not a concern: their keys come from capped interners
+/// ([`MAX_KNOWN_NAMES`], [`MAX_CLAIMED_NAMES`]), so they hold few of them.
+type LabelHash = foldhash::fast::RandomState;
 
 /// One label set's histograms: handles sharing the families' own (a histogram clone
 /// shares its buckets).
@@ -276,9 +217,9 @@ impl HttpFamilies {
 /// [`Interner::known`] (capped at [`MAX_KNOWN_NAMES`], the size of a very large mesh).
 #[derive(Debug)]
 pub struct Interner {
-    // Seeded multiply-rotate, as the series map: SipHash was ~290 instructions a lookup,
-    // five lookups per request.
-    names: RwLock<HashSet<Name, SeriesHashState>>,
+    // Hashed as the series map: SipHash was ~290 instructions a lookup, five lookups per
+    // request.
+    names: RwLock<HashSet<Name, LabelHash>>,
     cap: usize,
 }
 
@@ -402,7 +343,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub struct Pending {
     /// Labels; the status code and the destination fill in as the request goes.
     pub labels: HttpLabels,
-    /// Bytes of the request body sent on (shared with [`Counted`]).
+    /// Bytes of the request body sent on (shared with [`counted`]).
     pub request_bytes: Arc<AtomicU64>,
     /// The request's trace context, passed on to the next hop.
     pub trace: crate::trace::Context,
@@ -457,8 +398,12 @@ impl Pending {
     }
 
     /// Counts `body`'s bytes as the request body.
-    pub fn count<B>(&self, body: B) -> Counted<B> {
-        Counted::new(body, self.request_bytes.clone())
+    pub fn count<B>(&self, body: B) -> crate::http::Body
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<crate::http::BodyError>,
+    {
+        counted(body, self.request_bytes.clone())
     }
 
     /// Wraps the response body so that the request is recorded in `families` (and its
@@ -649,48 +594,22 @@ impl<B> Drop for Observed<B> {
     }
 }
 
-/// A request body that counts its bytes into a shared counter.
-pub struct Counted<B> {
-    inner: B,
-    bytes: Arc<AtomicU64>,
-}
-
-impl<B> Counted<B> {
-    /// Wraps `inner`, adding each data frame's length to `bytes`.
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
-    }
-}
-
-impl<B> HttpBody for Counted<B>
+/// `body` as the proxy's [`crate::http::Body`], adding each data frame's length to
+/// `bytes` on the way.
+pub fn counted<B>(body: B, bytes: Arc<AtomicU64>) -> crate::http::Body
 where
-    B: HttpBody<Data = Bytes> + Unpin,
+    B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<crate::http::BodyError>,
 {
-    type Data = Bytes;
-    type Error = crate::http::BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    use http_body_util::BodyExt as _;
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+        frame
+    })
+    .map_err(Into::into)
+    .boxed_unsync()
 }
 
 #[cfg(test)]
@@ -728,7 +647,7 @@ mod tests {
     #[test]
     fn series_hashes_follow_label_values() {
         use std::hash::BuildHasher as _;
-        let state = SeriesHashState::default();
+        let state = LabelHash::default();
         let a = labels();
         assert_eq!(state.hash_one(&a), state.hash_one(a.clone()));
         let mut b = labels();
@@ -738,7 +657,6 @@ mod tests {
             state.hash_one(labels()),
             state.hash_one(HttpLabels::sample(503))
         );
-        assert_ne!(state.hash_one("ab"), state.hash_one("ab\0"));
         // Recorded under one series each.
         let families = HttpFamilies::new();
         families.record(a.clone(), 0.001, 0, 3);
@@ -818,7 +736,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b" world"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let counted = Counted::new(
+        let counted = counted(
             StreamBody::new(futures_util::stream::iter(vec![Ok::<
                 _,
                 std::convert::Infallible,
