@@ -546,7 +546,7 @@ impl AppH2Pool {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| Error::Upstream(Box::new(e)))?;
-        crate::transport::drive_client_conn(conn, app, "app");
+        h1_pool::drive_app_conn(conn, app);
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|_, s| !s.is_closed());
         conns.insert(app, sender.clone());

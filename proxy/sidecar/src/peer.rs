@@ -86,8 +86,9 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     first.to_str().ok()?.parse().ok()
 }
 
-/// Sends a request body on its stream under HTTP/2 flow control: a chunk is sent as the
-/// peer's window allows, trailers end the stream, and a reset by the peer ends the pipe.
+/// Sends a body (a request on the calling side, a response on the answering side) on its
+/// stream under HTTP/2 flow control: a chunk is sent as the peer's window allows,
+/// trailers end the stream, and a reset by the peer ends the pipe.
 /// (hyper's `PipeToSendStream`, including its care not to claim window before a chunk is
 /// in hand: hyper#4003.)
 pub(crate) struct Pipe {
@@ -176,7 +177,7 @@ impl Future for Pipe {
         let this = self.get_mut();
         this.step(cx).map(|result| {
             if let Err(error) = result {
-                tracing::debug!(%error, "request body to the peer ended early");
+                tracing::debug!(%error, "body to the peer ended early");
             }
         })
     }

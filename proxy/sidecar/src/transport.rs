@@ -174,18 +174,20 @@ impl Drop for Admitted {
     }
 }
 
-/// Drives a client connection (to a peer proxy or the app) on its own task until it ends;
-/// how it ended is logged at debug (`what`: "peer", "app").
-pub fn drive_client_conn<C, E>(conn: C, addr: SocketAddr, what: &'static str)
-where
-    C: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::debug!(%error, %addr, "{what} connection ended");
-        }
+/// Keeps the pooled connections in `pools` (lists by address) that `keep` accepts, drops
+/// emptied lists, and returns how many were dropped: both connection pools' reaping.
+pub fn retain_pooled<K, T>(
+    pools: &mut std::collections::HashMap<K, Vec<T>>,
+    mut keep: impl FnMut(&T) -> bool,
+) -> usize {
+    let mut dropped = 0;
+    pools.retain(|_, list| {
+        let before = list.len();
+        list.retain(&mut keep);
+        dropped += before - list.len();
+        !list.is_empty()
     });
+    dropped
 }
 
 /// Runs `reap` every 30 s until `stop`: the connection pools close what sat idle.

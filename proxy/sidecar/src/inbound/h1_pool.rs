@@ -114,14 +114,9 @@ impl H1Pool {
     /// Closes connections idle for longer than `idle_for`; returns how many.
     pub(super) fn reap(&self, idle_for: Duration) -> usize {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut reaped = 0;
-        idle.retain(|_, list| {
-            let before = list.len();
-            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < idle_for);
-            reaped += before - list.len();
-            !list.is_empty()
-        });
-        reaped
+        crate::transport::retain_pooled(&mut idle, |i| {
+            !i.sender.is_closed() && i.since.elapsed() < idle_for
+        })
     }
 
     #[cfg(test)]
@@ -129,6 +124,20 @@ impl H1Pool {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.get(&app).map_or(0, Vec::len)
     }
+}
+
+/// Drives a client connection to the app (HTTP/1.1 here, HTTP/2 in `inbound`) on its own
+/// task until it ends; how it ended is logged at debug.
+pub(super) fn drive_app_conn<C, E>(conn: C, app: SocketAddr)
+where
+    C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, %app, "app connection ended");
+        }
+    });
 }
 
 /// A TCP connection to the app (no Nagle delay), within [`CONNECT_TIMEOUT`].
@@ -152,7 +161,7 @@ async fn connect(app: SocketAddr) -> Result<http1::SendRequest<Body>, Error> {
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| Error::Upstream(Box::new(e)))?;
-    crate::transport::drive_client_conn(conn, app, "app");
+    drive_app_conn(conn, app);
     Ok(sender)
 }
 

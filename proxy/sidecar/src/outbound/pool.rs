@@ -83,14 +83,9 @@ impl Pool {
     /// connection closes when its last handle goes).
     pub fn reap(&self, idle: Duration) -> usize {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let mut reaped = 0;
-        conns.retain(|_, entries| {
-            let before = entries.len();
-            entries.retain(|e| !e.sender.is_closed() && e.last_used.elapsed() < idle);
-            reaped += before - entries.len();
-            !entries.is_empty()
-        });
-        reaped
+        crate::transport::retain_pooled(&mut conns, |e| {
+            !e.sender.is_closed() && e.last_used.elapsed() < idle
+        })
     }
 }
 
